@@ -1,0 +1,1 @@
+"""kvloom: serve LLMs inside your Python application."""

@@ -1,0 +1,27 @@
+"""Exceptions raised by kvloom. Every error names the file, key or field at fault."""
+
+from __future__ import annotations
+
+
+class KvloomError(Exception):
+    """Base class of every kvloom error."""
+
+
+class CheckpointError(KvloomError, ValueError):
+    """A checkpoint directory is missing a file, holds a corrupt file, or its weights don't fit its config."""
+
+
+class UnsupportedModelError(KvloomError, ValueError):
+    """The checkpoint's architecture or one of its features is not supported."""
+
+
+class ConfigError(KvloomError, ValueError):
+    """An engine setting is invalid (e.g. the KV budget holds no block)."""
+
+
+class InvalidRequestError(KvloomError, ValueError):
+    """A request is invalid (empty prompt, token id outside the vocabulary, too long, ...)."""
+
+
+class OutOfBlocksError(KvloomError, RuntimeError):
+    """The KV cache pool cannot hold a request even when it runs alone."""
