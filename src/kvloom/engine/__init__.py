@@ -1,1 +1,1 @@
-"""kvloom.engine."""
+"""Engine: the synchronous core and its front ends."""

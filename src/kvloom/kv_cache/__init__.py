@@ -1,1 +1,1 @@
-"""kvloom.kv_cache."""
+"""Paged KV cache bookkeeping: physical blocks (block_pool) and per-request tables (manager)."""

@@ -1,1 +1,1 @@
-"""kvloom.scheduler."""
+"""Scheduling: which requests run each step, and how many tokens each."""

@@ -1,0 +1,44 @@
+"""Developer sessions: ``nox -s demo``, ``nox -s tests``, ``nox -s lint``.
+
+Each session installs kvloom into its own virtualenv. torch is pinned to the CPU-friendly
+release by default (KVLOOM_TORCH overrides it, e.g. ``KVLOOM_TORCH=torch`` for whatever pip picks).
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.reuse_venv = "yes"
+nox.options.sessions = ["tests", "lint"]
+
+TORCH = os.environ.get("KVLOOM_TORCH", "torch==2.13.0")
+
+
+def _install(session: nox.Session) -> None:
+    session.install(TORCH)
+    session.install("-e", ".[dev]")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """Build the embedded demo model (once) and generate from it."""
+    _install(session)
+    session.run("python", "-m", "kvloom", "demo", *session.posargs)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The whole suite on CPU. Triton kernels run under TRITON_INTERPRET=1 (set by their tests)."""
+    _install(session)
+    # pytest exits 5 when it collects no test: nox fails on any non-zero exit, so that can't pass.
+    session.run("pytest", "-q", "-ra", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff on everything, mypy --strict on src/."""
+    _install(session)
+    session.run("ruff", "check", "src", "kernels", "tests", "examples", "noxfile.py")
+    session.run("mypy")

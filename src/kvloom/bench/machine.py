@@ -1,0 +1,125 @@
+"""The machine a benchmark ran on, and its ceilings measured in the same run.
+
+Shared machines are noisy (BENCHMARKS.md saw ~20% between runs), so absolute numbers from
+another day mean little; the ceilings measured here, next to the throughputs, give the
+roofline the results can be read against. Takes ~3-5 s.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+LINEAR_IN = 1024
+LINEAR_OUT = 2816
+"""The standard model's MLP up-projection: ``[M, 1024] x [1024, 2816]``."""
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else ``platform.processor()``)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe() -> dict[str, Any]:
+    """Static facts: CPU, cores, threads torch uses, library versions, accelerator if any."""
+    import torch
+    import transformers
+
+    info: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        import kvloom
+
+        info["kvloom"] = getattr(kvloom, "__version__", None) or _dist_version("kvloom")
+    except Exception:  # a version string is not worth failing a benchmark for
+        info["kvloom"] = None
+    return info
+
+
+def _dist_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def _best_time(fn: Callable[[], object], *, min_time: float, max_reps: int = 1000) -> float:
+    """Fastest single call of ``fn`` over repeats lasting about ``min_time`` seconds (one warmup)."""
+    fn()
+    best = float("inf")
+    spent = 0.0
+    for _ in range(max_reps):
+        start = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - start
+        best = min(best, elapsed)
+        spent += elapsed
+        if spent >= min_time:
+            break
+    return best
+
+
+def measure_ceilings(*, quick: bool = False) -> dict[str, float]:
+    """fp32 matmul GFLOP/s (2048^3 and ``[M,1024]x[1024,2816]`` at M = 1, 16, 64) and copy GB/s.
+
+    Each number is the best of repeats (the ceiling, not the typical). ``copy_gbps`` counts the
+    bytes read plus the bytes written by copying a 256 MiB float32 tensor. ``quick`` shrinks
+    the timing budget (tests): the same measurements, fewer repeats, rougher numbers.
+    """
+    import torch
+
+    budget = 0.2 if quick else 0.8
+    result: dict[str, float] = {}
+    with torch.inference_mode():
+        n = 2048
+        a = torch.randn(n, n)
+        b = torch.randn(n, n)
+        out = torch.empty(n, n)
+        seconds = _best_time(partial(torch.mm, a, b, out=out), min_time=budget)
+        result[f"matmul_{n}_gflops"] = 2 * n**3 / seconds / 1e9
+        weight = torch.randn(LINEAR_IN, LINEAR_OUT)
+        for m in (1, 16, 64):
+            x = torch.randn(m, LINEAR_IN)
+            y = torch.empty(m, LINEAR_OUT)
+            seconds = _best_time(partial(torch.mm, x, weight, out=y), min_time=budget / 2)
+            result[f"linear_m{m}_gflops"] = 2 * m * LINEAR_IN * LINEAR_OUT / seconds / 1e9
+        numel = 256 * 2**20 // 4
+        src = torch.randn(numel)
+        dst = torch.empty(numel)
+        seconds = _best_time(partial(dst.copy_, src), min_time=budget)
+        result["copy_gbps"] = 2 * numel * 4 / seconds / 1e9
+    return {k: round(v, 1) for k, v in result.items()}
+
+
+def format_machine(info: dict[str, Any], ceilings: dict[str, float]) -> str:
+    """Two human-readable lines: what the machine is, and what it can do."""
+    cores = f"{info.get('cores_available')} cores available of {info.get('cpu_count')}"
+    what = (
+        f"machine: {info.get('cpu')} ({cores}, torch threads {info.get('torch_threads')}); "
+        f"torch {info.get('torch')}, transformers {info.get('transformers')}"
+        + (f"; GPU {info['cuda']}" if info.get("cuda") else "")
+    )
+    can = "ceilings: " + ", ".join(f"{k} {v:g}" for k, v in ceilings.items())
+    return what + "\n" + can

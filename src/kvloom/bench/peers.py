@@ -1,0 +1,183 @@
+"""transformers peers, driven the way BENCHMARKS.md found fastest on CPU.
+
+Two families, named on the command line:
+
+- ``static<B>``: ``model.generate`` on consecutive batches of ``B`` prompts, left-padded with an
+  attention mask. EOS is disabled by passing ``eos_token_id=None`` *and* ``pad_token_id`` as
+  ``generate()`` keywords (a ``GenerationConfig(eos_token_id=None)`` would be merged back with
+  the model's default and stop early).
+- ``cb<T>[r<R>]``: continuous batching, ``model.generate_batch`` with a ``ContinuousBatchingConfig``
+  of ``max_batch_tokens=T`` (and ``max_requests_per_batch=R``), ``num_blocks`` set explicitly
+  (its CPU default takes 60% of host RAM) and ``eos_token_id=-1``. Not run under
+  ``torch.inference_mode()``: its background thread fails there.
+
+Every peer returns the generated token ids per request, so the benchmark can check that
+greedy kvloom produces the same tokens (in float32 every transformers variant agrees).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+PAGE_SIZE = 256
+"""Tokens per continuous-batching page (transformers' default)."""
+
+
+@dataclass(slots=True)
+class PeerRun:
+    """One pass of a peer over the whole workload."""
+
+    wall_s: float
+    token_ids: list[list[int]]
+    """Generated tokens per request, in prompt order (prompt excluded)."""
+    ttft_s: list[float] | None
+    """Seconds from the start of the pass to each request's first token, when known."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerSpec:
+    """A parsed ``--peers`` entry."""
+
+    name: str
+    kind: str
+    """``"static"`` or ``"cb"``."""
+    batch_size: int = 0
+    max_batch_tokens: int = 0
+    max_requests_per_batch: int | None = None
+
+    def describe(self) -> str:
+        if self.kind == "static":
+            return f"transformers generate, static batches of {self.batch_size}, left padding"
+        extra = f", max_requests_per_batch={self.max_requests_per_batch}" if self.max_requests_per_batch else ""
+        return f"transformers continuous batching, max_batch_tokens={self.max_batch_tokens}{extra}"
+
+
+_SPEC = re.compile(r"^(?:static(?P<b>\d+)|cb(?P<t>\d+)(?:r(?P<r>\d+))?)$")
+
+
+def parse_peers(text: str) -> list[PeerSpec]:
+    """``"static8,static16,cb512,cb2048r32"`` -> specs; an empty string means no peers."""
+    specs: list[PeerSpec] = []
+    for raw in filter(None, (part.strip() for part in text.split(","))):
+        match = _SPEC.match(raw)
+        if match is None or any(int(v) < 1 for v in match.groupdict().values() if v is not None):
+            raise ValueError(f"--peers: {raw!r} is not static<B> or cb<T>[r<R>] with positive numbers")
+        if match["b"]:
+            specs.append(PeerSpec(raw, "static", batch_size=int(match["b"])))
+        else:
+            r = int(match["r"]) if match["r"] else None
+            specs.append(PeerSpec(raw, "cb", max_batch_tokens=int(match["t"]), max_requests_per_batch=r))
+    return specs
+
+
+def load_hf_model(model_dir: Path) -> Any:
+    """The checkpoint as a transformers float32 model in eval mode (what kvloom is compared with)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    return model.eval()
+
+
+def pad_token_id(model: Any) -> int:
+    """The checkpoint's pad id, else its first EOS id, else 0 (only masked positions use it)."""
+    for source in (model.generation_config, model.config):
+        pad = getattr(source, "pad_token_id", None)
+        if isinstance(pad, int):
+            return pad
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if isinstance(eos, list) and eos:
+        return int(eos[0])
+    return eos if isinstance(eos, int) else 0
+
+
+def run_peer(spec: PeerSpec, model: Any, prompts: list[list[int]], output_len: int) -> PeerRun:
+    """One pass of ``spec`` over ``prompts``."""
+    if spec.kind == "static":
+        return _run_static(model, prompts, output_len, spec.batch_size)
+    return _run_cb(model, prompts, output_len, spec)
+
+
+def warm_up(spec: PeerSpec, model: Any, prompts: list[list[int]]) -> None:
+    """A short untimed pass for static peers (first-call costs; cb warms itself up)."""
+    if spec.kind == "static":
+        _run_static(model, [p[:8] for p in prompts[: spec.batch_size]], 2, spec.batch_size)
+
+
+def _run_static(model: Any, prompts: list[list[int]], output_len: int, batch_size: int) -> PeerRun:
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class FirstTokenClock(StoppingCriteria):  # type: ignore[misc]
+        """Records when the first token of a batch exists; never stops anything."""
+
+        def __init__(self) -> None:
+            self.first: float | None = None
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            if self.first is None:
+                self.first = time.perf_counter()
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    pad = pad_token_id(model)
+    tokens: list[list[int]] = []
+    ttft: list[float] = []
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for first in range(0, len(prompts), batch_size):
+            batch = prompts[first : first + batch_size]
+            width = max(len(p) for p in batch)
+            input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+            clock = FirstTokenClock()
+            out = model.generate(
+                input_ids=input_ids, attention_mask=mask, max_new_tokens=output_len, do_sample=False,
+                eos_token_id=None, pad_token_id=pad, stopping_criteria=StoppingCriteriaList([clock]),
+                temperature=None, top_p=None, top_k=None,
+            )
+            tokens.extend(row[width:].tolist() for row in out)
+            ttft.extend([(clock.first or time.perf_counter()) - start] * len(batch))
+    return PeerRun(time.perf_counter() - start, tokens, ttft)
+
+
+def cb_num_blocks(prompts: list[list[int]], output_len: int, page_size: int = PAGE_SIZE) -> int:
+    """Blocks for every request at full length at once, plus one spare each: no eviction."""
+    return sum(math.ceil((len(p) + output_len) / page_size) + 1 for p in prompts)
+
+
+def _run_cb(model: Any, prompts: list[list[int]], output_len: int, spec: PeerSpec) -> PeerRun:
+    import transformers
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    gen_config = cast(Any, transformers).GenerationConfig(
+        max_new_tokens=output_len, do_sample=False, eos_token_id=-1, pad_token_id=pad_token_id(model),
+    )
+    cb_config = ContinuousBatchingConfig(
+        page_size=PAGE_SIZE,
+        num_blocks=cb_num_blocks(prompts, output_len),
+        max_batch_tokens=spec.max_batch_tokens,
+        max_requests_per_batch=spec.max_requests_per_batch,
+    )
+    start = time.perf_counter()
+    results = model.generate_batch(
+        inputs=prompts, generation_config=gen_config, continuous_batching_config=cb_config,
+        record_timestamps=True, progress_bar=False,
+    )
+    wall = time.perf_counter() - start
+    outputs = list(results.values())
+    if len(outputs) != len(prompts):
+        raise RuntimeError(f"generate_batch returned {len(outputs)} results for {len(prompts)} requests")
+    errors = [o.error for o in outputs if getattr(o, "error", None)]
+    if errors:
+        raise RuntimeError(f"generate_batch: {len(errors)} requests failed, first: {errors[0]}")
+    # Results come back in input order; check it through the prompts rather than trusting ids.
+    for out, prompt in zip(outputs, prompts, strict=True):
+        if list(out.prompt_ids) != prompt:
+            raise RuntimeError("generate_batch results are not in prompt order")
+    ttft = [o.timestamps[0] - start for o in outputs if o.timestamps]
+    return PeerRun(wall, [list(o.generated_tokens) for o in outputs], ttft if len(ttft) == len(outputs) else None)

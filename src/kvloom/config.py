@@ -1,0 +1,63 @@
+"""Engine settings (pydantic: a bad value fails at construction, naming the field)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class CacheConfig(BaseModel):
+    """The paged KV cache.
+
+    Its size comes from, in order: ``num_kv_blocks`` (exact), ``kv_cache_memory`` (bytes), or on
+    GPU ``gpu_memory_utilization`` of the device after weights and a profiling pass; on CPU the
+    default is ``DEFAULT_CPU_KV_BYTES``. The pool never holds more blocks than
+    ``max_num_seqs`` full-length sequences could use.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    block_size: int = Field(16, ge=1, le=1024)
+    num_kv_blocks: int | None = Field(None, ge=1)
+    kv_cache_memory: int | None = Field(None, ge=1, description="Bytes for K and V of all layers.")
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+
+
+class SchedulerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_num_seqs: int = Field(128, ge=1, description="Most requests in one step.")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="Most tokens in one step (prefill chunks + decodes).")
+    enable_chunked_prefill: bool = True
+
+
+class EngineConfig(BaseModel):
+    """Everything ``LLM(model_dir, **config)`` and ``AsyncEngine.from_pretrained`` accept."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: Path
+    dtype: DType = "auto"
+    device: str = "auto"
+    attention_backend: Literal["auto", "torch", "triton"] = "auto"
+    max_model_len: int | None = Field(None, ge=1, description="Default: the model's max_position_embeddings.")
+    seed: int = Field(0, ge=0, description="Seeds the RNG of unseeded random sampling.")
+    cache: CacheConfig = CacheConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+
+    @classmethod
+    def from_kwargs(cls, model: str | Path, **kwargs: object) -> EngineConfig:
+        """Build from flat keyword arguments: cache and scheduler fields may be given at top level."""
+        cache = {k: kwargs.pop(k) for k in list(kwargs) if k in CacheConfig.model_fields}
+        sched = {k: kwargs.pop(k) for k in list(kwargs) if k in SchedulerConfig.model_fields}
+        return cls.model_validate(
+            {"model": model, **kwargs, "cache": CacheConfig.model_validate(cache),
+             "scheduler": SchedulerConfig.model_validate(sched)}
+        )
+
+
+DEFAULT_CPU_KV_BYTES = 4 * 2**30

@@ -1,0 +1,158 @@
+"""Frontend bookkeeping of outputs: detokenize, apply stop strings, gather ``n`` choices.
+
+Each user request (the parent) has ``n`` sequences, one core request each, with ids
+``"{parent_id}"`` for ``n == 1`` or ``"{parent_id}#{i}"`` otherwise.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvloom.engine.detokenizer import IncrementalDetokenizer
+from kvloom.outputs import Choice, Completion, FinishReason, TokenLogprob, Usage
+from kvloom.params import SamplingParams
+from kvloom.scheduler.output import EngineCoreOutput
+
+
+def child_request_ids(parent_id: str, n: int) -> list[str]:
+    return [parent_id] if n == 1 else [f"{parent_id}#{i}" for i in range(n)]
+
+
+class _NullDetokenizer:
+    """Used when the checkpoint has no tokenizer: text stays empty."""
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return ""
+
+
+@dataclass(slots=True)
+class SequenceState:
+    parent_id: str
+    index: int
+    detok: IncrementalDetokenizer
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: FinishReason | None = None
+    num_cached_tokens: int = 0
+    first_token_time: float | None = None
+
+
+@dataclass(slots=True)
+class ParentState:
+    request_id: str
+    prompt_token_ids: list[int]
+    seqs: list[SequenceState]
+    arrival_time: float
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.seqs)
+
+    def completion(self) -> Completion:
+        choices = [
+            Choice(index=s.index, text=s.detok.text, token_ids=list(s.token_ids),
+                   finish_reason=s.finish_reason, logprobs=s.logprobs)
+            for s in self.seqs
+        ]
+        usage = Usage(
+            prompt_tokens=len(self.prompt_token_ids),
+            completion_tokens=sum(len(s.token_ids) for s in self.seqs),
+            cached_tokens=self.seqs[0].num_cached_tokens,
+        )
+        now = time.monotonic()
+        first = [s.first_token_time for s in self.seqs if s.first_token_time is not None]
+        metrics = {"total_time": now - self.arrival_time}
+        if first:
+            metrics["time_to_first_token"] = min(first) - self.arrival_time
+        return Completion(self.request_id, list(self.prompt_token_ids), choices, usage, metrics)
+
+
+@dataclass(slots=True)
+class SequenceDelta:
+    """What one sequence produced in one step."""
+
+    seq_id: str
+    parent_id: str
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None
+    finish_reason: FinishReason | None
+
+
+@dataclass(slots=True)
+class ProcessedOutputs:
+    deltas: list[SequenceDelta]
+    stop_string_hits: list[str]
+    """Sequence ids that hit a stop string: the caller finishes them in the core."""
+    finished: list[Completion]
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Any | None) -> None:
+        self.tokenizer = tokenizer if tokenizer is not None else _NullDetokenizer()
+        self.parents: dict[str, ParentState] = {}
+        self.seqs: dict[str, SequenceState] = {}
+
+    def add_request(self, parent_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival: float) -> list[str]:
+        seq_ids = child_request_ids(parent_id, params.n)
+        seqs = []
+        for i, sid in enumerate(seq_ids):
+            detok = IncrementalDetokenizer(
+                self.tokenizer, prompt_token_ids, params.skip_special_tokens, list(params.stop),
+                params.include_stop_str_in_output,
+            )
+            seq = SequenceState(parent_id, i, detok, logprobs=[] if params.logprobs is not None else None)
+            self.seqs[sid] = seq
+            seqs.append(seq)
+        self.parents[parent_id] = ParentState(parent_id, list(prompt_token_ids), seqs, arrival)
+        return seq_ids
+
+    def abort(self, parent_id: str) -> list[str]:
+        """Forget a request; returns its unfinished sequence ids for the core to finish."""
+        parent = self.parents.pop(parent_id, None)
+        if parent is None:
+            return []
+        ids = child_request_ids(parent_id, len(parent.seqs))
+        for sid in ids:
+            self.seqs.pop(sid, None)
+        return ids
+
+    def process(self, outputs: list[EngineCoreOutput]) -> ProcessedOutputs:
+        deltas: list[SequenceDelta] = []
+        hits: list[str] = []
+        finished: list[Completion] = []
+        now = time.monotonic()
+        for out in outputs:
+            seq = self.seqs.get(out.req_id)
+            if seq is None:
+                continue
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            seq.num_cached_tokens = out.num_cached_tokens
+            seq.token_ids.extend(out.new_token_ids)
+            if seq.logprobs is not None and out.new_logprobs:
+                seq.logprobs.extend(out.new_logprobs)
+            seq.detok.add_tokens(out.new_token_ids)
+            reason = out.finish_reason
+            if seq.detok.stopped and reason is None:
+                reason = "stop"
+                hits.append(out.req_id)
+            if seq.detok.stopped:
+                # Token ids stay as generated (as in vLLM); only the text is cut at the stop string.
+                reason = "stop"
+            seq.finish_reason = reason
+            deltas.append(
+                SequenceDelta(out.req_id, seq.parent_id, seq.index, seq.detok.take_delta(reason is not None),
+                              list(out.new_token_ids), out.new_logprobs, reason)
+            )
+            if reason is not None:
+                del self.seqs[out.req_id]
+                parent = self.parents[seq.parent_id]
+                if parent.finished:
+                    del self.parents[seq.parent_id]
+                    finished.append(parent.completion())
+        return ProcessedOutputs(deltas, hits, finished)
+

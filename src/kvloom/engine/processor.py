@@ -1,0 +1,64 @@
+"""Turn a user's prompt (text, token ids or chat messages) into validated prompt token ids."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from kvloom.errors import InvalidRequestError
+from kvloom.params import SamplingParams
+
+Prompt = str | Sequence[int]
+Message = dict[str, Any]
+
+
+class InputProcessor:
+    """Tokenizes and validates requests before anything is queued. Frontend-side, stateless."""
+
+    def __init__(self, tokenizer: Any | None, vocab_size: int, max_model_len: int, max_tokens_in_pool: int) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.max_tokens_in_pool = max_tokens_in_pool
+
+    def to_token_ids(self, prompt: Prompt | None, messages: Sequence[Message] | None) -> list[int]:
+        if (prompt is None) == (messages is None):
+            raise InvalidRequestError("give exactly one of `prompt` or `messages`")
+        if messages is not None:
+            tok = self._need_tokenizer("messages")
+            if getattr(tok, "chat_template", None) is None:
+                raise InvalidRequestError("messages: the tokenizer has no chat template; pass a `prompt` instead")
+            ids = tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            return [int(t) for t in ids]
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt: must not be empty")
+            return [int(t) for t in self._need_tokenizer("prompt").encode(prompt)]
+        assert prompt is not None
+        ids = [int(t) for t in prompt]
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"prompt: token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        return ids
+
+    def validate(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise InvalidRequestError("prompt: must not be empty")
+        total = len(token_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise InvalidRequestError(
+                f"max_tokens: prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
+                f"exceeds max_model_len ({self.max_model_len})"
+            )
+        if total > self.max_tokens_in_pool:
+            raise InvalidRequestError(
+                f"max_tokens: prompt + max_tokens = {total} tokens cannot fit in the KV cache "
+                f"({self.max_tokens_in_pool} tokens) even alone; raise kv_cache_memory or num_kv_blocks"
+            )
+
+    def _need_tokenizer(self, field: str) -> Any:
+        if self.tokenizer is None:
+            raise InvalidRequestError(f"{field}: this checkpoint has no tokenizer; pass token ids")
+        return self.tokenizer

@@ -1,0 +1,170 @@
+"""Attention backends: write a step's new K/V into the paged cache, then attend over the cache.
+
+A backend owns no state: the runner owns the caches (``[num_blocks, block_size, Hkv, D]`` per
+layer) and builds one :class:`AttentionMetadata` per step that every layer shares. Backends are
+picked by name from a registry (:func:`get_attention_backend`); each backend imports its kernels
+when it is built, so importing this module never imports triton.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+
+from kvloom.layers.attention_metadata import AttentionMetadata
+
+
+class AttentionBackend(ABC):
+    """Paged attention over a flattened batch: decodes first, then prefills (see AttentionMetadata).
+
+    Subclasses supply three ops with the contracts of ``kvloom.kernels``: ``_store_kv``,
+    ``_decode`` (one query per sequence) and ``_prefill`` (causal, chunk-aware).
+    """
+
+    name: ClassVar[str]
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """Store ``k``/``v`` at ``meta.slot_mapping``, then attend every query row over the cache.
+
+        Args:
+            q: ``[T, Hq, D]``; k, v: ``[T, Hkv, D]`` with ``Hq % Hkv == 0``.
+            k_cache, v_cache: ``[num_blocks, block_size, Hkv, D]``, updated in place.
+            meta: the step's metadata; rows ``[0, num_decodes)`` are the decode tokens.
+            scale: softmax scale, usually ``D ** -0.5``.
+
+        Returns:
+            ``[T, Hq, D]`` in ``q``'s dtype. Rows past ``query_start_loc[-1]`` (padding) are unspecified.
+        """
+        self._store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        num_decodes = meta.num_decodes
+        out = torch.empty_like(q)
+        if num_decodes > 0:
+            self._decode(q[:num_decodes], k_cache, v_cache, meta.block_tables[:num_decodes],
+                         meta.seq_lens[:num_decodes], scale, max(meta.seq_lens_cpu[:num_decodes]), out[:num_decodes])
+        if num_decodes < meta.num_seqs:
+            # Prefill sequences own rows [qsl[num_decodes], T): rebase their query_start_loc to 0.
+            base = meta.query_start_loc_cpu[num_decodes]
+            query_start_loc = meta.query_start_loc[num_decodes:]
+            self._prefill(
+                q[base:], k_cache, v_cache, meta.block_tables[num_decodes:],
+                query_start_loc - base if base else query_start_loc, meta.seq_lens[num_decodes:], scale,
+                meta.max_query_len, meta.max_seq_len,
+                [loc - base for loc in meta.query_start_loc_cpu[num_decodes:]], meta.seq_lens_cpu[num_decodes:],
+                out[base:],
+            )
+        return out
+
+    @abstractmethod
+    def _store_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor) -> None:
+        """Write ``key``/``value`` ``[T, Hkv, D]`` into the caches at ``slot_mapping`` (-1 skips)."""
+
+    @abstractmethod
+    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                max_seq_len: int, out: torch.Tensor) -> None:
+        """``q``: ``[B, Hq, D]``, one query per sequence at position ``seq_lens[b] - 1``; writes ``out``."""
+
+    @abstractmethod
+    def _prefill(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 block_tables: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                 scale: float, max_query_len: int, max_seq_len: int, query_start_loc_cpu: list[int],
+                 seq_lens_cpu: list[int], out: torch.Tensor) -> None:
+        """``q``: ``[T, Hq, D]``; offset-causal attention per sequence (``query_start_loc[0] == 0``),
+        written into ``out`` ``[T, Hq, D]``."""
+
+
+class TorchAttentionBackend(AttentionBackend):
+    """Pure-torch backend: the CPU production path (and a fallback anywhere).
+
+    Decodes run as one batched SDPA call over block tables gathered into a padded K/V; prefills
+    run one SDPA call per sequence. Lengths come from the metadata's host lists: no device syncs.
+    """
+
+    name: ClassVar[str] = "torch"
+
+    def __init__(self) -> None:
+        from kvloom.kernels.paged_decode_attention import paged_decode_attention_ref
+        from kvloom.kernels.paged_prefill_attention import paged_prefill_attention_ref
+        from kvloom.kernels.store_kv import store_kv_ref
+
+        self._store_kv_op: Callable[..., None] = store_kv_ref
+        self._decode_op: Callable[..., torch.Tensor] = paged_decode_attention_ref
+        self._prefill_op: Callable[..., torch.Tensor] = paged_prefill_attention_ref
+
+    def _store_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor) -> None:
+        self._store_kv_op(key, value, k_cache, v_cache, slot_mapping)
+
+    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                max_seq_len: int, out: torch.Tensor) -> None:
+        self._decode_op(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len, out=out)
+
+    def _prefill(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 block_tables: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                 scale: float, max_query_len: int, max_seq_len: int, query_start_loc_cpu: list[int],
+                 seq_lens_cpu: list[int], out: torch.Tensor) -> None:
+        self._prefill_op(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
+                         max_query_len, max_seq_len, query_start_loc_cpu, seq_lens_cpu, out=out)
+
+
+class TritonAttentionBackend(AttentionBackend):
+    """Triton kernels (``kvloom.kernels``): the GPU path. Tensors must live on a Triton device
+    (or on CPU under ``TRITON_INTERPRET=1``, which is how the tests run it)."""
+
+    name: ClassVar[str] = "triton"
+
+    def __init__(self) -> None:
+        if importlib.util.find_spec("triton") is None:
+            raise ImportError("the 'triton' attention backend needs the triton package (pip install triton)")
+        from kvloom.kernels.paged_decode_attention import paged_decode_attention
+        from kvloom.kernels.paged_prefill_attention import paged_prefill_attention
+        from kvloom.kernels.store_kv import store_kv
+
+        self._store_kv_op: Callable[..., None] = store_kv
+        self._decode_op: Callable[..., torch.Tensor] = paged_decode_attention
+        self._prefill_op: Callable[..., torch.Tensor] = paged_prefill_attention
+
+    def _store_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor) -> None:
+        self._store_kv_op(key, value, k_cache, v_cache, slot_mapping)
+
+    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                max_seq_len: int, out: torch.Tensor) -> None:
+        self._decode_op(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len, out=out)
+
+    def _prefill(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 block_tables: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                 scale: float, max_query_len: int, max_seq_len: int, query_start_loc_cpu: list[int],
+                 seq_lens_cpu: list[int], out: torch.Tensor) -> None:
+        self._prefill_op(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
+                         max_query_len, max_seq_len, out=out)
+
+
+_BACKENDS: dict[str, Callable[[], AttentionBackend]] = {
+    TorchAttentionBackend.name: TorchAttentionBackend,
+    TritonAttentionBackend.name: TritonAttentionBackend,
+}
+
+
+def get_attention_backend(name: str = "auto", device: torch.device | str = "cpu") -> AttentionBackend:
+    """Build the attention backend ``name`` ("auto", "torch" or "triton") for tensors on ``device``.
+
+    "auto" is "triton" on CUDA devices when triton is installed, else "torch".
+    Raises ``ValueError`` naming the choices for an unknown ``name``.
+    """
+    if name == "auto":
+        is_cuda = torch.device(device).type == "cuda"
+        name = "triton" if is_cuda and importlib.util.find_spec("triton") is not None else "torch"
+    factory = _BACKENDS.get(name)
+    if factory is None:
+        choices = ", ".join(["auto", *_BACKENDS])
+        raise ValueError(f"unknown attention backend {name!r}; choose one of: {choices}")
+    return factory()

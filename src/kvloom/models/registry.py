@@ -1,0 +1,79 @@
+"""The model interface and the registry: architecture name -> model class, imported lazily.
+
+The architecture name is ``config.json``'s ``architectures[0]``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from kvloom.errors import UnsupportedModelError
+
+if TYPE_CHECKING:
+    from kvloom.layers.attention import AttentionBackend
+    from kvloom.layers.attention_metadata import AttentionMetadata
+    from kvloom.models.config import ModelConfig
+
+
+class CausalLM(nn.Module, ABC):
+    """What the loader and the runner rely on. Subclasses own their parameters' layout.
+
+    Construction allocates uninitialised parameters in ``config.torch_dtype`` on the default
+    device (construct under ``with torch.device(...)``); ``load_weights`` fills them.
+    """
+
+    def __init__(self, config: ModelConfig, attn_backend: AttentionBackend) -> None:
+        super().__init__()
+        self.config = config
+
+    @abstractmethod
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """input_ids/positions ``[T]`` int64 (flattened batch) -> final hidden states ``[T, hidden]``."""
+
+    @abstractmethod
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden ``[N, hidden]`` -> ``[N, vocab_size]`` float32."""
+
+    @abstractmethod
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load HF-named tensors; returns the names loaded. Raises ``CheckpointError`` on a bad one."""
+
+    @abstractmethod
+    def expected_weight_names(self) -> set[str]:
+        """Every HF name ``load_weights`` must see for the model to be complete."""
+
+
+# architecture -> (module, class name); all four share one implementation.
+_MODELS: dict[str, tuple[str, str]] = {
+    "LlamaForCausalLM": ("kvloom.models.llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("kvloom.models.llama", "LlamaForCausalLM"),
+    "Qwen2ForCausalLM": ("kvloom.models.llama", "LlamaForCausalLM"),
+    "Qwen3ForCausalLM": ("kvloom.models.llama", "LlamaForCausalLM"),
+}
+
+
+def supported_architectures() -> tuple[str, ...]:
+    return tuple(_MODELS)
+
+
+def get_model_class(architecture: str) -> type[CausalLM]:
+    """The class implementing ``architecture``; ``UnsupportedModelError`` lists the supported ones."""
+    if architecture not in _MODELS:
+        raise UnsupportedModelError(f"architecture {architecture!r} is not supported; supported: {', '.join(_MODELS)}")
+    module_name, class_name = _MODELS[architecture]
+    cls = getattr(importlib.import_module(module_name), class_name)
+    if not (isinstance(cls, type) and issubclass(cls, CausalLM)):
+        raise TypeError(f"{module_name}.{class_name} is not a CausalLM")
+    return cls

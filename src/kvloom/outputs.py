@@ -1,0 +1,64 @@
+"""What callers get back: completions with their choices, usage and logprobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass(slots=True, frozen=True)
+class TokenLogprob:
+    """Logprobs at one sampled position, from the raw model distribution."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    """Rank of the sampled token (1 = most likely)."""
+    top: tuple[tuple[int, float], ...]
+    """The top-N ``(token_id, logprob)`` pairs, most likely first."""
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+    """Prompt tokens whose KV came from the cache instead of being computed."""
+
+
+@dataclass(slots=True)
+class Choice:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason | None
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass(slots=True)
+class Completion:
+    """One request's result. ``text``/``token_ids``/``finish_reason`` are choice 0's."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    choices: list[Choice]
+    usage: Usage
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.choices[0].token_ids
+
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        return self.choices[0].finish_reason
+
+    @property
+    def logprobs(self) -> list[TokenLogprob] | None:
+        return self.choices[0].logprobs

@@ -1,0 +1,88 @@
+"""Flatten one step's scheduled tokens into model inputs and attention metadata."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvloom.layers.attention_metadata import AttentionMetadata
+from kvloom.runner.state import RequestState
+
+
+@dataclass(slots=True)
+class ModelInputs:
+    input_ids: torch.Tensor
+    """``[T]`` int64."""
+    positions: torch.Tensor
+    """``[T]`` int64: absolute position of each token in its sequence."""
+    attn: AttentionMetadata
+    req_order: list[RequestState]
+    """Sequences in batch order: decodes (one token) first, then prefills."""
+    sample_rows: list[int]
+    """Indices into ``req_order`` of the sequences that sample a token this step."""
+    logits_indices: torch.Tensor
+    """``[len(sample_rows)]`` int64: the row of each sampling sequence's last token."""
+
+
+def build_inputs(
+    states: list[RequestState], num_scheduled: dict[str, int], block_size: int, device: torch.device
+) -> ModelInputs:
+    """Order sequences decodes-first and build every per-token and per-sequence tensor.
+
+    Positions of sequence ``s`` are ``[c, c + n)`` with ``c`` its computed tokens and ``n``
+    its scheduled tokens; it samples when ``c + n`` reaches its known tokens.
+    """
+    decodes = [s for s in states if num_scheduled[s.req_id] == 1]
+    prefills = [s for s in states if num_scheduled[s.req_id] != 1]
+    order = decodes + prefills
+
+    input_ids: list[int] = []
+    positions: list[int] = []
+    qsl = [0]
+    seq_lens: list[int] = []
+    sample_rows: list[int] = []
+    logits_idx: list[int] = []
+    max_blocks = 1
+    for row, s in enumerate(order):
+        start = s.num_computed_tokens
+        n = num_scheduled[s.req_id]
+        end = start + n
+        input_ids.extend(s.token_ids[start:end])
+        positions.extend(range(start, end))
+        qsl.append(qsl[-1] + n)
+        seq_lens.append(end)
+        max_blocks = max(max_blocks, len(s.block_ids))
+        if end == len(s.token_ids):
+            sample_rows.append(row)
+            logits_idx.append(qsl[-1] - 1)
+
+    tables = torch.zeros((len(order), max_blocks), dtype=torch.int32)
+    for row, s in enumerate(order):
+        tables[row, : len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.int32)
+    pos = torch.tensor(positions, dtype=torch.int64)
+    seq_of_token = torch.repeat_interleave(
+        torch.arange(len(order)), torch.tensor([qsl[i + 1] - qsl[i] for i in range(len(order))])
+    )
+    block_of_token = tables[seq_of_token, pos // block_size].to(torch.int64)
+    slot_mapping = block_of_token * block_size + pos % block_size
+
+    attn = AttentionMetadata(
+        num_decodes=len(decodes),
+        slot_mapping=slot_mapping.to(device, non_blocking=True),
+        query_start_loc=torch.tensor(qsl, dtype=torch.int32).to(device, non_blocking=True),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(device, non_blocking=True),
+        block_tables=tables.to(device, non_blocking=True),
+        max_query_len=max(num_scheduled[s.req_id] for s in order),
+        max_seq_len=max(seq_lens),
+        query_start_loc_cpu=qsl,
+        seq_lens_cpu=seq_lens,
+    )
+    return ModelInputs(
+        input_ids=torch.tensor(input_ids, dtype=torch.int64).to(device, non_blocking=True),
+        positions=pos.to(device, non_blocking=True),
+        attn=attn,
+        req_order=order,
+        sample_rows=sample_rows,
+        logits_indices=torch.tensor(logits_idx, dtype=torch.int64).to(device, non_blocking=True),
+    )

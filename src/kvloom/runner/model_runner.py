@@ -1,0 +1,161 @@
+"""Owns the model, the KV tensors and the runner-side request states; runs one forward per step."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from kvloom.config import EngineConfig
+from kvloom.layers.attention import get_attention_backend
+from kvloom.layers.sampler import Sampler
+from kvloom.models.loader import load_model
+from kvloom.runner.inputs import ModelInputs, build_inputs
+from kvloom.runner.kv_cache import KVCaches, allocate_kv_caches, choose_num_blocks
+from kvloom.runner.sampling import build_sampling_metadata, to_token_logprobs
+from kvloom.runner.state import RequestState, make_generator
+from kvloom.scheduler.output import SampledTokens, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass(slots=True)
+class StepLogits:
+    """A forward's result: logits of the sampling rows, and who they belong to."""
+
+    logits: torch.Tensor
+    """``[num_sampling, vocab]`` float32."""
+    states: list[RequestState]
+
+
+class ModelRunner:
+    """Loads weights, sizes and allocates the paged KV cache, executes scheduled steps.
+
+    Engine-thread only. ``execute`` then ``sample`` once per step.
+    """
+
+    def __init__(self, config: EngineConfig, max_model_len: int) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.block_size = config.cache.block_size
+        self.attn_backend = get_attention_backend(config.attention_backend, self.device)
+        self.model, self.model_config = load_model(
+            config.model, attn_backend=self.attn_backend, dtype=config.dtype, device=self.device
+        )
+        self.dtype = next(self.model.parameters()).dtype
+        available = self._profile_available_bytes(max_model_len) if self.device.type == "cuda" else None
+        self.num_blocks = choose_num_blocks(
+            config.cache, self.model_config, self.dtype, self.device, max_model_len,
+            config.scheduler.max_num_seqs, available,
+        )
+        self.kv_caches: KVCaches = allocate_kv_caches(
+            self.model_config, self.num_blocks, self.block_size, self.dtype, self.device
+        )
+        self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
+        self.sampler = Sampler()
+        self.states: dict[str, RequestState] = {}
+        logger.info("kvloom: %d KV blocks of %d tokens on %s", self.num_blocks, self.block_size, self.device)
+
+    # ---- state ---------------------------------------------------------------------------
+    def _apply(self, sched: SchedulerOutput) -> None:
+        for rid in sched.finished_req_ids:
+            self.states.pop(rid, None)
+        for new in sched.new_reqs:
+            self.states[new.req_id] = RequestState(
+                req_id=new.req_id, token_ids=list(new.token_ids), num_prompt_tokens=new.num_prompt_tokens,
+                params=new.params, block_ids=list(new.block_ids), num_computed_tokens=new.num_computed_tokens,
+                generator=make_generator(new.params.seed, self.device),
+            )
+        for cached in sched.cached_reqs:
+            state = self.states[cached.req_id]
+            if cached.resumed:
+                state.block_ids = list(cached.new_block_ids)
+            else:
+                state.block_ids.extend(cached.new_block_ids)
+            state.num_computed_tokens = cached.num_computed_tokens
+
+    # ---- one step ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> StepLogits:
+        """Run the forward over every scheduled token; return logits of the sampling rows."""
+        self._apply(sched)
+        if sched.is_empty:
+            return StepLogits(torch.empty(0, 0), [])
+        self._copy_blocks(sched.blocks_to_copy)
+        states = [self.states[rid] for rid in sched.num_scheduled_tokens]
+        inputs = build_inputs(states, sched.num_scheduled_tokens, self.block_size, self.device)
+        logits = self._forward(inputs)
+        for s in states:
+            s.num_computed_tokens += sched.num_scheduled_tokens[s.req_id]
+        return StepLogits(logits, [inputs.req_order[r] for r in inputs.sample_rows])
+
+    def _forward(self, inputs: ModelInputs) -> torch.Tensor:
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn)
+        return self.model.compute_logits(hidden[inputs.logits_indices])
+
+    @torch.inference_mode()
+    def sample(self, step: StepLogits) -> SampledTokens:
+        """Sample one token per sampling row and append it to the runner's own state."""
+        if not step.states:
+            return SampledTokens([], [])
+        meta = build_sampling_metadata(step.states, self.eos_token_ids, self.device)
+        out = self.sampler(step.logits, meta)
+        token_ids: list[int] = out.token_ids.tolist()
+        for s, tok in zip(step.states, token_ids, strict=True):
+            s.token_ids.append(tok)
+        return SampledTokens(
+            req_ids=[s.req_id for s in step.states],
+            token_ids=token_ids,
+            logprobs=to_token_logprobs(step.states, out),
+        )
+
+    def _copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        if not pairs:
+            return
+        src = torch.tensor([p[0] for p in pairs], device=self.device)
+        dst = torch.tensor([p[1] for p in pairs], device=self.device)
+        for k, v in self.kv_caches:
+            k[dst] = k[src]
+            v[dst] = v[src]
+
+    # ---- sizing --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _profile_available_bytes(self, max_model_len: int) -> int:
+        """GPU: run the largest step once, then what ``gpu_memory_utilization`` leaves is for KV."""
+        from kvloom.params import SamplingParams
+
+        num_tokens = self.config.scheduler.max_num_batched_tokens
+        seq_len = min(num_tokens, max_model_len)
+        num_seqs = -(-num_tokens // seq_len)
+        blocks_per_seq = -(-seq_len // self.block_size)
+        tmp_caches = allocate_kv_caches(
+            self.model_config, num_seqs * blocks_per_seq, self.block_size, self.dtype, self.device
+        )
+        states = [
+            RequestState(
+                f"profile-{i}", [0] * seq_len, seq_len, SamplingParams(),
+                list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)), 0, None,
+            )
+            for i in range(num_seqs)
+        ]
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        inputs = build_inputs(states, {s.req_id: seq_len for s in states}, self.block_size, self.device)
+        hidden = self.model(inputs.input_ids, inputs.positions, tmp_caches, inputs.attn)
+        self.model.compute_logits(hidden[inputs.logits_indices])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        tmp_bytes = sum(k.numel() * k.element_size() * 2 for k, _ in tmp_caches)
+        del tmp_caches, hidden, inputs
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        used_by_others = total - free - torch.cuda.memory_allocated(self.device)
+        budget = int(total * self.config.cache.gpu_memory_utilization) - used_by_others - (peak - tmp_bytes)
+        return max(0, budget)

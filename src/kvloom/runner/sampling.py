@@ -1,0 +1,70 @@
+"""Per-step sampling inputs from the runner's request states, and logprobs back to records."""
+
+from __future__ import annotations
+
+import torch
+
+from kvloom.layers.sampler import GREEDY_TEMPERATURE, SamplerOutput, SamplingMetadata
+from kvloom.outputs import TokenLogprob
+from kvloom.runner.state import RequestState
+
+
+def build_sampling_metadata(
+    states: list[RequestState], eos_token_ids: frozenset[int], device: torch.device
+) -> SamplingMetadata:
+    """One row per sampling request, in batch order. Optional tensors are None when no row uses them."""
+    params = [s.params for s in states]
+
+    def col(values: list[float], off: float) -> torch.Tensor | None:
+        if all(v == off for v in values):
+            return None
+        return torch.tensor(values, dtype=torch.float32, device=device)
+
+    temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+    top_k_vals = [p.top_k for p in params]
+    top_k = None if all(k == 0 for k in top_k_vals) else torch.tensor(top_k_vals, dtype=torch.int64, device=device)
+    rep = col([p.repetition_penalty for p in params], 1.0)
+
+    banned: list[list[int]] = []
+    for s in states:
+        p = s.params
+        if len(s.token_ids) - s.num_prompt_tokens < p.min_tokens:
+            stop_ids = list(p.stop_token_ids) + ([] if p.ignore_eos else sorted(eos_token_ids))
+            banned.append(stop_ids)
+        else:
+            banned.append([])
+
+    return SamplingMetadata(
+        temperature=temperature,
+        all_greedy=all(p.temperature < GREEDY_TEMPERATURE for p in params),
+        all_random=all(p.temperature >= GREEDY_TEMPERATURE for p in params),
+        top_k=top_k,
+        top_p=col([p.top_p for p in params], 1.0),
+        min_p=col([p.min_p for p in params], 0.0),
+        repetition_penalty=rep,
+        presence_penalty=col([p.presence_penalty for p in params], 0.0),
+        frequency_penalty=col([p.frequency_penalty for p in params], 0.0),
+        prompt_token_ids=[s.token_ids[: s.num_prompt_tokens] for s in states] if rep is not None else None,
+        output_token_ids=[s.output_token_ids for s in states],
+        generators=[s.generator if s.params.temperature >= GREEDY_TEMPERATURE else None for s in states],
+        banned_token_ids=banned if any(banned) else None,
+        max_num_logprobs=max((p.logprobs or 0) for p in params) if any(p.logprobs is not None for p in params) else 0,
+    )
+
+
+def to_token_logprobs(states: list[RequestState], out: SamplerOutput) -> list[TokenLogprob | None] | None:
+    """Cut the batch's top-N logprobs down to each request's own N."""
+    if out.logprobs is None or out.logprob_token_ids is None:
+        return None
+    values = out.logprobs.tolist()
+    ids = out.logprob_token_ids.tolist()
+    ranks = out.sampled_ranks.tolist() if out.sampled_ranks is not None else [0] * len(states)
+    result: list[TokenLogprob | None] = []
+    for i, s in enumerate(states):
+        n = s.params.logprobs
+        if n is None:
+            result.append(None)
+            continue
+        top = tuple(zip(ids[i][1 : 1 + n], values[i][1 : 1 + n], strict=True))
+        result.append(TokenLogprob(token_id=ids[i][0], logprob=values[i][0], rank=int(ranks[i]), top=top))
+    return result

@@ -1,0 +1,38 @@
+"""The runner's own copy of each request's state: tokens, block table, sampling RNG.
+
+Kept across steps (and across preemption, so a seeded request's generator continues where
+it was); updated only from ``SchedulerOutput`` deltas and from the tokens the runner samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvloom.params import SamplingParams
+
+
+@dataclass(slots=True, eq=False)
+class RequestState:
+    req_id: str
+    token_ids: list[int]
+    """Prompt then outputs; the runner appends each token it samples."""
+    num_prompt_tokens: int
+    params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+    generator: torch.Generator | None
+    """Per-request RNG for seeded sampling; None uses the engine's shared generator."""
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen

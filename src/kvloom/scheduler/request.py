@@ -1,0 +1,75 @@
+"""The scheduler's record of one request (one sequence: ``n > 1`` is fanned out above)."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from kvloom.outputs import FinishReason
+from kvloom.params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    PREEMPTED = enum.auto()
+    FINISHED = enum.auto()
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    """Token-level state. ``token_ids`` is the prompt followed by the outputs so far.
+
+    Invariant: ``0 <= num_computed_tokens <= num_tokens``; KV exists in the cache for the
+    first ``num_computed_tokens`` tokens.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos_token_ids: frozenset[int]
+    priority: int = 0
+    arrival_time: float = field(default_factory=time.monotonic)
+    token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: FinishReason | None = None
+    num_preemptions: int = 0
+    num_cached_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_token_ids):]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def stop_reason_after(self, token_id: int, max_model_len: int) -> FinishReason | None:
+        """Why generation ends after ``token_id`` was appended, or None to go on."""
+        num_out = self.num_output_tokens
+        if num_out >= self.params.min_tokens:
+            if not self.params.ignore_eos and token_id in self.eos_token_ids:
+                return "stop"
+            if token_id in self.params.stop_token_ids:
+                return "stop"
+        if num_out >= self.params.max_tokens or self.num_tokens >= max_model_len:
+            return "length"
+        return None

@@ -1,0 +1,197 @@
+"""Continuous batching under a token budget, with chunked prefill and preemption by recompute.
+
+Each step the scheduler hands out at most ``max_num_batched_tokens`` tokens: running requests
+first (a decode costs one token, an unfinished prefill its next chunk), then waiting requests
+in priority-then-arrival order while the budget, ``max_num_seqs`` and the free blocks allow.
+When a running request cannot get a block, the least important running request (highest
+``priority`` value, then latest arrival) is preempted: its blocks are freed and it goes back
+to the front of the waiting queue, to be recomputed from its prompt and outputs so far.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from kvloom.config import SchedulerConfig
+from kvloom.kv_cache.manager import KVCacheManager
+from kvloom.outputs import FinishReason, TokenLogprob
+from kvloom.scheduler.output import (
+    CachedRequestData,
+    EngineCoreOutput,
+    NewRequestData,
+    SampledTokens,
+    SchedulerOutput,
+)
+from kvloom.scheduler.request import Request, RequestStatus
+
+
+def _importance(req: Request) -> tuple[int, float]:
+    """Sort key: smaller is more important (vLLM's convention for ``priority``)."""
+    return (req.priority, req.arrival_time)
+
+
+class Scheduler:
+    """Owns the waiting and running queues. Engine-thread only."""
+
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int) -> None:
+        self.config = config
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._finished_since_last_step: set[str] = set()
+        self._known_to_runner: set[str] = set()
+        self.num_preemptions = 0
+
+    # ---- requests in and out -------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"request_id {req.request_id!r} is already in use")
+        self.requests[req.request_id] = req
+        self._insert_waiting(req)
+
+    def _insert_waiting(self, req: Request) -> None:
+        # Waiting stays sorted by importance; equal keys keep arrival order (FCFS).
+        key = _importance(req)
+        idx = len(self.waiting)
+        while idx > 0 and _importance(self.waiting[idx - 1]) > key:
+            idx -= 1
+        self.waiting.insert(idx, req)
+
+    def finish_requests(self, req_ids: list[str], reason: FinishReason) -> list[Request]:
+        """End requests wherever they are (abort, stop string); frees their blocks at once."""
+        done: list[Request] = []
+        for rid in req_ids:
+            req = self.requests.get(rid)
+            if req is None or req.is_finished:
+                continue
+            if req.status is RequestStatus.RUNNING:
+                self.running.remove(req)
+            else:
+                self.waiting.remove(req)
+            self._finish(req, reason)
+            done.append(req)
+        return done
+
+    def _finish(self, req: Request, reason: FinishReason) -> None:
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        self.kv.free(req.request_id)
+        del self.requests[req.request_id]
+        if req.request_id in self._known_to_runner:
+            self._known_to_runner.discard(req.request_id)
+            self._finished_since_last_step.add(req.request_id)
+
+    @property
+    def pending_finished_ids(self) -> set[str]:
+        """Finished requests the runner has not yet been told about (it is, next step)."""
+        return self._finished_since_last_step
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.requests)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- one step ------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        num_scheduled: dict[str, int] = {}
+        new_reqs: list[NewRequestData] = []
+        cached_reqs: list[CachedRequestData] = []
+        preempted_now = False
+
+        self.running.sort(key=_importance)
+        idx = 0
+        while idx < len(self.running) and budget > 0:
+            req = self.running[idx]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            new_blocks = self.kv.allocate_slots(req.request_id, req.num_computed_tokens + num_new)
+            while new_blocks is None:
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted_now = True
+                if victim is req:
+                    break
+                new_blocks = self.kv.allocate_slots(req.request_id, req.num_computed_tokens + num_new)
+            if new_blocks is None:
+                break
+            num_scheduled[req.request_id] = num_new
+            budget -= num_new
+            cached_reqs.append(CachedRequestData(req.request_id, list(new_blocks), req.num_computed_tokens, False))
+            idx += 1
+
+        while (
+            self.waiting and budget > 0 and not preempted_now and len(self.running) < self.config.max_num_seqs
+        ):
+            req = self.waiting[0]
+            num_new = req.num_tokens - req.num_computed_tokens
+            if num_new > budget and not self.config.enable_chunked_prefill:
+                break
+            num_new = min(num_new, budget)
+            new_blocks = self.kv.allocate_slots(req.request_id, req.num_computed_tokens + num_new, new_request=True)
+            if new_blocks is None:
+                break
+            self.waiting.popleft()
+            self.running.append(req)
+            num_scheduled[req.request_id] = num_new
+            budget -= num_new
+            block_ids = [int(b) for b in self.kv.get_block_ids(req.request_id)]
+            if req.request_id in self._known_to_runner:
+                cached_reqs.append(CachedRequestData(req.request_id, block_ids, req.num_computed_tokens, True))
+            else:
+                self._known_to_runner.add(req.request_id)
+                new_reqs.append(
+                    NewRequestData(
+                        req.request_id, list(req.token_ids), req.num_prompt_tokens, req.params,
+                        block_ids, req.num_computed_tokens,
+                    )
+                )
+            req.status = RequestStatus.RUNNING
+
+        finished = self._finished_since_last_step
+        self._finished_since_last_step = set()
+        return SchedulerOutput(
+            new_reqs=new_reqs,
+            cached_reqs=cached_reqs,
+            num_scheduled_tokens=num_scheduled,
+            total_num_scheduled_tokens=self.config.max_num_batched_tokens - budget,
+            finished_req_ids=finished,
+        )
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.free(req.request_id)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def update(self, sched: SchedulerOutput, sampled: SampledTokens) -> list[EngineCoreOutput]:
+        """Advance computed counts, append sampled tokens, finish requests that hit a stop."""
+        for rid, n in sched.num_scheduled_tokens.items():
+            req = self.requests.get(rid)
+            if req is not None:
+                req.num_computed_tokens += n
+        outputs: list[EngineCoreOutput] = []
+        logprobs = sampled.logprobs
+        for i, (rid, token) in enumerate(zip(sampled.req_ids, sampled.token_ids, strict=True)):
+            req = self.requests.get(rid)
+            if req is None or req.is_finished:
+                continue
+            req.token_ids.append(token)
+            reason = req.stop_reason_after(token, self.max_model_len)
+            lp: TokenLogprob | None = logprobs[i] if logprobs is not None else None
+            if reason is not None:
+                self.running.remove(req)
+                self._finish(req, reason)
+            outputs.append(
+                EngineCoreOutput(
+                    rid, [token], [lp] if lp is not None else None, reason,
+                    req.num_prompt_tokens, req.num_cached_tokens,
+                )
+            )
+        return outputs

@@ -1,0 +1,33 @@
+"""Session-wide fixtures: tiny real HF checkpoints built locally (random weights, trained tokenizer)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@pytest.fixture(scope="session")
+def checkpoint_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``factory(arch="llama", **overrides) -> Path``; each distinct spec is built once per session."""
+    from kvloom.models.tiny import build_checkpoint
+
+    built: dict[tuple[tuple[str, object], ...], Path] = {}
+
+    def factory(**spec: object) -> Path:
+        key = tuple(sorted(spec.items()))
+        if key not in built:
+            name = "-".join(f"{k}={v}" for k, v in key) or "default"
+            out = tmp_path_factory.mktemp("ckpt") / name.replace("/", "_")
+            built[key] = build_checkpoint(out, **spec)  # type: ignore[arg-type]
+        return built[key]
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def llama_dir(checkpoint_factory: Callable[..., Path]) -> Path:
+    return checkpoint_factory(arch="llama")
