@@ -92,6 +92,7 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_ca
     a fused QKV output); ``slot_mapping`` must be on the caches' device.
     """
     _check(key, value, k_cache, v_cache, slot_mapping)
+    assert k_cache.stride() == v_cache.stride(), "k_cache and v_cache must share strides"
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:
         return

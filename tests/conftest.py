@@ -15,13 +15,12 @@ def checkpoint_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[...
     """``factory(arch="llama", **overrides) -> Path``; each distinct spec is built once per session."""
     from kvloom.models.tiny import build_checkpoint
 
-    built: dict[tuple[tuple[str, object], ...], Path] = {}
+    built: dict[str, Path] = {}
 
     def factory(**spec: object) -> Path:
-        key = tuple(sorted(spec.items()))
+        key = repr(sorted(spec.items()))
         if key not in built:
-            name = "-".join(f"{k}={v}" for k, v in key) or "default"
-            out = tmp_path_factory.mktemp("ckpt") / name.replace("/", "_")
+            out = tmp_path_factory.mktemp(str(spec.get("arch", "llama")))
             built[key] = build_checkpoint(out, **spec)  # type: ignore[arg-type]
         return built[key]
 

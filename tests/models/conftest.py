@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 
+from kvloom.layers.attention import AttentionBackend, TorchAttentionBackend
 from kvloom.layers.attention_metadata import AttentionMetadata
 from kvloom.models.config import ModelConfig
 from kvloom.models.tiny import build_checkpoint
@@ -19,7 +20,8 @@ LLAMA3_ROPE = {
     "factor": 8.0,
     "low_freq_factor": 1.0,
     "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 32,  # small, so the tiny model's positions hit all three bands
+    # With head_dim 16 and theta 5e5 the wavelengths are 6.3, 32, 167, ...: one in each llama3 band.
+    "original_max_position_embeddings": 64,
 }
 
 # name -> build_checkpoint kwargs. Odd sizes on purpose (GQA 3:1, head_dim != hidden/heads for qwen3).
@@ -49,65 +51,31 @@ def checkpoint_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def checkpoints(checkpoint_root: Path) -> dict[str, Path]:
     """Every VARIANTS entry built as a real HF checkpoint directory (unsharded, float32)."""
-    return {name: build_checkpoint(checkpoint_root / name, seed=i, **kw) for i, (name, kw) in enumerate(VARIANTS.items())}
+    return {
+        name: build_checkpoint(checkpoint_root / name, seed=i, **kw)
+        for i, (name, kw) in enumerate(VARIANTS.items())
+    }
 
 
 @pytest.fixture(scope="session")
 def sharded_llama(checkpoint_root: Path) -> tuple[Path, Path]:
     """(unsharded, sharded) llama checkpoints with the same seed: identical weights."""
     single = build_checkpoint(checkpoint_root / "same_single", seed=7, with_tokenizer=False)
-    sharded = build_checkpoint(checkpoint_root / "same_sharded", seed=7, max_shard_size="60KB", with_tokenizer=False)
+    sharded = build_checkpoint(
+        checkpoint_root / "same_sharded", seed=7, max_shard_size="60KB", with_tokenizer=False
+    )
     return single, sharded
 
 
 @pytest.fixture(scope="session")
-def attn_backend() -> Any:
-    """The real torch backend when it exists, else the dense test double below."""
-    try:
-        from kvloom.layers.attention import TorchAttentionBackend
-    except ImportError:
-        return DenseAttentionDouble()
+def attn_backend() -> AttentionBackend:
     return TorchAttentionBackend()
 
 
 @pytest.fixture(scope="session")
 def paged_kv() -> type[PagedKV]:
-    """The PagedKV class (conftest modules are not importable from tests)."""
+    """The PagedKV class, for tests that build steps by hand."""
     return PagedKV
-
-
-class DenseAttentionDouble:
-    """Reference for the AttentionBackend contract: write K/V at slot_mapping, then per sequence
-    gather its keys from the paged cache and run causal attention (queries are the last
-    ``query_len`` positions of the context). Slow and obvious on purpose."""
-
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        meta: AttentionMetadata,
-        scale: float,
-    ) -> torch.Tensor:
-        num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
-        valid = meta.slot_mapping >= 0
-        k_cache.view(-1, num_kv_heads, head_dim)[meta.slot_mapping[valid]] = k[valid]
-        v_cache.view(-1, num_kv_heads, head_dim)[meta.slot_mapping[valid]] = v[valid]
-        out = torch.empty_like(q)
-        group = q.shape[1] // num_kv_heads
-        for b in range(meta.num_seqs):
-            start, end = meta.query_start_loc_cpu[b], meta.query_start_loc_cpu[b + 1]
-            seq_len = meta.seq_lens_cpu[b]
-            blocks = meta.block_tables[b, : (seq_len + block_size - 1) // block_size].long()
-            keys = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].repeat_interleave(group, 1)
-            values = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].repeat_interleave(group, 1)
-            scores = torch.einsum("qhd,khd->hqk", q[start:end].float(), keys.float()) * scale
-            q_pos = torch.arange(seq_len - (end - start), seq_len)[:, None]
-            scores.masked_fill_(torch.arange(seq_len)[None, :] > q_pos, float("-inf"))
-            out[start:end] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), values.float()).to(q.dtype)
-        return out
 
 
 @dataclass
@@ -160,7 +128,9 @@ class PagedKV:
         max_blocks = max(len(self.tables[s]) for s in new_tokens)
         block_tables = torch.zeros(len(new_tokens), max_blocks, dtype=torch.int32)
         for row, seq_id in enumerate(new_tokens):
-            block_tables[row, : len(self.tables[seq_id])] = torch.tensor(self.tables[seq_id], dtype=torch.int32)
+            block_tables[row, : len(self.tables[seq_id])] = torch.tensor(
+                self.tables[seq_id], dtype=torch.int32
+            )
         meta = AttentionMetadata(
             num_decodes=num_decodes,
             slot_mapping=torch.tensor(slots, dtype=torch.int64),

@@ -42,7 +42,9 @@ def _edit_config(path: Path, **changes: Any) -> None:
     (path / "config.json").write_text(json.dumps(config))
 
 
-def test_sharded_and_unsharded_load_bit_identical(sharded_llama: tuple[Path, Path], attn_backend: Any) -> None:
+def test_sharded_and_unsharded_load_bit_identical(
+    sharded_llama: tuple[Path, Path], attn_backend: Any
+) -> None:
     single, sharded = sharded_llama
     assert len(_shards(sharded)) > 1 and (sharded / "model.safetensors.index.json").is_file()
     model_a, _ = load_model(single, attn_backend=attn_backend)
@@ -53,7 +55,9 @@ def test_sharded_and_unsharded_load_bit_identical(sharded_llama: tuple[Path, Pat
         assert torch.equal(state_a[name], state_b[name]), name
 
 
-def test_fused_parameters_hold_the_checkpoint_tensors(checkpoints: dict[str, Path], attn_backend: Any) -> None:
+def test_fused_parameters_hold_the_checkpoint_tensors(
+    checkpoints: dict[str, Path], attn_backend: Any
+) -> None:
     path = checkpoints["qwen2"]
     model, config = load_model(path, attn_backend=attn_backend)
     hf = load_file(path / "model.safetensors")
@@ -71,11 +75,13 @@ def test_dtype_choice(checkpoints: dict[str, Path], attn_backend: Any) -> None:
     model, config = load_model(checkpoints["llama"], attn_backend=attn_backend, dtype="bfloat16")
     assert config.torch_dtype == torch.bfloat16
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    with pytest.raises(ConfigError, match="dtype.*'int8'"):
+    with pytest.raises(ConfigError, match=r"dtype.*'int8'"):
         load_model(checkpoints["llama"], attn_backend=attn_backend, dtype="int8")
 
 
-def test_tied_checkpoint_with_lm_head_and_inv_freq_is_accepted(checkpoints: dict[str, Path], tmp_path: Path, attn_backend: Any) -> None:
+def test_tied_checkpoint_with_lm_head_and_inv_freq_is_accepted(
+    checkpoints: dict[str, Path], tmp_path: Path, attn_backend: Any
+) -> None:
     """Older checkpoints store the tied lm_head and rotary inv_freq: both are harmless extras."""
     path = Path(shutil.copytree(checkpoints["llama_tied"], tmp_path / "tied"))
 
@@ -86,7 +92,9 @@ def test_tied_checkpoint_with_lm_head_and_inv_freq_is_accepted(checkpoints: dict
     _rewrite(path / "model.safetensors", add)
     model, _ = load_model(path, attn_backend=attn_backend)
     assert model.expected_weight_names() == set(load_file(path / "model.safetensors")) - {
-        "lm_head.weight", "model.layers.0.self_attn.rotary_emb.inv_freq"}
+        "lm_head.weight",
+        "model.layers.0.self_attn.rotary_emb.inv_freq",
+    }
 
 
 def test_no_weights_file(llama_copy: Path, attn_backend: Any) -> None:
@@ -113,13 +121,18 @@ def test_corrupt_shard_names_the_file(sharded_copy: Path, attn_backend: Any, dam
 
 def test_shape_mismatch_names_key_and_file(llama_copy: Path, attn_backend: Any) -> None:
     _edit_config(llama_copy, intermediate_size=96)
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: weight 'model\.layers\.\d\.mlp\.\w+_proj\.weight' has shape"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"model\.safetensors: weight 'model\.layers\.\d\.mlp\.\w+_proj\.weight' has shape",
+    ):
         load_model(llama_copy, attn_backend=attn_backend)
 
 
 def test_missing_key_is_named(llama_copy: Path, attn_backend: Any) -> None:
     _rewrite(llama_copy / "model.safetensors", lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"))
-    with pytest.raises(CheckpointError, match=r"missing weight 'model\.layers\.1\.self_attn\.k_proj\.weight'"):
+    with pytest.raises(
+        CheckpointError, match=r"missing weight 'model\.layers\.1\.self_attn\.k_proj\.weight'"
+    ):
         load_model(llama_copy, attn_backend=attn_backend)
 
 
@@ -132,7 +145,10 @@ def test_missing_untied_lm_head_is_named(llama_copy: Path, attn_backend: Any) ->
 def test_unexpected_key_names_key_and_file(sharded_copy: Path, attn_backend: Any) -> None:
     victim = _shards(sharded_copy)[0]
     _rewrite(victim, lambda t: t.__setitem__("model.layers.0.self_attn.extra_proj.weight", torch.zeros(2)))
-    with pytest.raises(CheckpointError, match=rf"{victim.name}: unexpected weight 'model\.layers\.0\.self_attn\.extra_proj\.weight'"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"{victim.name}: unexpected weight 'model\.layers\.0\.self_attn\.extra_proj\.weight'",
+    ):
         load_model(sharded_copy, attn_backend=attn_backend)
 
 
@@ -147,9 +163,21 @@ def test_tensor_in_two_shards_is_refused(sharded_copy: Path, attn_backend: Any) 
 @pytest.mark.parametrize(
     ("changes", "error", "pattern"),
     [
-        ({"architectures": ["GPTNeoXForCausalLM"]}, UnsupportedModelError, r"'GPTNeoXForCausalLM'.*supported: .*LlamaForCausalLM"),
-        ({"architectures": ["MistralForCausalLM"], "sliding_window": 128}, UnsupportedModelError, "sliding_window"),
-        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, UnsupportedModelError, "rope_type 'yarn'"),
+        (
+            {"architectures": ["GPTNeoXForCausalLM"]},
+            UnsupportedModelError,
+            r"'GPTNeoXForCausalLM'.*supported: .*LlamaForCausalLM",
+        ),
+        (
+            {"architectures": ["MistralForCausalLM"], "sliding_window": 128},
+            UnsupportedModelError,
+            "sliding_window",
+        ),
+        (
+            {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}},
+            UnsupportedModelError,
+            "rope_type 'yarn'",
+        ),
         ({"num_hidden_layers": None}, CheckpointError, "'num_hidden_layers' is missing"),
     ],
     ids=["arch", "sliding_window", "rope_type", "missing_field"],

@@ -59,7 +59,12 @@ def _assert_close(mine: torch.Tensor, ref: torch.Tensor, what: str) -> None:
 
 @pytest.mark.parametrize("lens", [[13], [5, 17, 9]], ids=["one_seq", "batch3"])
 def test_prefill_then_decode_matches_transformers(
-    variant: str, lens: list[int], checkpoints: dict[str, Path], attn_backend: Any, paged_kv: Any, hf_models: dict[Path, Any]
+    variant: str,
+    lens: list[int],
+    checkpoints: dict[str, Path],
+    attn_backend: Any,
+    paged_kv: Any,
+    hf_models: dict[Path, Any],
 ) -> None:
     path = checkpoints[variant]
     model, config = load_model(path, attn_backend=attn_backend)
@@ -98,7 +103,9 @@ def test_mixed_decode_and_chunked_prefill_matches_transformers(
     _assert_close(second[2], _hf_logits(hf, c)[7:], f"{name} second chunk")
 
 
-def test_tiny_init_gives_robust_greedy_decisions(checkpoints: dict[str, Path], hf_models: dict[Path, Any]) -> None:
+def test_tiny_init_gives_robust_greedy_decisions(
+    checkpoints: dict[str, Path], hf_models: dict[Path, Any]
+) -> None:
     """The tiny-model init must not give near-flat logits (greedy would flip on float noise)."""
     for name in ("llama", "qwen2", "llama_tied"):
         hf = _hf(hf_models, checkpoints[name])

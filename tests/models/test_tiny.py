@@ -24,7 +24,7 @@ def test_same_seed_same_files_other_seed_other_weights(tmp_path: Path) -> None:
 def test_tokenizer_round_trips_and_fits_vocab() -> None:
     tok = train_tokenizer(300)
     assert len(tok) <= 300
-    text = "Hello, world! ünïcode 日本 {\"a\": 1}\n"
+    text = 'Hello, world! ünïcode 日本 {"a": 1}\n'
     ids = tok(text)["input_ids"]
     assert tok.decode(ids) == text
     assert max(ids) < 300
@@ -39,7 +39,10 @@ def test_chat_template_and_eos_ids(checkpoints: dict[str, Path]) -> None:
     tok = AutoTokenizer.from_pretrained(checkpoints["llama"])
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    assert prompt == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        prompt
+        == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
     no_gen = tok.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
     assert not no_gen.endswith("assistant\n")
     eos_ids = load_model_config(checkpoints["llama"]).eos_token_ids

@@ -18,7 +18,9 @@ from torch import nn
 class Linear(nn.Module):
     """``y = x @ weight.T + bias``; ``weight [out_features, in_features]``, ``bias [out_features]``."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype | None = None
+    ) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
@@ -60,7 +62,9 @@ class Embedding(nn.Module):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, dtype=dtype), requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.empty(num_embeddings, embedding_dim, dtype=dtype), requires_grad=False
+        )
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids ``[T]`` int64 -> ``[T, embedding_dim]``."""

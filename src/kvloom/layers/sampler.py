@@ -102,7 +102,7 @@ def apply_banned_tokens(logits: torch.Tensor, banned_token_ids: list[list[int]] 
         return
     rows, cols = _flat_index(banned_token_ids, logits.device)
     if cols.numel() > 0:
-        logits.index_put_((rows, cols), torch.tensor(_NEG_INF, device=logits.device))
+        logits[rows, cols] = _NEG_INF
 
 
 def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
@@ -142,8 +142,9 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: t
     Top-k keeps the ``k`` largest logits; top-p then keeps the smallest set of the remaining
     tokens, by descending probability, whose mass reaches ``p`` (HF warper order). Both are
     turned into a per-row logit threshold and applied as ``logits < threshold -> -inf``, so
-    tokens tied with the threshold are all kept (as in HF), and a row's result never depends
-    on the other rows. Top-k alone uses ``topk`` rather than a full sort.
+    tokens tied with the threshold are all kept (HF's top-k does the same; its top-p cuts
+    ties by sort order), and a row's result never depends on the other rows. Top-k alone
+    uses ``topk`` rather than a full sort.
     """
     vocab_size = logits.shape[1]
     if top_p is None:

@@ -61,10 +61,6 @@ class SamplingMetadata:
     max_num_logprobs: int
     """Largest number of top logprobs any row asked for; ``0``: no logprobs this step."""
 
-    @property
-    def num_rows(self) -> int:
-        return len(self.output_token_ids)
-
 
 @dataclass(slots=True)
 class SamplerOutput:

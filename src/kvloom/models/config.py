@@ -19,8 +19,12 @@ from kvloom.errors import CheckpointError, UnsupportedModelError
 from kvloom.models.registry import supported_architectures
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-_MODEL_TYPE_TO_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                       "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_MODEL_TYPE_TO_ARCH = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -152,7 +156,9 @@ def _rope(f: _Fields, max_position_embeddings: int) -> tuple[float, RopeScaling 
         )
     partial = params.get("partial_rotary_factor", f.data.get("partial_rotary_factor"))
     if partial not in (None, 1, 1.0):
-        raise UnsupportedModelError(f"{f.path}: partial_rotary_factor {partial!r} is not supported (only 1.0)")
+        raise UnsupportedModelError(
+            f"{f.path}: partial_rotary_factor {partial!r} is not supported (only 1.0)"
+        )
     if rope_type == "default":
         return theta, None
     if params.get("factor") is None:
@@ -166,7 +172,9 @@ def _rope(f: _Fields, max_position_embeddings: int) -> tuple[float, RopeScaling 
         factor,
         low_freq_factor=f.get_float(f"{field}.low_freq_factor", 1.0, value=params.get("low_freq_factor")),
         high_freq_factor=f.get_float(f"{field}.high_freq_factor", 4.0, value=params.get("high_freq_factor")),
-        original_max_position_embeddings=f.get_int(f"{field}.original_max_position_embeddings", value=original),
+        original_max_position_embeddings=f.get_int(
+            f"{field}.original_max_position_embeddings", value=original
+        ),
     )
 
 
@@ -179,7 +187,9 @@ def _check_sliding_window(f: _Fields, architecture: str, max_position_embeddings
                 "is not supported (sliding-window attention); set sliding_window to null for full attention"
             )
     elif architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and f.get_bool("use_sliding_window", False):
-        raise UnsupportedModelError(f"{f.path}: use_sliding_window=true is not supported (sliding_window={window})")
+        raise UnsupportedModelError(
+            f"{f.path}: use_sliding_window=true is not supported (sliding_window={window})"
+        )
 
 
 def _dtype(f: _Fields) -> torch.dtype:
@@ -217,7 +227,9 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
     if num_heads % num_kv_heads:
         raise f.fail("num_key_value_heads", f"({num_kv_heads}) must divide num_attention_heads ({num_heads})")
     if f.data.get("head_dim") is None and hidden_size % num_heads:
-        raise f.fail("head_dim", f"is missing and hidden_size {hidden_size} is not divisible by {num_heads} heads")
+        raise f.fail(
+            "head_dim", f"is missing and hidden_size {hidden_size} is not divisible by {num_heads} heads"
+        )
     head_dim = f.get_int("head_dim", hidden_size // num_heads)
     max_pos = f.get_int("max_position_embeddings", 2048)
     rope_theta, rope_scaling = _rope(f, max_pos)
@@ -226,7 +238,9 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
     if hidden_act != "silu":
         raise UnsupportedModelError(f"{path}: hidden_act {hidden_act!r} is not supported (only 'silu')")
     is_qwen2 = architecture == "Qwen2ForCausalLM"
-    has_bias = architecture in ("LlamaForCausalLM", "Qwen3ForCausalLM") and f.get_bool("attention_bias", False)
+    has_bias = architecture in ("LlamaForCausalLM", "Qwen3ForCausalLM") and f.get_bool(
+        "attention_bias", False
+    )
     mlp_bias = architecture == "LlamaForCausalLM" and f.get_bool("mlp_bias", False)
 
     eos = _token_ids(f.data.get("eos_token_id"), str(path))

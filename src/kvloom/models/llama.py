@@ -56,7 +56,12 @@ class LlamaAttention(nn.Module):
         self.attn_backend = attn_backend
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
     ) -> torch.Tensor:
         """x ``[T, hidden]``, cos/sin ``[T, 1, head_dim // 2]`` -> ``[T, hidden]``.
 
@@ -72,7 +77,7 @@ class LlamaAttention(nn.Module):
             q, k = torch.split(qk, [self.num_heads, self.num_kv_heads], dim=1)
         else:
             q = self.q_norm(qkv[:, : self.q_size].view(num_tokens, self.num_heads, self.head_dim))
-            k = (qkv[:, self.q_size : qk_size].view(num_tokens, self.num_kv_heads, self.head_dim))
+            k = self.k_norm(qkv[:, self.q_size : qk_size].view(num_tokens, self.num_kv_heads, self.head_dim))
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         attn = self.attn_backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         out: torch.Tensor = self.o_proj(attn.reshape(num_tokens, self.q_size))
@@ -232,7 +237,9 @@ class LlamaForCausalLM(CausalLM):
             if target is None:
                 if name.endswith(_HARMLESS_SUFFIXES) or (name == "lm_head.weight" and self.lm_head is None):
                     continue
-                raise CheckpointError(f"unexpected weight '{name}' (not a parameter of {self.config.architecture})")
+                raise CheckpointError(
+                    f"unexpected weight '{name}' (not a parameter of {self.config.architecture})"
+                )
             if name in loaded:
                 raise CheckpointError(f"weight '{name}' appears more than once")
             param, rows = target

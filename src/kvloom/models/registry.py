@@ -71,7 +71,9 @@ def supported_architectures() -> tuple[str, ...]:
 def get_model_class(architecture: str) -> type[CausalLM]:
     """The class implementing ``architecture``; ``UnsupportedModelError`` lists the supported ones."""
     if architecture not in _MODELS:
-        raise UnsupportedModelError(f"architecture {architecture!r} is not supported; supported: {', '.join(_MODELS)}")
+        raise UnsupportedModelError(
+            f"architecture {architecture!r} is not supported; supported: {', '.join(_MODELS)}"
+        )
     module_name, class_name = _MODELS[architecture]
     cls = getattr(importlib.import_module(module_name), class_name)
     if not (isinstance(cls, type) and issubclass(cls, CausalLM)):

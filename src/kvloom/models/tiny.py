@@ -121,7 +121,9 @@ def _hf_config(arch: Arch, common: dict[str, Any]) -> Any:  # a PretrainedConfig
 
 
 @torch.no_grad()
-def _reinit(model: torch.nn.Module, *, seed: int, hidden_size: int, tied: bool, init_std: float | None) -> None:
+def _reinit(
+    model: torch.nn.Module, *, seed: int, hidden_size: int, tied: bool, init_std: float | None
+) -> None:
     """Re-initialise every parameter from a private generator, in sorted-name order."""
     gen = torch.Generator().manual_seed(seed)
     for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):

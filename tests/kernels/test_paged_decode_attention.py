@@ -1,0 +1,77 @@
+"""paged_decode_attention: the Triton kernel (interpreted) equals the torch reference, which equals
+dense float64 attention, across block sizes, GQA ratios, lengths crossing block boundaries and dtypes."""
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+from kvloom.kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_ref
+
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def _lens(block_size: int) -> list[int]:
+    # One token, exactly one block, one past it, several blocks plus a few, more than a 64-key tile.
+    return [1, block_size, block_size + 1, 3 * block_size + 3, 70]
+
+
+def _strided_queries(num_seqs: int, num_q_heads: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, Hq, D]`` as a slice of a wider buffer (like a fused QKV output): non-unit row stride."""
+    return torch.randn(num_seqs, num_q_heads + 3, head_dim, generator=torch.Generator().manual_seed(1)).to(
+        dtype)[:, :num_q_heads]
+
+
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("block_size", [1, 16, 32])
+def test_ref_matches_dense(make_paged_kv: Callable[..., Any], dense_causal_attention: Callable[..., torch.Tensor],
+                           block_size: int, group: int) -> None:
+    lens = _lens(block_size)
+    kv = make_paged_kv(lens, block_size, 2, 32)
+    q = _strided_queries(len(lens), 2 * group, 32, torch.float32)
+    out = torch.full_like(q, float("nan"))
+    paged_decode_attention_ref(q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, 32**-0.5, max(lens), out=out)
+    for b in range(len(lens)):
+        expected = dense_causal_attention(q[b: b + 1], kv.keys[b], kv.values[b], 32**-0.5)[0]
+        torch.testing.assert_close(out[b].double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.usefixtures("triton_interpret")
+@pytest.mark.parametrize(
+    ("block_size", "group", "num_kv_heads", "head_dim", "dtype"),
+    [
+        (1, 1, 2, 32, torch.float32),
+        (1, 4, 1, 16, torch.float32),
+        (16, 1, 2, 32, torch.float32),
+        (16, 2, 2, 64, torch.float32),
+        (16, 4, 2, 24, torch.float32),  # head_dim not a power of two: masked lanes
+        (32, 2, 1, 32, torch.float32),
+        (32, 4, 2, 32, torch.float32),
+        (16, 2, 2, 32, torch.float16),
+        (16, 4, 2, 32, torch.bfloat16),
+    ],
+    ids=str,
+)
+def test_triton_matches_ref(make_paged_kv: Callable[..., Any], block_size: int, group: int, num_kv_heads: int,
+                            head_dim: int, dtype: torch.dtype) -> None:
+    lens = _lens(block_size)
+    kv = make_paged_kv(lens, block_size, num_kv_heads, head_dim, dtype=dtype)
+    q = _strided_queries(len(lens), num_kv_heads * group, head_dim, dtype)
+    scale = head_dim**-0.5
+    out = torch.full_like(q, float("nan"))  # poisoned: a row the kernel skips stays NaN
+    result = paged_decode_attention(q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, scale, max(lens),
+                                    out=out)
+    expected = paged_decode_attention_ref(q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, scale, max(lens))
+    assert result is out and not out.isnan().any()
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.float(), expected.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.usefixtures("triton_interpret")
+def test_triton_allocates_output_when_none_given(make_paged_kv: Callable[..., Any]) -> None:
+    kv = make_paged_kv([5, 17], 16, 1, 16)
+    q = torch.randn(2, 2, 16)
+    result = paged_decode_attention(q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, 0.25, 17)
+    expected = paged_decode_attention_ref(q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, 0.25, 17)
+    torch.testing.assert_close(result, expected, atol=2e-5, rtol=2e-5)

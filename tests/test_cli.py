@@ -1,0 +1,104 @@
+"""The command line: ``kvloom demo`` (build once, then reuse) and ``kvloom bench throughput``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from kvloom.bench import workload
+from kvloom.bench.peers import parse_peers
+from kvloom.cli import main
+from kvloom.demo import TINY_DEMO_MODEL
+
+
+def test_demo_builds_once_then_reuses_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = {**os.environ, "KVLOOM_CACHE_DIR": str(tmp_path)}
+    first = subprocess.run(
+        [sys.executable, "-m", "kvloom", "demo", "--tiny", "--num-prompts", "3", "--max-tokens", "6"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert first.returncode == 0, first.stderr
+    assert "RANDOM WEIGHTS" in first.stdout and "--model DIR" in first.stdout
+    assert "built demo checkpoint" in first.stdout
+    assert first.stdout.count("assistant (") == 3
+    assert "3 prompts in one batch" in first.stdout and "tokens/s" in first.stdout
+    model_dir = tmp_path / "models" / TINY_DEMO_MODEL.cache_key
+    assert (model_dir / "config.json").is_file() and (model_dir / "tokenizer.json").is_file()
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [model_dir.name]  # no temp dir left behind
+    stamp = (model_dir.stat().st_ino, (model_dir / "model.safetensors").stat().st_mtime_ns)
+
+    # Second run, in-process (same code path, no interpreter start-up): must not rebuild.
+    monkeypatch.setenv("KVLOOM_CACHE_DIR", str(tmp_path))
+    assert main(["demo", "--tiny", "--num-prompts", "2", "--max-tokens", "4"]) == 0
+    out, err = capsys.readouterr()
+    assert "built demo checkpoint" not in out and "using cached checkpoint" in err
+    assert out.count("assistant (") == 2 and "tokens/s" in out
+    assert (model_dir.stat().st_ino, (model_dir / "model.safetensors").stat().st_mtime_ns) == stamp
+
+
+def test_interrupted_build_leaves_no_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVLOOM_CACHE_DIR", str(tmp_path))
+
+    def crash(out_dir: Path, **kwargs: object) -> Path:
+        (Path(out_dir) / "config.json").write_text("{}")  # half-written, then the build dies
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("kvloom.models.tiny.build_checkpoint", crash)
+    with pytest.raises(KeyboardInterrupt):
+        workload.cached_checkpoint(TINY_DEMO_MODEL, log=False)
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_workload_is_deterministic_and_in_range() -> None:
+    w = workload.Workload(num_requests=50, min_prompt_len=3, max_prompt_len=9, seed=7)
+    prompts = w.prompts(vocab_size=100)
+    assert prompts == w.prompts(vocab_size=100)
+    assert len(prompts) == 50 and all(3 <= len(p) <= 9 and all(0 <= t < 100 for t in p) for p in prompts)
+    assert prompts != workload.Workload(num_requests=50, min_prompt_len=3, max_prompt_len=9, seed=8).prompts(100)
+    assert workload.STANDARD_MODEL.cache_key != TINY_DEMO_MODEL.cache_key
+
+
+def test_parse_peers() -> None:
+    specs = parse_peers("static8, cb512,cb2048r32")
+    assert [(s.kind, s.batch_size, s.max_batch_tokens, s.max_requests_per_batch) for s in specs] == [
+        ("static", 8, 0, None), ("cb", 0, 512, None), ("cb", 0, 2048, 32)]
+    assert parse_peers("") == []
+    for bad in ("static0", "cb", "dynamic8"):
+        with pytest.raises(ValueError, match="--peers"):
+            parse_peers(bad)
+
+
+def test_bench_throughput_tiny(
+    tmp_path: Path, checkpoint_factory: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    model_dir = checkpoint_factory(arch="llama", with_tokenizer=False)
+    out_json = tmp_path / "bench.json"
+    argv = ["bench", "throughput", "--model", str(model_dir), "--num-requests", "4", "--output-len", "4",
+            "--peers", "static8,cb512", "--json", str(out_json), "--quick", "--kvloom-config", "block_size=8"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "command: python -m kvloom bench throughput" in printed and "machine:" in printed
+    assert "kvloom / best peer" in printed
+
+    result = json.loads(out_json.read_text())
+    assert {"command", "machine", "workload", "kvloom", "peers", "summary"} <= result.keys()
+    assert result["machine"]["ceilings"]["matmul_2048_gflops"] > 0
+    assert result["kvloom"]["config"]["block_size"] == 8
+    assert result["kvloom"]["tokens_per_s"] > 0 and result["kvloom"]["output_lens_ok"]
+    assert result["kvloom"]["kv_cache"]["peak_waste"] >= 1.0
+    peers = {p["name"]: p for p in result["peers"]}
+    assert peers.keys() == {"static8", "cb512"}
+    for peer in peers.values():
+        assert peer["error"] is None, peer["error"]
+        assert peer["tokens_per_s"] > 0
+    assert peers["static8"]["matches_kvloom"] == 4  # float32 greedy: exactly transformers' tokens
+    summary = result["summary"]
+    assert summary["best_peer"] in peers and summary["ratio_to_best_peer"] > 0
