@@ -42,7 +42,7 @@ class Row:
     output: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     banned: list[int] = field(default_factory=list)
-    num_logprobs: int = 0
+    num_logprobs: int | None = None
 
 
 def make_meta(rows: list[Row]) -> SamplingMetadata:
@@ -67,7 +67,7 @@ def make_meta(rows: list[Row]) -> SamplingMetadata:
         output_token_ids=[r.output for r in rows],
         generators=[r.generator for r in rows],
         banned_token_ids=[r.banned for r in rows] if any(r.banned for r in rows) else None,
-        max_num_logprobs=max(r.num_logprobs for r in rows),
+        max_num_logprobs=max((r.num_logprobs for r in rows if r.num_logprobs is not None), default=None),
     )
 
 

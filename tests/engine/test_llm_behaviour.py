@@ -125,3 +125,18 @@ def test_bad_requests_fail_before_queueing_and_name_the_field(
 def test_invalid_sampling_params_name_the_field(kwargs: dict[str, object], field: str) -> None:
     with pytest.raises(pydantic.ValidationError, match=field):
         SamplingParams(**kwargs)  # type: ignore[arg-type]
+
+
+def test_unseeded_sampling_uses_the_engine_rng_not_torch_global_rng(llm: LLM) -> None:
+    import torch
+
+    before = torch.get_rng_state()
+    llm.generate([PROMPT], SamplingParams(temperature=1.0, max_tokens=5, ignore_eos=True))
+    assert torch.equal(before, torch.get_rng_state())
+
+
+def test_logprobs_zero_returns_the_sampled_tokens_logprob_only(llm: LLM) -> None:
+    out = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=3, logprobs=0, ignore_eos=True))[0]
+    assert out.logprobs is not None and len(out.logprobs) == 3
+    for tok, lp in zip(out.token_ids, out.logprobs, strict=True):
+        assert lp.token_id == tok and lp.top == () and lp.rank == 1 and lp.logprob <= 0.0

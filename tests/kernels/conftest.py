@@ -1,27 +1,34 @@
 """Shared fixtures for the kernel tests: Triton's CPU interpreter and paged-cache builders.
 
-How triton reads ``TRITON_INTERPRET`` (triton 3.x): ``triton.jit`` consults
-``triton.knobs.runtime.interpret`` (a live ``getenv``) when it *decorates* a function and returns an
-interpreted function if set; importing triton does not freeze it. kvloom's kernels are decorated
-lazily on first launch and cached per value of the variable, so setting it for the session before
-any test launches a kernel is enough. It is restored when the session ends, so GPU tests elsewhere
-in the same run still get compiled kernels.
+How triton reads ``TRITON_INTERPRET`` (triton 3.x): every ``triton.jit`` decoration consults it
+(``triton.knobs.runtime.interpret``, a live ``getenv``) and returns an interpreted function when it
+is set. triton's own jit'd library (``tl.zeros``, ``tl.sum``, ``tl.max`` ...) is decorated when
+``triton.language`` is *imported*, so the variable must be set before anything imports triton:
+otherwise an interpreted kernel that calls ``tl.zeros`` dies with "Cannot call @triton.jit'd outside
+of the scope of a kernel". kvloom never imports triton at import time (kernels are decorated on
+first launch), so setting it while pytest loads this conftest comes first. ``triton_interpret``
+checks that it took effect and fails loudly (it does not skip) when triton got in earlier.
 """
 
-from collections.abc import Callable, Iterator
+import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 import torch
 
+if "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(scope="session")
-def triton_interpret() -> Iterator[None]:
+def triton_interpret() -> None:
     """Run Triton kernels on CPU through the interpreter; a visible skip when triton is missing."""
-    pytest.importorskip("triton", reason="triton is not installed: the Triton kernels are not tested")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TRITON_INTERPRET", "1")
-        yield
+    triton = pytest.importorskip("triton", reason="triton is not installed: the Triton kernels are not tested")
+    if isinstance(triton.language.zeros, triton.JITFunction):
+        pytest.fail("triton's library was compiled for a GPU, not interpreted: run the kernel tests with "
+                    f"TRITON_INTERPRET=1 (now {os.environ.get('TRITON_INTERPRET')!r}), set before triton is imported")
 
 
 @dataclass

@@ -6,7 +6,6 @@ from typing import Any
 
 import pytest
 import torch
-
 from kvloom.kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_ref
 
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}

@@ -20,19 +20,19 @@ def hf_models() -> dict[Path, Any]:
 
 
 def _hf(cache: dict[Path, Any], path: Path) -> Any:
-    from transformers import AutoModelForCausalLM
+    import transformers
 
     if path not in cache:
-        cache[path] = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, attn_implementation="eager"
-        ).eval()
+        auto: Any = transformers.AutoModelForCausalLM
+        cache[path] = auto.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     return cache[path]
 
 
 @torch.no_grad()
 def _hf_logits(hf: Any, tokens: list[int]) -> torch.Tensor:
     """HF logits ``[len(tokens), vocab]`` for one unpadded sequence."""
-    return hf(torch.tensor([tokens])).logits[0].float()
+    logits: torch.Tensor = hf(torch.tensor([tokens])).logits[0].float()
+    return logits
 
 
 def _prompts(vocab_size: int, lens: list[int], seed: int) -> list[list[int]]:

@@ -56,12 +56,12 @@ class Sampler:
             meta: one row per row of ``logits``.
 
         Returns:
-            ``token_ids`` ``[B]`` int64, plus logprobs/ranks when ``meta.max_num_logprobs > 0``.
+            ``token_ids`` ``[B]`` int64, plus logprobs/ranks unless ``meta.max_num_logprobs is None``.
         """
         if logits.dtype != torch.float32:
             logits = logits.float()
         # Taken before any processing mutates the logits in place.
-        raw_logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs > 0 else None
+        raw_logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs is not None else None
 
         apply_banned_tokens(logits, meta.banned_token_ids)
         apply_penalties(logits, meta)
@@ -80,7 +80,7 @@ class Sampler:
 
         if raw_logprobs is None:
             return SamplerOutput(token_ids, None, None, None)
-        logprobs, logprob_token_ids, ranks = compute_logprobs(raw_logprobs, token_ids, meta.max_num_logprobs)
+        logprobs, logprob_token_ids, ranks = compute_logprobs(raw_logprobs, token_ids, meta.max_num_logprobs or 0)
         return SamplerOutput(token_ids, logprobs, logprob_token_ids, ranks)
 
 
@@ -90,7 +90,7 @@ def _sample_random(logits: torch.Tensor, meta: SamplingMetadata, temperature: to
     apply_top_k_top_p(logits, meta.top_k, meta.top_p)
     probs = logits.softmax(dim=-1)
     apply_min_p(probs, meta.min_p)
-    return random_sample(probs, meta.generators)
+    return random_sample(probs, meta.generators, meta.default_generator)
 
 
 def apply_banned_tokens(logits: torch.Tensor, banned_token_ids: list[list[int]] | None) -> None:
@@ -198,7 +198,9 @@ def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor | None) -> None:
     probs.masked_fill_(probs < threshold, 0.0)
 
 
-def random_sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+def random_sample(
+    probs: torch.Tensor, generators: list[torch.Generator | None], default: torch.Generator | None = None
+) -> torch.Tensor:
     """Sample one token per row of ``probs`` ``[B, V]`` (unnormalised is fine). Consumes ``probs``.
 
     Exponential race: ``argmax(probs / q)`` with ``q ~ Exponential(1)`` i.i.d. picks token i
@@ -206,19 +208,19 @@ def random_sample(probs: torch.Tensor, generators: list[torch.Generator | None])
     (documented), so a masked token (prob 0) can never win through ``0 / 0``.
 
     Rows with a generator draw their ``q`` row from it; all the other rows draw theirs from
-    the default RNG in one ``[num_unseeded, V]`` call.
+    ``default`` (torch's default generator when None) in one ``[num_unseeded, V]`` call.
 
     Returns ``[B]`` int64.
     """
     q = torch.empty_like(probs)
     seeded = [(i, g) for i, g in enumerate(generators) if g is not None]
     if not seeded:
-        q.exponential_()
+        q.exponential_(generator=default)
     else:
         unseeded = [i for i, g in enumerate(generators) if g is None]
         if unseeded:
             rows = torch.tensor(unseeded, dtype=torch.int64, device=probs.device)
-            draws = torch.empty((len(unseeded), probs.shape[1]), device=probs.device).exponential_()
+            draws = torch.empty((len(unseeded), probs.shape[1]), device=probs.device).exponential_(generator=default)
             q.index_copy_(0, rows, draws)
         for i, generator in seeded:
             q[i].exponential_(generator=generator)
@@ -233,7 +235,7 @@ def compute_logprobs(
     Args:
         raw_logprobs: ``[B, V]`` float32, ``log_softmax`` of the unprocessed logits.
         token_ids: ``[B]`` int64, the sampled tokens.
-        num_logprobs: ``N >= 1``; clamped to ``V``.
+        num_logprobs: ``N >= 0``; clamped to ``V``.
 
     Returns:
         ``logprobs`` ``[B, 1 + N]`` float32 and ``token_ids`` ``[B, 1 + N]`` int64 (sampled

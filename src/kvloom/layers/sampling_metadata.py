@@ -58,8 +58,12 @@ class SamplingMetadata:
     banned_token_ids: list[list[int]] | None
     """Per row, token ids that must not be sampled this step (e.g. EOS and stop ids while the
     request is below ``min_tokens``). ``None``: no row bans anything."""
-    max_num_logprobs: int
-    """Largest number of top logprobs any row asked for; ``0``: no logprobs this step."""
+    max_num_logprobs: int | None
+    """Largest number of top logprobs any row asked for; ``0``: only the sampled token's;
+    ``None``: no row asked for logprobs this step."""
+    default_generator: torch.Generator | None = None
+    """RNG of the rows without a generator of their own (the engine's, so sampling never
+    draws from, or disturbs, torch's global RNG); ``None``: torch's default generator."""
 
 
 @dataclass(slots=True)
@@ -76,7 +80,7 @@ class SamplerOutput:
     """``[B]`` int64: the sampled token of each row."""
     logprobs: torch.Tensor | None
     """``[B, 1 + max_num_logprobs]`` float32: the sampled token's logprob, then the top-N
-    logprobs in descending order. ``None`` when ``max_num_logprobs == 0``."""
+    logprobs in descending order. ``None`` when ``max_num_logprobs is None``."""
     logprob_token_ids: torch.Tensor | None
     """``[B, 1 + max_num_logprobs]`` int64: the sampled token id, then the top-N ids."""
     sampled_ranks: torch.Tensor | None

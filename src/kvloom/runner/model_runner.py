@@ -60,6 +60,9 @@ class ModelRunner:
         )
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
         self.sampler = Sampler()
+        # Unseeded sampling draws from the engine's own RNG, never torch's global one.
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(config.seed)
         self.states: dict[str, RequestState] = {}
         logger.info("kvloom: %d KV blocks of %d tokens on %s", self.num_blocks, self.block_size, self.device)
 
@@ -105,7 +108,7 @@ class ModelRunner:
         """Sample one token per sampling row and append it to the runner's own state."""
         if not step.states:
             return SampledTokens([], [])
-        meta = build_sampling_metadata(step.states, self.eos_token_ids, self.device)
+        meta = build_sampling_metadata(step.states, self.eos_token_ids, self.device, self.generator)
         out = self.sampler(step.logits, meta)
         token_ids: list[int] = out.token_ids.tolist()
         for s, tok in zip(step.states, token_ids, strict=True):

@@ -10,7 +10,8 @@ from kvloom.runner.state import RequestState
 
 
 def build_sampling_metadata(
-    states: list[RequestState], eos_token_ids: frozenset[int], device: torch.device
+    states: list[RequestState], eos_token_ids: frozenset[int], device: torch.device,
+    default_generator: torch.Generator | None,
 ) -> SamplingMetadata:
     """One row per sampling request, in batch order. Optional tensors are None when no row uses them."""
     params = [s.params for s in states]
@@ -48,7 +49,8 @@ def build_sampling_metadata(
         output_token_ids=[s.output_token_ids for s in states],
         generators=[s.generator if s.params.temperature >= GREEDY_TEMPERATURE else None for s in states],
         banned_token_ids=banned if any(banned) else None,
-        max_num_logprobs=max((p.logprobs or 0) for p in params) if any(p.logprobs is not None for p in params) else 0,
+        max_num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=None),
+        default_generator=default_generator,
     )
 
 
