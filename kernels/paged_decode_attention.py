@@ -59,7 +59,7 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     assert out.shape == q.shape, f"out {tuple(out.shape)} != q {tuple(q.shape)}"
     if num_seqs == 0:
         return out
-    num_blocks = -(-max_seq_len // block_size)
+    num_blocks = min(-(-max_seq_len // block_size), block_tables.shape[1])
     padded_len = num_blocks * block_size
     block_ids = block_tables[:, :num_blocks].reshape(-1).long()
     positions = torch.arange(padded_len, device=q.device)
@@ -90,7 +90,8 @@ def _build_kernel(interpret_env: str) -> Any:
         stride_qb, stride_qh, stride_qd, stride_ob, stride_oh, stride_od,
         stride_cb, stride_co, stride_ch, stride_cd, stride_bt,
         qk_scale, block_size, head_dim, group,
-        BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+        BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+        PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     ):
         # Program (seq, kv_head) computes the `group` q heads that share this kv head, so each
         # K/V row is loaded once. Keys come in tiles of BLOCK_N positions; each position finds its

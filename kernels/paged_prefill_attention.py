@@ -56,7 +56,7 @@ def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
         query_len = end - start
         num_blocks = -(-seq_len // block_size)
         block_ids = block_tables[b, :num_blocks].long()
-        # [nb, bs, Hkv, D] -> [Hkv, L, D]; SDPA copies non-contiguous K/V anyway.
+        # [nb, bs, Hkv, D] -> [Hkv, L, D]: strided views of one gathered copy, which SDPA reads as is.
         k = k_cache.index_select(0, block_ids).view(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
         v = v_cache.index_select(0, block_ids).view(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
         query = q[start:end].transpose(0, 1)
@@ -85,7 +85,8 @@ def _build_kernel(interpret_env: str) -> Any:
         stride_qt, stride_qh, stride_qd, stride_ot, stride_oh, stride_od,
         stride_cb, stride_co, stride_ch, stride_cd, stride_bt,
         qk_scale, block_size, head_dim, group, block_q,
-        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+        PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     ):
         # Program (seq, q tile, kv_head) owns `block_q` query tokens times the `group` q heads of
         # one kv head: row r is token r // group, head r % group. Folding the group into the rows
@@ -152,13 +153,15 @@ def _build_kernel(interpret_env: str) -> Any:
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
-                            scale: float, max_query_len: int, max_seq_len: int, *,
-                            out: torch.Tensor | None = None) -> torch.Tensor:
+                            scale: float, max_query_len: int, max_seq_len: int,
+                            query_start_loc_cpu: list[int] | None = None, seq_lens_cpu: list[int] | None = None,
+                            *, out: torch.Tensor | None = None) -> torch.Tensor:
     """Triton flash-attention over the paged cache; same contract as :func:`paged_prefill_attention_ref`.
 
     Grid ``(B, ceil(max_query_len / block_q), Hkv)``; tiles past a sequence's query length exit at
     once. Online softmax with fp32 accumulation; fp32/fp16/bf16 inputs (fp32 dots in IEEE
-    precision). ``max_query_len`` (host int ``>=`` every ``q_b``) sizes the grid without a sync.
+    precision). ``max_query_len`` (host int ``>=`` every ``q_b``) sizes the grid without a sync; the
+    host lists are accepted (and unused) so both implementations share one signature.
     Returns ``[T, Hq, D]`` in ``q``'s dtype, written into ``out`` (any strides) when given.
     """
     _check(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens)

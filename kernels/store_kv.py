@@ -37,7 +37,7 @@ def store_kv_ref(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, 
     _check(key, value, k_cache, v_cache, slot_mapping)
     slots = slot_mapping.long()
     # Padding is rare: test for it once instead of always paying for a boolean-mask gather.
-    if False:
+    if bool((slots < 0).any()):
         valid = slots >= 0
         slots, key, value = slots[valid], key[valid], value[valid]
     block_size = k_cache.shape[1]

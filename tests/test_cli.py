@@ -102,3 +102,21 @@ def test_bench_throughput_tiny(
     assert peers["static8"]["matches_kvloom"] == 4  # float32 greedy: exactly transformers' tokens
     summary = result["summary"]
     assert summary["best_peer"] in peers and summary["ratio_to_best_peer"] > 0
+
+
+def test_bench_reports_a_failing_peer_instead_of_crashing(
+    tmp_path: Path, checkpoint_factory: Callable[..., Path], monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise TypeError("generate_batch() got an unexpected keyword argument 'x'")
+
+    monkeypatch.setattr("kvloom.bench.throughput.run_peer", broken)
+    out_json = tmp_path / "bench.json"
+    argv = ["bench", "throughput", "--model", str(checkpoint_factory(arch="llama", with_tokenizer=False)),
+            "--num-requests", "2", "--output-len", "2", "--peers", "cb64", "--json", str(out_json), "--quick"]
+    assert main(argv) == 0
+    assert "unexpected keyword argument" in capsys.readouterr().out
+    result = json.loads(out_json.read_text())
+    assert result["peers"][0]["error"].startswith("TypeError") and result["peers"][0]["tokens_per_s"] is None
+    assert result["summary"]["best_peer"] is None and result["kvloom"]["tokens_per_s"] > 0

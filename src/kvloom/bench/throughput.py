@@ -118,17 +118,54 @@ class _KvloomSystem:
         return PeerRun(wall, [list(c.token_ids) for c in completions], known if len(known) == len(ttft) else None)
 
 
-def _timed(fn: Callable[[], PeerRun], label: str) -> PeerRun:
-    print(f"  running {label} ...", file=sys.stderr, flush=True)
-    return fn()
+def _measure(
+    kv: _KvloomSystem, specs: list[PeerSpec], model_dir: Path, prompts: list[list[int]], output_len: int, repeats: int
+) -> tuple[list[PeerRun], dict[str, list[PeerRun]], dict[str, str | None]]:
+    """Warm every system up, then run them interleaved ``repeats`` times: kvloom's runs, each
+    peer's runs, and each peer's error (None when it ran; a failed peer is skipped afterwards)."""
+    hf_model: Any = None
+    load_error: str | None = None
+    if specs:
+        try:
+            hf_model = load_hf_model(model_dir)
+        except Exception as exc:  # a peer failing to load is a result, not a crash
+            load_error = f"{type(exc).__name__}: {exc}"
+    peer_runs: dict[str, list[PeerRun]] = {s.name: [] for s in specs}
+    peer_errors: dict[str, str | None] = {s.name: load_error for s in specs}
+    for spec in specs:
+        if peer_errors[spec.name] is None:
+            peer_errors[spec.name] = _try(partial(warm_up, spec, hf_model, prompts))
+
+    kv_runs: list[PeerRun] = []
+    for rep in range(1, repeats + 1):
+        print(f"  pass {rep}: kvloom ...", file=sys.stderr, flush=True)
+        kv_runs.append(kv.run(prompts))
+        for spec in specs:
+            if peer_errors[spec.name] is not None:
+                continue
+            print(f"  pass {rep}: {spec.name} ...", file=sys.stderr, flush=True)
+            try:
+                peer_runs[spec.name].append(run_peer(spec, hf_model, prompts, output_len))
+            except Exception as exc:  # transformers' APIs move; report, don't crash the whole bench
+                peer_errors[spec.name] = f"{type(exc).__name__}: {exc}"
+    return kv_runs, peer_runs, peer_errors
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    """Run the benchmark; exit status 1 when kvloom itself fails, 0 otherwise (peer failures are reported)."""
+    """Run the benchmark: 0 when it ran (peer failures are reported in the results), 2 on bad arguments.
+
+    kvloom failing raises: the benchmark has nothing to measure without it.
+    """
     command = "python -m kvloom " + shlex.join(argv)
-    workload = Workload(args.num_requests, args.min_prompt_len, args.max_prompt_len, args.output_len, args.seed)
-    specs = parse_peers(args.peers)
-    user_config = parse_config(args.kvloom_config)
+    try:
+        workload = Workload(args.num_requests, args.min_prompt_len, args.max_prompt_len, args.output_len, args.seed)
+        specs = parse_peers(args.peers)
+        user_config = parse_config(args.kvloom_config)
+        if args.repeats < 1:
+            raise ValueError("--repeats must be >= 1")
+    except ValueError as exc:
+        print(f"bench throughput: {exc}", file=sys.stderr)
+        return 2
     print(f"command: {command}")
     info = machine.describe()
     ceilings = machine.measure_ceilings(quick=args.quick)
@@ -145,31 +182,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     config = kvloom_config(user_config, prompts, workload.output_len)
     kv = _KvloomSystem(model_dir, config, workload.output_len)
     kv.warm_up(prompts)
-    hf_model: Any = None
-    load_error: str | None = None
-    if specs:
-        try:
-            hf_model = load_hf_model(model_dir)
-        except Exception as exc:  # a peer failing to load is a result, not a crash
-            load_error = f"{type(exc).__name__}: {exc}"
-    peer_runs: dict[str, list[PeerRun]] = {s.name: [] for s in specs}
-    peer_errors: dict[str, str | None] = {s.name: load_error for s in specs}
-    for spec in specs:
-        if peer_errors[spec.name] is None:
-            peer_errors[spec.name] = _try(partial(warm_up, spec, hf_model, prompts))
-
-    kv_runs: list[PeerRun] = []
-    for rep in range(1, args.repeats + 1):
-        print(f"  pass {rep}: kvloom ...", file=sys.stderr, flush=True)
-        kv_runs.append(kv.run(prompts))
-        for spec in specs:
-            if peer_errors[spec.name] is not None:
-                continue
-            print(f"  pass {rep}: {spec.name} ...", file=sys.stderr, flush=True)
-            try:
-                peer_runs[spec.name].append(run_peer(spec, hf_model, prompts, workload.output_len))
-            except Exception as exc:  # transformers' APIs move; report, don't crash the whole bench
-                peer_errors[spec.name] = f"{type(exc).__name__}: {exc}"
+    kv_runs, peer_runs, peer_errors = _measure(kv, specs, model_dir, prompts, workload.output_len, args.repeats)
 
     stats = kv.llm.kv_cache_stats()
     reference = kv_runs[0].token_ids

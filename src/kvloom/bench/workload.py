@@ -79,6 +79,7 @@ def cached_checkpoint(spec: ModelSpec, *, log: bool = True) -> tuple[Path, bool]
     if log:
         print(f"building checkpoint {spec.name} ({spec.version}) into {final} (once) ...", file=sys.stderr)
     tmp = Path(tempfile.mkdtemp(prefix=f".{spec.cache_key}.", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0o700 would otherwise stick to the final directory
     try:
         build_checkpoint(tmp, **spec.build_kwargs)
         (tmp / "kvloom_spec.json").write_text(json.dumps(asdict(spec), indent=2, sort_keys=True) + "\n")

@@ -19,14 +19,15 @@ from kvloom.layers.attention_metadata import AttentionMetadata
 
 
 class AttentionBackend(ABC):
-    """Paged attention over a flattened batch: decodes first, then prefills (see AttentionMetadata).
+    """Paged attention over one step's flattened batch (decodes first, then prefills).
 
-    Subclasses supply three ops with the contracts of ``kvloom.kernels``: ``_store_kv``,
-    ``_decode`` (one query per sequence) and ``_prefill`` (causal, chunk-aware).
+    The caller owns the caches and the metadata; a backend keeps no per-step state, so one
+    instance serves every layer.
     """
 
     name: ClassVar[str]
 
+    @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """Store ``k``/``v`` at ``meta.slot_mapping``, then attend every query row over the cache.
@@ -40,12 +41,31 @@ class AttentionBackend(ABC):
         Returns:
             ``[T, Hq, D]`` in ``q``'s dtype. Rows past ``query_start_loc[-1]`` (padding) are unspecified.
         """
+
+
+class PagedAttentionBackend(AttentionBackend):
+    """Runs three ``kvloom.kernels`` ops: ``store_kv``, then ``decode`` on the decode rows (one
+    batched call) and ``prefill`` on the rest, both writing into one preallocated output.
+
+    ``prefill`` takes ``(..., query_start_loc_cpu, seq_lens_cpu, out=)``; the host lists are what
+    keep the torch path free of device syncs.
+    """
+
+    def __init__(self, store_kv: Callable[..., None], decode: Callable[..., torch.Tensor],
+                 prefill: Callable[..., torch.Tensor]) -> None:
+        self._store_kv = store_kv
+        self._decode = decode
+        self._prefill = prefill
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         self._store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         num_decodes = meta.num_decodes
         out = torch.empty_like(q)
         if num_decodes > 0:
             self._decode(q[:num_decodes], k_cache, v_cache, meta.block_tables[:num_decodes],
-                         meta.seq_lens[:num_decodes], scale, max(meta.seq_lens_cpu[:num_decodes]), out[:num_decodes])
+                         meta.seq_lens[:num_decodes], scale, max(meta.seq_lens_cpu[:num_decodes]),
+                         out=out[:num_decodes])
         if num_decodes < meta.num_seqs:
             # Prefill sequences own rows [qsl[num_decodes], T): rebase their query_start_loc to 0.
             base = meta.query_start_loc_cpu[num_decodes]
@@ -55,32 +75,13 @@ class AttentionBackend(ABC):
                 query_start_loc - base if base else query_start_loc, meta.seq_lens[num_decodes:], scale,
                 meta.max_query_len, meta.max_seq_len,
                 [loc - base for loc in meta.query_start_loc_cpu[num_decodes:]], meta.seq_lens_cpu[num_decodes:],
-                out[base:],
+                out=out[base:],
             )
         return out
 
-    @abstractmethod
-    def _store_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  slot_mapping: torch.Tensor) -> None:
-        """Write ``key``/``value`` ``[T, Hkv, D]`` into the caches at ``slot_mapping`` (-1 skips)."""
 
-    @abstractmethod
-    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                max_seq_len: int, out: torch.Tensor) -> None:
-        """``q``: ``[B, Hq, D]``, one query per sequence at position ``seq_lens[b] - 1``; writes ``out``."""
-
-    @abstractmethod
-    def _prefill(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 block_tables: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
-                 scale: float, max_query_len: int, max_seq_len: int, query_start_loc_cpu: list[int],
-                 seq_lens_cpu: list[int], out: torch.Tensor) -> None:
-        """``q``: ``[T, Hq, D]``; offset-causal attention per sequence (``query_start_loc[0] == 0``),
-        written into ``out`` ``[T, Hq, D]``."""
-
-
-class TorchAttentionBackend(AttentionBackend):
-    """Pure-torch backend: the CPU production path (and a fallback anywhere).
+class TorchAttentionBackend(PagedAttentionBackend):
+    """Pure-torch references: the CPU production path (and a fallback anywhere).
 
     Decodes run as one batched SDPA call over block tables gathered into a padded K/V; prefills
     run one SDPA call per sequence. Lengths come from the metadata's host lists: no device syncs.
@@ -93,30 +94,12 @@ class TorchAttentionBackend(AttentionBackend):
         from kvloom.kernels.paged_prefill_attention import paged_prefill_attention_ref
         from kvloom.kernels.store_kv import store_kv_ref
 
-        self._store_kv_op: Callable[..., None] = store_kv_ref
-        self._decode_op: Callable[..., torch.Tensor] = paged_decode_attention_ref
-        self._prefill_op: Callable[..., torch.Tensor] = paged_prefill_attention_ref
-
-    def _store_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  slot_mapping: torch.Tensor) -> None:
-        self._store_kv_op(key, value, k_cache, v_cache, slot_mapping)
-
-    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                max_seq_len: int, out: torch.Tensor) -> None:
-        self._decode_op(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len, out=out)
-
-    def _prefill(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 block_tables: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
-                 scale: float, max_query_len: int, max_seq_len: int, query_start_loc_cpu: list[int],
-                 seq_lens_cpu: list[int], out: torch.Tensor) -> None:
-        self._prefill_op(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
-                         max_query_len, max_seq_len, query_start_loc_cpu, seq_lens_cpu, out=out)
+        super().__init__(store_kv_ref, paged_decode_attention_ref, paged_prefill_attention_ref)
 
 
-class TritonAttentionBackend(AttentionBackend):
-    """Triton kernels (``kvloom.kernels``): the GPU path. Tensors must live on a Triton device
-    (or on CPU under ``TRITON_INTERPRET=1``, which is how the tests run it)."""
+class TritonAttentionBackend(PagedAttentionBackend):
+    """Triton kernels: the GPU path. Tensors must live on a Triton device (or on CPU under
+    ``TRITON_INTERPRET=1``, which is how the tests run it)."""
 
     name: ClassVar[str] = "triton"
 
@@ -127,25 +110,7 @@ class TritonAttentionBackend(AttentionBackend):
         from kvloom.kernels.paged_prefill_attention import paged_prefill_attention
         from kvloom.kernels.store_kv import store_kv
 
-        self._store_kv_op: Callable[..., None] = store_kv
-        self._decode_op: Callable[..., torch.Tensor] = paged_decode_attention
-        self._prefill_op: Callable[..., torch.Tensor] = paged_prefill_attention
-
-    def _store_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  slot_mapping: torch.Tensor) -> None:
-        self._store_kv_op(key, value, k_cache, v_cache, slot_mapping)
-
-    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                max_seq_len: int, out: torch.Tensor) -> None:
-        self._decode_op(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len, out=out)
-
-    def _prefill(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 block_tables: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
-                 scale: float, max_query_len: int, max_seq_len: int, query_start_loc_cpu: list[int],
-                 seq_lens_cpu: list[int], out: torch.Tensor) -> None:
-        self._prefill_op(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
-                         max_query_len, max_seq_len, out=out)
+        super().__init__(store_kv, paged_decode_attention, paged_prefill_attention)
 
 
 _BACKENDS: dict[str, Callable[[], AttentionBackend]] = {

@@ -186,7 +186,8 @@ def build_checkpoint(
     N(0, 0.1). Sub-layer outputs are O(1), attention is far from uniform, logits have std ~2,
     so top-1/top-2 gaps are typically ~0.1-1 while activations stay O(1). Random norm weights
     and biases also catch weight-mapping mistakes that ones/zeros would hide. With
-    ``init_std`` set: every matrix ~ N(0, init_std), norms ones, biases zeros.
+    ``init_std`` set: every matrix ~ N(0, init_std), norms ones, biases zeros. The caller's
+    global RNG state is left untouched.
     """
     import transformers
 
@@ -198,8 +199,8 @@ def build_checkpoint(
     tokenizer = train_tokenizer(vocab_size) if with_tokenizer else None
     bos_id, eos_id, pad_id = 0, 1, 2
     eos_ids = [eos_id, 4]  # <|eos|>, <|im_end|>: ids are fixed by SPECIAL_TOKENS' order
-    if tokenizer is not None:
-        assert tokenizer.convert_tokens_to_ids([BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, IM_END]) == [0, 1, 2, 4]
+    if tokenizer is not None and tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS)) != [0, 1, 2, 3, 4]:
+        raise AssertionError("special tokens must hold ids 0..4 (the config's bos/eos/pad ids assume it)")
     common: dict[str, Any] = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -220,8 +221,9 @@ def build_checkpoint(
     )
     config = _hf_config(arch, common)
     config.architectures = [type(config).__name__.replace("Config", "ForCausalLM")]
-    torch.manual_seed(seed)
-    model = auto_model.from_config(config).float()
+    with torch.random.fork_rng(devices=[]):  # seed HF's own init without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = auto_model.from_config(config).float()
     _reinit(model, seed=seed, hidden_size=hidden_size, tied=tie_word_embeddings, init_std=init_std)
     model = model.to(dtype)
     save_kwargs: dict[str, Any] = {}

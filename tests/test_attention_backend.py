@@ -1,0 +1,170 @@
+"""Attention backends over a mixed batch: decodes, fresh prompts and chunks continuing a cached prefix.
+
+The torch backend (the CPU production path) must equal dense float64 causal attention computed from
+contiguous K/V; the triton backend (run on CPU through Triton's interpreter) must equal the torch one.
+"""
+
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+# triton's jit'd library is interpreted only if this is set before triton is imported (see
+# tests/kernels/conftest.py); kvloom itself never imports triton at import time.
+if "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from kvloom.kernels.store_kv import store_kv_ref
+
+from kvloom.layers.attention import (
+    AttentionBackend,
+    TorchAttentionBackend,
+    TritonAttentionBackend,
+    get_attention_backend,
+)
+from kvloom.layers.attention_metadata import AttentionMetadata
+
+NUM_KV_HEADS, GROUP, HEAD_DIM = 2, 4, 32
+SCALE = HEAD_DIM**-0.5
+# (query_len, seq_len) per sequence; decodes (query_len 1) first, as the runner orders them.
+DECODES = [(1, 1), (1, 16), (1, 17), (1, 40)]
+PREFILLS = [(5, 5), (16, 16), (33, 33), (7, 23), (20, 50), (16, 64)]  # last three continue a cached prefix
+
+
+@dataclass
+class Batch:
+    q: torch.Tensor  # [T, Hq, D]
+    k: torch.Tensor  # [T, Hkv, D]: the new tokens' keys, not yet in the cache
+    v: torch.Tensor
+    k_cache: torch.Tensor  # [num_blocks, block_size, Hkv, D]: cached prefixes written, the rest NaN
+    v_cache: torch.Tensor
+    meta: AttentionMetadata
+    keys: list[torch.Tensor]  # per sequence, [seq_len, Hkv, D]: every key, prefix and new
+    values: list[torch.Tensor]
+
+
+def _make_batch(specs: list[tuple[int, int]], num_decodes: int, block_size: int, num_pad_tokens: int = 0) -> Batch:
+    """Random K/V per sequence; cached prefixes are written, the new tokens are returned in ``k``/``v``.
+    ``num_pad_tokens`` extra rows (slot -1) trail the batch, as a padded (CUDA-graph) batch would."""
+    gen = torch.Generator().manual_seed(block_size)
+    blocks_per_seq = [-(-seq_len // block_size) for _, seq_len in specs]
+    num_blocks = sum(blocks_per_seq) + 2
+    shape = (num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM)
+    k_cache, v_cache = torch.full(shape, float("nan")), torch.full(shape, float("nan"))
+    block_tables = torch.zeros(len(specs), max(blocks_per_seq), dtype=torch.int32)
+    free = torch.randperm(num_blocks, generator=gen).tolist()  # shuffled, non-contiguous blocks
+    keys, values, queries, new_slots = [], [], [], []
+    for b, (query_len, seq_len) in enumerate(specs):
+        table = [free.pop() for _ in range(blocks_per_seq[b])]
+        block_tables[b, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        slots = torch.tensor([table[p // block_size] * block_size + p % block_size for p in range(seq_len)])
+        key = torch.randn(seq_len, NUM_KV_HEADS, HEAD_DIM, generator=gen)
+        value = torch.randn(seq_len, NUM_KV_HEADS, HEAD_DIM, generator=gen)
+        context_len = seq_len - query_len
+        store_kv_ref(key[:context_len], value[:context_len], k_cache, v_cache, slots[:context_len])
+        keys.append(key)
+        values.append(value)
+        queries.append(torch.randn(query_len, NUM_KV_HEADS * GROUP, HEAD_DIM, generator=gen))
+        new_slots.append(slots[context_len:])
+    starts = [0]
+    for query_len, _ in specs:
+        starts.append(starts[-1] + query_len)
+    seq_lens = [seq_len for _, seq_len in specs]
+    pad = num_pad_tokens
+    meta = AttentionMetadata(
+        num_decodes=num_decodes,
+        slot_mapping=torch.cat([*new_slots, torch.full((pad,), -1)]),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        block_tables=block_tables,
+        max_query_len=max(query_len for query_len, _ in specs),
+        max_seq_len=max(seq_lens),
+        query_start_loc_cpu=starts,
+        seq_lens_cpu=seq_lens,
+    )
+    new_k = torch.cat([key[seq_len - query_len:] for key, (query_len, seq_len) in zip(keys, specs, strict=True)])
+    new_v = torch.cat([val[seq_len - query_len:] for val, (query_len, seq_len) in zip(values, specs, strict=True)])
+    return Batch(
+        q=torch.cat([*queries, torch.randn(pad, NUM_KV_HEADS * GROUP, HEAD_DIM, generator=gen)]),
+        k=torch.cat([new_k, torch.randn(pad, NUM_KV_HEADS, HEAD_DIM, generator=gen)]),
+        v=torch.cat([new_v, torch.randn(pad, NUM_KV_HEADS, HEAD_DIM, generator=gen)]),
+        k_cache=k_cache, v_cache=v_cache, meta=meta, keys=keys, values=values,
+    )
+
+
+def _dense_attention(batch: Batch) -> torch.Tensor:
+    """float64 causal attention per sequence from contiguous K/V: ``[num_query_tokens, Hq, D]``."""
+    outputs = []
+    for b, (key, value) in enumerate(zip(batch.keys, batch.values, strict=True)):
+        start, end = batch.meta.query_start_loc_cpu[b], batch.meta.query_start_loc_cpu[b + 1]
+        q = batch.q[start:end].double()
+        query_len, seq_len = end - start, key.shape[0]
+        k = key.double().repeat_interleave(GROUP, dim=1)
+        v = value.double().repeat_interleave(GROUP, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q, k) * SCALE
+        hidden = torch.arange(seq_len)[None, :] > torch.arange(seq_len - query_len, seq_len)[:, None]
+        outputs.append(torch.einsum("hqk,khd->qhd", scores.masked_fill(hidden, float("-inf")).softmax(-1), v))
+    return torch.cat(outputs)
+
+
+def _forward(backend: AttentionBackend, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    k_cache, v_cache = batch.k_cache.clone(), batch.v_cache.clone()
+    out = backend.forward(batch.q, batch.k, batch.v, k_cache, v_cache, batch.meta, SCALE)
+    return out, k_cache, v_cache
+
+
+BATCHES = {  # name: (specs, num_decodes)
+    "mixed": (DECODES + PREFILLS, len(DECODES)),
+    "decodes_only": (DECODES, len(DECODES)),
+    "prefills_only": (PREFILLS, 0),
+}
+
+
+@pytest.mark.parametrize("block_size", [1, 16])
+@pytest.mark.parametrize("kind", list(BATCHES))
+def test_torch_backend_matches_dense_attention(kind: str, block_size: int) -> None:
+    batch = _make_batch(*BATCHES[kind], block_size)
+    out, k_cache, v_cache = _forward(TorchAttentionBackend(), batch)
+    num_tokens = batch.meta.query_start_loc_cpu[-1]
+    torch.testing.assert_close(out.double(), _dense_attention(batch), atol=1e-5, rtol=1e-5)
+    # The new tokens' K/V are in the cache at their slots.
+    slots = batch.meta.slot_mapping[:num_tokens]
+    assert torch.equal(k_cache.view(-1, NUM_KV_HEADS, HEAD_DIM)[slots], batch.k[:num_tokens])
+    assert torch.equal(v_cache.view(-1, NUM_KV_HEADS, HEAD_DIM)[slots], batch.v[:num_tokens])
+
+
+def test_torch_backend_ignores_padding_tokens() -> None:
+    batch = _make_batch(DECODES + PREFILLS, len(DECODES), 16, num_pad_tokens=3)
+    untouched = batch.k_cache.isnan()
+    out, k_cache, _ = _forward(TorchAttentionBackend(), batch)
+    num_tokens = batch.meta.query_start_loc_cpu[-1]
+    torch.testing.assert_close(out[:num_tokens].double(), _dense_attention(batch), atol=1e-5, rtol=1e-5)
+    written = torch.zeros_like(untouched)
+    written.view(-1, NUM_KV_HEADS, HEAD_DIM)[batch.meta.slot_mapping[:num_tokens]] = True
+    assert k_cache[untouched & ~written].isnan().all()  # padding wrote nothing
+
+
+@pytest.mark.parametrize("kind", list(BATCHES))
+def test_triton_backend_matches_torch_backend(kind: str) -> None:
+    triton = pytest.importorskip("triton", reason="triton is not installed: the triton backend is not tested")
+    if isinstance(triton.language.zeros, triton.JITFunction):
+        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set: its library is not interpreted")
+    batch = _make_batch(*BATCHES[kind], 16)
+    expected, expected_k, expected_v = _forward(TorchAttentionBackend(), batch)
+    out, k_cache, v_cache = _forward(get_attention_backend("triton", torch.device("cpu")), batch)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(k_cache, expected_k, equal_nan=True, atol=0, rtol=0)
+    torch.testing.assert_close(v_cache, expected_v, equal_nan=True, atol=0, rtol=0)
+
+
+def test_registry_picks_and_rejects_backends() -> None:
+    assert isinstance(get_attention_backend("auto", torch.device("cpu")), TorchAttentionBackend)
+    assert isinstance(get_attention_backend("torch", "cpu"), TorchAttentionBackend)
+    if importlib.util.find_spec("triton") is not None:
+        assert isinstance(get_attention_backend("triton", "cpu"), TritonAttentionBackend)
+        assert isinstance(get_attention_backend("auto", torch.device("cuda")), TritonAttentionBackend)
+    with pytest.raises(ValueError, match=r"unknown attention backend 'flash'.*auto, torch, triton"):
+        get_attention_backend("flash", "cpu")
