@@ -56,10 +56,12 @@ def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
         query_len = end - start
         num_blocks = -(-seq_len // block_size)
         block_ids = block_tables[b, :num_blocks].long()
-        # [nb, bs, Hkv, D] -> [Hkv, L, D]: strided views of one gathered copy, which SDPA reads as is.
-        k = k_cache.index_select(0, block_ids).view(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
-        v = v_cache.index_select(0, block_ids).view(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
-        query = q[start:end].transpose(0, 1)
+        # [nb, bs, Hkv, D] -> [1, Hkv, L, D]: strided views of one gathered copy. SDPA needs 4-D
+        # inputs for its fused CPU kernel: 3-D ones fall back to the math path (~2-5x slower, and it
+        # materializes the [Hq, q_len, L] scores).
+        k = k_cache.index_select(0, block_ids).view(-1, num_kv_heads, head_dim)[None, :seq_len].transpose(1, 2)
+        v = v_cache.index_select(0, block_ids).view(-1, num_kv_heads, head_dim)[None, :seq_len].transpose(1, 2)
+        query = q[None, start:end].transpose(1, 2)
         if query_len == seq_len:
             o = F.scaled_dot_product_attention(query, k.to(q.dtype), v.to(q.dtype), is_causal=True,
                                                scale=scale, enable_gqa=True)
@@ -69,7 +71,7 @@ def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
             mask = key_pos[None, :] <= query_pos[:, None]
             o = F.scaled_dot_product_attention(query, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
                                                scale=scale, enable_gqa=True)
-        out[start:end] = o.transpose(0, 1)
+        out[start:end] = o[0].transpose(0, 1)
     return out
 
 
