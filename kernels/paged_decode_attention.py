@@ -39,9 +39,29 @@ def _zero_padding(x: torch.Tensor, is_padding: torch.Tensor) -> None:
         x.masked_fill_(is_padding[:, :, None, None], 0)  # no host sync
 
 
+class GatherWorkspace:
+    """Reusable scratch for the reference's padded K/V gather.
+
+    Each decode step gathers ``2 * B * Lpad * Hkv * D`` elements (tens of MB for a 64-sequence batch);
+    freshly allocated, those pages are faulted in and zeroed by the OS on every call, which doubled
+    the median step time on CPU. One workspace per backend (used by one thread at a time) keeps them.
+    """
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None
+
+    def get(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A 1-D ``[numel]`` view of the buffer, grown (with 25% headroom) when too small."""
+        buffer = self._buffer
+        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype or buffer.device != device:
+            buffer = self._buffer = torch.empty(numel + numel // 4, dtype=dtype, device=device)
+        return buffer[:numel]
+
+
 def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                               max_seq_len: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
+                               max_seq_len: int, *, out: torch.Tensor | None = None,
+                               workspace: GatherWorkspace | None = None) -> torch.Tensor:
     """Pure-torch decode attention, batched over sequences; the CPU production path.
 
     Gathers every sequence's first ``ceil(max_seq_len / block_size)`` blocks into a padded
@@ -50,7 +70,8 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     so K/V are never expanded to ``Hq`` heads (measured on CPU: as fast as ``enable_gqa``, ~10x
     faster than expanding). ``max_seq_len`` is a host int ``>= max(seq_lens)``: no device sync.
 
-    Returns ``[B, Hq, D]`` in ``q``'s dtype, written into ``out`` when given.
+    Returns ``[B, Hq, D]`` in ``q``'s dtype, written into ``out`` when given. ``workspace`` holds
+    the gathered K/V between calls (see :class:`GatherWorkspace`).
     """
     _check(q, k_cache, v_cache, block_tables, seq_lens)
     num_seqs, num_q_heads, head_dim = q.shape
@@ -65,15 +86,23 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     positions = torch.arange(padded_len, device=q.device)
     is_padding = positions[None, :] >= seq_lens[:, None]
 
-    def gather(cache: torch.Tensor) -> torch.Tensor:
+    gathered_numel = block_ids.numel() * block_size * num_kv_heads * head_dim
+    scratch = None if workspace is None else workspace.get(2 * gathered_numel, k_cache.dtype, k_cache.device)
+
+    def gather(cache: torch.Tensor, index: int) -> torch.Tensor:
         # [B * nb, bs, Hkv, D] -> [B, Hkv, Lpad, D] (a strided view that SDPA reads as is).
-        padded = cache.index_select(0, block_ids).view(num_seqs, padded_len, num_kv_heads, head_dim)
+        if scratch is None:
+            blocks = cache.index_select(0, block_ids)
+        else:
+            blocks = scratch[index * gathered_numel: (index + 1) * gathered_numel].view(-1, *cache.shape[1:])
+            torch.index_select(cache, 0, block_ids, out=blocks)
+        padded = blocks.view(num_seqs, padded_len, num_kv_heads, head_dim)
         _zero_padding(padded, is_padding)
         return padded.transpose(1, 2).to(q.dtype)
 
     query = q.reshape(num_seqs, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
     mask = ~is_padding.view(num_seqs, 1, 1, padded_len)
-    attn = F.scaled_dot_product_attention(query, gather(k_cache), gather(v_cache), attn_mask=mask, scale=scale)
+    attn = F.scaled_dot_product_attention(query, gather(k_cache, 0), gather(v_cache, 1), attn_mask=mask, scale=scale)
     out.copy_(attn.view(num_seqs, num_q_heads, head_dim))
     return out
 

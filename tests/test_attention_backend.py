@@ -18,7 +18,6 @@ if "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kvloom.kernels.store_kv import store_kv_ref
-
 from kvloom.layers.attention import (
     AttentionBackend,
     TorchAttentionBackend,

@@ -6,7 +6,12 @@ from typing import Any
 
 import pytest
 import torch
-from kvloom.kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_ref
+
+from kvloom.kernels.paged_decode_attention import (
+    GatherWorkspace,
+    paged_decode_attention,
+    paged_decode_attention_ref,
+)
 
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
@@ -34,6 +39,17 @@ def test_ref_matches_dense(make_paged_kv: Callable[..., Any], dense_causal_atten
     for b in range(len(lens)):
         expected = dense_causal_attention(q[b: b + 1], kv.keys[b], kv.values[b], 32**-0.5)[0]
         torch.testing.assert_close(out[b].double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_ref_with_reused_workspace_matches_ref_without(make_paged_kv: Callable[..., Any]) -> None:
+    workspace = GatherWorkspace()
+    workspace.get(20_000, torch.float32, torch.device("cpu")).fill_(float("nan"))  # stale scratch
+    for lens in ([3, 40, 17], [70, 1, 33, 16, 5], [2]):  # the buffer grows, then is reused smaller
+        kv = make_paged_kv(lens, 16, 2, 32, seed=len(lens))
+        q = _strided_queries(len(lens), 4, 32, torch.float32)
+        args = (q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, 32**-0.5, max(lens))
+        torch.testing.assert_close(paged_decode_attention_ref(*args, workspace=workspace),
+                                   paged_decode_attention_ref(*args), atol=0, rtol=0)
 
 
 @pytest.mark.usefixtures("triton_interpret")

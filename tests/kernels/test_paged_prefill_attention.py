@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from kvloom.kernels.paged_prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
 
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}

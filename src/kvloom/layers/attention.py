@@ -8,6 +8,7 @@ when it is built, so importing this module never imports triton.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -90,11 +91,13 @@ class TorchAttentionBackend(PagedAttentionBackend):
     name: ClassVar[str] = "torch"
 
     def __init__(self) -> None:
-        from kvloom.kernels.paged_decode_attention import paged_decode_attention_ref
+        from kvloom.kernels.paged_decode_attention import GatherWorkspace, paged_decode_attention_ref
         from kvloom.kernels.paged_prefill_attention import paged_prefill_attention_ref
         from kvloom.kernels.store_kv import store_kv_ref
 
-        super().__init__(store_kv_ref, paged_decode_attention_ref, paged_prefill_attention_ref)
+        # One scratch buffer shared by all layers: the engine thread runs them one after another.
+        decode = functools.partial(paged_decode_attention_ref, workspace=GatherWorkspace())
+        super().__init__(store_kv_ref, decode, paged_prefill_attention_ref)
 
 
 class TritonAttentionBackend(PagedAttentionBackend):
