@@ -75,16 +75,6 @@ def _conversations(num_prompts: int) -> list[list[dict[str, Any]]]:
     return [[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}] for i in range(num_prompts)]
 
 
-def _chat(llm: Any, conversations: list[list[dict[str, Any]]], params: Any) -> list[Any]:
-    """``llm.chat`` when the engine has it; else the tokenizer's chat template, then ``generate``."""
-    chat = getattr(llm, "chat", None)
-    if callable(chat):
-        return list(chat(conversations, params))
-    tok = llm.tokenizer
-    ids = [list(tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True)) for c in conversations]
-    return list(llm.generate(ids, params))
-
-
 def _one_line(text: str, limit: int = 160) -> str:
     """One terminal-safe line: whitespace runs become a space, control characters a U+FFFD."""
     flat = "".join(ch if ch.isprintable() else "\ufffd" for ch in " ".join(text.split()))
@@ -122,7 +112,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     conversations = _conversations(args.num_prompts)
     params = kvloom.SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
     gen_start = time.perf_counter()
-    completions = _chat(llm, conversations, params)
+    completions = llm.chat(conversations, params)
     elapsed = time.perf_counter() - gen_start
 
     for i, (conv, completion) in enumerate(zip(conversations, completions, strict=True)):
