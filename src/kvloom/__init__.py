@@ -1,6 +1,6 @@
 """kvloom: serve LLMs inside your Python application.
 
-Public API: ``LLM`` (synchronous facade), ``SamplingParams``, ``Completion`` and friends.
+Public API: ``AsyncEngine`` (streams in your event loop), ``LLM`` (synchronous facade), ``SamplingParams``, ``Completion`` and friends.
 Heavy modules (torch, transformers) load on first use, not at ``import kvloom``.
 """
 
@@ -11,27 +11,38 @@ from typing import TYPE_CHECKING, Any
 from kvloom.errors import (
     CheckpointError,
     ConfigError,
+    EngineClosedError,
+    EngineDeadError,
+    EngineError,
+    EngineOverloadedError,
     InvalidRequestError,
     KvloomError,
     UnsupportedModelError,
 )
-from kvloom.outputs import Choice, Completion, TokenLogprob, Usage
+from kvloom.outputs import Choice, Completion, StreamChunk, TokenLogprob, Usage
 from kvloom.params import SamplingParams
 
 if TYPE_CHECKING:
     from kvloom.config import EngineConfig
+    from kvloom.engine.async_engine import AsyncEngine
     from kvloom.engine.llm import LLM
 
 __all__ = [
     "LLM",
+    "AsyncEngine",
     "CheckpointError",
     "Choice",
     "Completion",
     "ConfigError",
+    "EngineClosedError",
     "EngineConfig",
+    "EngineDeadError",
+    "EngineError",
+    "EngineOverloadedError",
     "InvalidRequestError",
     "KvloomError",
     "SamplingParams",
+    "StreamChunk",
     "TokenLogprob",
     "UnsupportedModelError",
     "Usage",
@@ -43,6 +54,10 @@ def __getattr__(name: str) -> Any:
         from kvloom.engine.llm import LLM
 
         return LLM
+    if name == "AsyncEngine":
+        from kvloom.engine.async_engine import AsyncEngine
+
+        return AsyncEngine
     if name == "EngineConfig":
         from kvloom.config import EngineConfig
 

@@ -25,3 +25,22 @@ class InvalidRequestError(KvloomError, ValueError):
 
 class OutOfBlocksError(KvloomError, RuntimeError):
     """The KV cache pool cannot hold a request even when it runs alone."""
+
+
+class EngineError(KvloomError, RuntimeError):
+    """A step failed inside the engine; ``__cause__`` holds the original exception.
+
+    The requests in flight at that moment fail with it, and the engine marks itself unhealthy.
+    """
+
+
+class EngineDeadError(EngineError):
+    """The engine failed earlier (see ``engine.stats().error``) and accepts no more requests."""
+
+
+class EngineClosedError(KvloomError, RuntimeError):
+    """The engine was closed (or never started) while the request was in flight."""
+
+
+class EngineOverloadedError(KvloomError, RuntimeError):
+    """Too many requests are waiting (``max_waiting``): try again later."""

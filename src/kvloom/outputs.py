@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -26,6 +26,10 @@ class Usage:
     completion_tokens: int
     cached_tokens: int = 0
     """Prompt tokens whose KV came from the cache instead of being computed."""
+    time_to_first_token: float | None = None
+    """Seconds from arrival to the first token."""
+    total_time: float | None = None
+    """Seconds from arrival to the end."""
 
 
 @dataclass(slots=True)
@@ -45,7 +49,6 @@ class Completion:
     prompt_token_ids: list[int]
     choices: list[Choice]
     usage: Usage
-    metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def text(self) -> str:
@@ -62,3 +65,20 @@ class Completion:
     @property
     def logprobs(self) -> list[TokenLogprob] | None:
         return self.choices[0].logprobs
+
+
+@dataclass(slots=True)
+class StreamChunk:
+    """One piece of a streamed request: what choice ``index`` produced since the last chunk.
+
+    Consecutive deltas that a slow consumer had not yet taken are merged into one chunk.
+    ``usage`` is set on the request's last chunk only.
+    """
+
+    request_id: str
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None

@@ -11,6 +11,9 @@ Two families, named on the command line:
   (its CPU default takes 60% of host RAM) and ``eos_token_id=-1``. Not run under
   ``torch.inference_mode()``: its background thread fails there.
 
+``serve_cb`` drives a ``cb`` peer online for ``bench serve``: its ``ContinuousBatchingManager``
+directly, requests added at their arrival times, per-token timestamps recorded.
+
 Every peer returns the generated token ids per request, so the benchmark can check that
 greedy kvloom produces the same tokens (in float32 every transformers variant agrees).
 """
@@ -19,8 +22,9 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -37,6 +41,21 @@ class PeerRun:
     """Generated tokens per request, in prompt order (prompt excluded)."""
     ttft_s: list[float] | None
     """Seconds from the start of the pass to each request's first token, when known."""
+
+
+@dataclass(slots=True)
+class RequestTrace:
+    """One request's timeline in one served pass (``time.perf_counter`` seconds; ``bench serve``)."""
+
+    arrival: float
+    """Scheduled arrival (the pass's clock start + the request's offset)."""
+    submitted: float
+    """When the system was actually handed the request."""
+    first_token: float
+    end: float
+    token_ids: list[int] = field(default_factory=list)
+    num_chunks: int = 0
+    """Stream chunks carrying tokens (kvloom) or per-token timestamps (transformers)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +169,9 @@ def cb_num_blocks(prompts: list[list[int]], output_len: int, page_size: int = PA
     return sum(math.ceil((len(p) + output_len) / page_size) + 1 for p in prompts)
 
 
-def _run_cb(model: Any, prompts: list[list[int]], output_len: int, spec: PeerSpec) -> PeerRun:
+def cb_configs(spec: PeerSpec, model: Any, prompts: list[list[int]], output_len: int) -> tuple[Any, Any]:
+    """``(GenerationConfig, ContinuousBatchingConfig)`` of a ``cb`` peer: greedy, EOS off, exactly
+    ``output_len`` new tokens, ``num_blocks`` sized by ``cb_num_blocks`` and the spec's batch limits."""
     import transformers
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
@@ -163,6 +184,11 @@ def _run_cb(model: Any, prompts: list[list[int]], output_len: int, spec: PeerSpe
         max_batch_tokens=spec.max_batch_tokens,
         max_requests_per_batch=spec.max_requests_per_batch,
     )
+    return gen_config, cb_config
+
+
+def _run_cb(model: Any, prompts: list[list[int]], output_len: int, spec: PeerSpec) -> PeerRun:
+    gen_config, cb_config = cb_configs(spec, model, prompts, output_len)
     start = time.perf_counter()
     results = model.generate_batch(
         inputs=prompts, generation_config=gen_config, continuous_batching_config=cb_config,
@@ -181,3 +207,73 @@ def _run_cb(model: Any, prompts: list[list[int]], output_len: int, spec: PeerSpe
             raise RuntimeError("generate_batch results are not in prompt order")
     ttft = [o.timestamps[0] - start for o in outputs if o.timestamps]
     return PeerRun(wall, [list(o.generated_tokens) for o in outputs], ttft if len(ttft) == len(outputs) else None)
+
+
+def serve_cb(spec: PeerSpec, model: Any, prompts: list[list[int]], offsets: list[float], output_len: int,
+             lead_s: float) -> list[RequestTrace]:
+    """Serve ``prompts`` through a ``cb`` peer's ``ContinuousBatchingManager``, request ``i`` handed
+    to ``add_request`` ``lead_s + offsets[i]`` seconds after the clock starts (from a driver thread),
+    after one untimed warm-up request. First-token and end times are transformers' own per-token
+    timestamps (``record_timestamps=True``, taken in its generation thread) and finish time."""
+    from transformers.generation.continuous_batching.utils import WorkloadHints
+
+    gen_config, cb_config = cb_configs(spec, model, prompts, output_len)
+    # The hints generate_batch would pass, so the config resolves as in ``bench throughput``.
+    hints = WorkloadHints(max(map(len, prompts)), output_len, len(prompts))
+    manager = model.init_continuous_batching(generation_config=gen_config, continuous_batching_config=cb_config,
+                                             workload_hints=hints)
+    driver_error: list[BaseException] = []
+    submitted = [math.nan] * len(prompts)
+    start = math.nan
+
+    def submit(request_id: str, prompt: list[int], max_new_tokens: int) -> None:
+        if manager.add_request(prompt, request_id=request_id, max_new_tokens=max_new_tokens,
+                               record_timestamps=True, eos_token_id=-1) is None:
+            raise RuntimeError(f"add_request refused {request_id}")
+
+    def drive() -> None:
+        try:
+            for i, prompt in enumerate(prompts):
+                time.sleep(max(0.0, start + offsets[i] - time.perf_counter()))
+                submitted[i] = time.perf_counter()
+                submit(f"serve-{i}", prompt, output_len)
+        except BaseException as exc:  # surfaced by wait_all, in the caller's thread
+            driver_error.append(exc)
+
+    def wait_all(expected: set[str]) -> dict[str, Any]:
+        done: dict[str, Any] = {}
+        while len(done) < len(expected):
+            if driver_error:
+                raise driver_error[0]
+            out = manager.get_result(timeout=0.2)
+            if out is None:
+                if not manager.is_running():
+                    raise RuntimeError("the continuous batching thread stopped before every request finished")
+            elif out.is_finished() and out.request_id in expected:
+                if out.error:
+                    raise RuntimeError(f"request {out.request_id} failed: {out.error}")
+                done[out.request_id] = out
+        return done
+
+    manager.warmup()
+    manager.start()
+    try:
+        submit("warmup", prompts[0][:8], 2)
+        wait_all({"warmup"})
+        start = time.perf_counter() + lead_s
+        driver = threading.Thread(target=drive, name=f"bench-serve-{spec.name}", daemon=True)
+        driver.start()
+        outputs = wait_all({f"serve-{i}" for i in range(len(prompts))})
+        driver.join()
+    finally:
+        manager.stop(block=True, timeout=5)
+        manager.destroy()
+    traces = []
+    for i, prompt in enumerate(prompts):
+        out = outputs[f"serve-{i}"]
+        if list(out.prompt_ids) != prompt or not out.timestamps:
+            raise RuntimeError(f"serve-{i}: wrong prompt or no token timestamps in the result")
+        end = out.lifespan[1] if out.lifespan[1] > 0 else out.timestamps[-1]
+        traces.append(RequestTrace(start + offsets[i], submitted[i], out.timestamps[0], end,
+                                   list(out.generated_tokens), len(out.timestamps)))
+    return traces

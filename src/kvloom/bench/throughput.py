@@ -113,7 +113,7 @@ class _KvloomSystem:
         start = time.perf_counter()
         completions = self.llm.generate(prompts, self.params)
         wall = time.perf_counter() - start
-        ttft = [c.metrics.get("time_to_first_token") for c in completions]
+        ttft = [c.usage.time_to_first_token for c in completions]
         known = [t for t in ttft if t is not None]
         return PeerRun(wall, [list(c.token_ids) for c in completions], known if len(known) == len(ttft) else None)
 

@@ -10,13 +10,12 @@ from typing import Any, cast
 
 from kvloom.config import EngineConfig
 from kvloom.engine.core import EngineCore
-from kvloom.engine.output_processor import OutputProcessor
+from kvloom.engine.driver import EngineDriver, NewRequest
 from kvloom.engine.processor import InputProcessor, Message, Prompt
 from kvloom.engine.tokenizer import load_tokenizer
 from kvloom.kv_cache.manager import KVCacheStats
 from kvloom.outputs import Completion
 from kvloom.params import SamplingParams
-from kvloom.scheduler.request import Request
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
@@ -42,6 +41,7 @@ class LLM:
         self.inputs = InputProcessor(
             self.tokenizer, self.core.model_config.vocab_size, self.core.max_model_len, self.core.max_tokens_in_pool
         )
+        self.driver = EngineDriver(self.core, self.tokenizer)
         self._ids = itertools.count()
 
     def generate(
@@ -76,22 +76,14 @@ class LLM:
         for ids, p in zip(token_lists, per_prompt, strict=True):
             self.inputs.validate(ids, p)
 
-        outputs = OutputProcessor(self.tokenizer)
         order: list[str] = []
-        eos = frozenset(self.core.model_config.eos_token_ids)
+        now = time.monotonic()
         for ids, p in zip(token_lists, per_prompt, strict=True):
-            parent = f"llm-{next(self._ids)}"
-            order.append(parent)
-            now = time.monotonic()
-            for i, sid in enumerate(outputs.add_request(parent, ids, p, now)):
-                self.core.add_request(Request(sid, list(ids), p.for_choice(i) if p.n > 1 else p, eos, arrival_time=now))
-
+            order.append(f"llm-{next(self._ids)}")
+            self.driver.add(NewRequest(order[-1], ids, p, 0, now))
         done: dict[str, Completion] = {}
         while self.core.has_unfinished():
-            processed = outputs.process(self.core.step())
-            if processed.stop_string_hits:
-                self.core.finish_requests(processed.stop_string_hits, "stop")
-            for completion in processed.finished:
+            for completion in self.driver.run([], []).finished:
                 done[completion.request_id] = completion
         return [done[rid] for rid in order]
 

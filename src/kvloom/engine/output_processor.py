@@ -56,17 +56,17 @@ class ParentState:
                    finish_reason=s.finish_reason, logprobs=s.logprobs)
             for s in self.seqs
         ]
-        usage = Usage(
+        return Completion(self.request_id, list(self.prompt_token_ids), choices, self.usage())
+
+    def usage(self) -> Usage:
+        first = [s.first_token_time for s in self.seqs if s.first_token_time is not None]
+        return Usage(
             prompt_tokens=len(self.prompt_token_ids),
             completion_tokens=sum(len(s.token_ids) for s in self.seqs),
             cached_tokens=self.seqs[0].num_cached_tokens,
+            time_to_first_token=min(first) - self.arrival_time if first else None,
+            total_time=time.monotonic() - self.arrival_time,
         )
-        now = time.monotonic()
-        first = [s.first_token_time for s in self.seqs if s.first_token_time is not None]
-        metrics = {"total_time": now - self.arrival_time}
-        if first:
-            metrics["time_to_first_token"] = min(first) - self.arrival_time
-        return Completion(self.request_id, list(self.prompt_token_ids), choices, usage, metrics)
 
 
 @dataclass(slots=True)
@@ -110,15 +110,18 @@ class OutputProcessor:
         self.parents[parent_id] = ParentState(parent_id, list(prompt_token_ids), seqs, arrival)
         return seq_ids
 
-    def abort(self, parent_id: str) -> list[str]:
-        """Forget a request; returns its unfinished sequence ids for the core to finish."""
+    def abort(self, parent_id: str) -> tuple[list[str], Completion | None]:
+        """Forget a request: its sequence ids (for the core to finish) and what it had produced,
+        with ``finish_reason="abort"`` on every unfinished choice."""
         parent = self.parents.pop(parent_id, None)
         if parent is None:
-            return []
+            return [], None
         ids = child_request_ids(parent_id, len(parent.seqs))
         for sid in ids:
-            self.seqs.pop(sid, None)
-        return ids
+            seq = self.seqs.pop(sid, None)
+            if seq is not None and seq.finish_reason is None:
+                seq.finish_reason = "abort"
+        return ids, parent.completion()
 
     def process(self, outputs: list[EngineCoreOutput]) -> ProcessedOutputs:
         deltas: list[SequenceDelta] = []

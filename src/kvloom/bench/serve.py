@@ -1,0 +1,283 @@
+"""``python -m kvloom bench serve``: online serving latency, kvloom vs transformers, same arrivals.
+
+Requests arrive as a Poisson process (``--rate`` requests/s, exponential gaps drawn once from
+``--seed``; ``--rate inf`` submits them all at once). The same prompts (``workload.Workload``)
+and the same arrival schedule are replayed against each system after an untimed warm-up:
+
+- kvloom: one ``AsyncEngine``, one task per request that sleeps until its arrival time, then
+  iterates ``engine.stream(...)``, stamping each chunk as it is received.
+- transformers ``cb<T>[r<R>]`` peers: one ``ContinuousBatchingManager``; a driver thread calls
+  ``add_request`` at each arrival time; per-token timestamps (``record_timestamps=True``, taken
+  in its generation thread as each token is appended) give the first-token and end times.
+
+All times are ``time.perf_counter`` and measured from the *scheduled* arrival, so a late submit
+counts against the system. Per system: TTFT (mean, p50, p99), TPOT = (end - first token) /
+(output tokens - 1), E2E, output tokens/s over (last end - first arrival), and how many requests
+got exactly kvloom's greedy tokens. kvloom stamps tokens where the caller receives them, the peer
+where they are produced, so the comparison is, if anything, tilted towards the peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import math
+import random
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from kvloom.bench import machine
+from kvloom.bench.peers import PeerSpec, RequestTrace, load_hf_model, parse_peers, serve_cb
+from kvloom.bench.throughput import kvloom_config, parse_config
+from kvloom.bench.workload import STANDARD_MODEL, Workload, cached_checkpoint, read_vocab_size
+
+SCHEMA_VERSION = 1
+DEFAULT_PEERS = "cb512,cb2048"
+LEAD_S = 0.05
+"""The first arrival is this long after the clock starts, so the submitters are all in place."""
+TTFT_MEASURED = {
+    "kvloom": "first AsyncEngine.stream chunk carrying tokens, as received by the request's task, minus its scheduled arrival",
+    "cb": "transformers' timestamp of the first generated token (add_request(record_timestamps=True), taken in its "
+          "generation thread), minus the scheduled arrival; end = the request's finish time (GenerationOutput.lifespan)",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``kvloom bench serve``."""
+    w = Workload()
+    parser.add_argument("--model", type=Path, help="HF checkpoint dir (default: the standard ~155M random checkpoint)")
+    parser.add_argument("--rate", type=float, required=True, help="Poisson arrivals, requests/s; 'inf' submits all at once")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--num-requests", type=int, default=w.num_requests)
+    parser.add_argument("--min-prompt-len", type=int, default=w.min_prompt_len)
+    parser.add_argument("--max-prompt-len", type=int, default=w.max_prompt_len)
+    parser.add_argument("--output-len", type=int, default=w.output_len, help="tokens generated per request (EOS ignored)")
+    parser.add_argument("--seed", type=int, default=w.seed, help="seed of the prompts and of the arrival gaps")
+    parser.add_argument("--peers", default=DEFAULT_PEERS, help=f"cb<T>[r<R>], comma separated; '' for none (default {DEFAULT_PEERS})")
+    parser.add_argument("--kvloom-config", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="AsyncEngine settings, e.g. max_num_batched_tokens=1024 block_size=16")
+    parser.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # tests: rougher ceilings
+
+
+def poisson_arrivals(num_requests: int, rate: float, seed: int) -> list[float]:
+    """Arrival offsets in seconds, non-decreasing: the first at 0, then exponential gaps of mean
+    ``1 / rate``; all 0 when ``rate`` is infinite. Same ``seed``, same schedule, on any platform
+    (``random.Random`` with a string seed, independent of the prompts' stream)."""
+    if not rate > 0:
+        raise ValueError(f"--rate must be > 0 (or inf), got {rate}")
+    if math.isinf(rate):
+        return [0.0] * num_requests
+    rng = random.Random(f"kvloom-serve-arrivals-{seed}")
+    offsets = [0.0]
+    for _ in range(num_requests - 1):
+        offsets.append(offsets[-1] + rng.expovariate(rate))
+    return offsets[:num_requests]
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0-100), linear between closest ranks (numpy's default)."""
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def _dist(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"mean": None, "p50": None, "p99": None}
+    return {"mean": round(statistics.fmean(values), 4), "p50": round(percentile(values, 50), 4),
+            "p99": round(percentile(values, 99), 4)}
+
+
+def summarize(traces: list[RequestTrace]) -> dict[str, Any]:
+    """Latency distributions, output tokens/s over (last end - first arrival), per-request records."""
+    ttft = [t.first_token - t.arrival for t in traces]
+    tpot = [(t.end - t.first_token) / (len(t.token_ids) - 1) for t in traces if len(t.token_ids) > 1]
+    e2e = [t.end - t.arrival for t in traces]
+    span = max(t.end for t in traces) - min(t.arrival for t in traces)
+    num_tokens = sum(len(t.token_ids) for t in traces)
+    return {
+        "output_tokens_per_s": round(num_tokens / span, 2), "duration_s": round(span, 3), "output_tokens": num_tokens,
+        "ttft_s": _dist(ttft), "tpot_s": _dist(tpot), "e2e_s": _dist(e2e),
+        "max_submit_lag_s": round(max(t.submitted - t.arrival for t in traces), 4),
+        "requests": [{"ttft_s": round(a, 4), "e2e_s": round(b, 4), "output_tokens": len(t.token_ids),
+                      "chunks": t.num_chunks} for a, b, t in zip(ttft, e2e, traces, strict=True)],
+    }
+
+
+async def _serve_kvloom(model_dir: Path, config: dict[str, Any], prompts: list[list[int]], offsets: list[float],
+                        output_len: int) -> tuple[list[RequestTrace], dict[str, Any]]:
+    """kvloom's timed pass (after a warm-up request) and its engine stats afterwards."""
+    import kvloom
+
+    params = kvloom.SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    engine = kvloom.AsyncEngine.from_pretrained(model_dir, **config)
+    async with engine:
+        warm = kvloom.SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+        await engine.generate(prompts[0][:8], warm)
+        start = time.perf_counter() + LEAD_S
+
+        async def one(i: int) -> RequestTrace:
+            arrival = start + offsets[i]
+            await asyncio.sleep(max(0.0, arrival - time.perf_counter()))
+            trace = RequestTrace(arrival, time.perf_counter(), math.nan, math.nan)
+            async for chunk in engine.stream(prompts[i], params, request_id=f"serve-{i}"):
+                now = time.perf_counter()
+                if chunk.token_ids:
+                    if not trace.token_ids:
+                        trace.first_token = now
+                    trace.token_ids.extend(chunk.token_ids)
+                    trace.num_chunks += 1
+            trace.end = time.perf_counter()
+            return trace
+
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(one(i)) for i in range(len(prompts))]
+        return [t.result() for t in tasks], _jsonable(engine.stats())
+
+
+def _jsonable(value: Any) -> Any:
+    """Stats as plain JSON: mappings and dataclasses become dicts, other objects their ``str``."""
+    if hasattr(value, "__dataclass_fields__") and not isinstance(value, type):
+        value = asdict(value)
+    if isinstance(value, dict) or hasattr(value, "items"):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value if value is None or isinstance(value, bool | int | float | str) else str(value)
+
+
+def _peer_entry(spec: PeerSpec, traces: list[RequestTrace] | None, error: str | None, reference: list[list[int]]) -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": spec.name, "description": spec.describe(), "error": error,
+                             "ttft_measured": TTFT_MEASURED["cb"]}
+    if traces is None:
+        return entry | {"output_tokens_per_s": None, "matches_kvloom": None, "mismatched_requests": []}
+    mismatched = [i for i, (t, ref) in enumerate(zip(traces, reference, strict=True)) if t.token_ids != ref]
+    return entry | summarize(traces) | {"matches_kvloom": len(traces) - len(mismatched),
+                                        "mismatched_requests": mismatched[:20]}
+
+
+def _run_peers(specs: list[PeerSpec], model_dir: Path, prompts: list[list[int]], offsets: list[float],
+               output_len: int, reference: list[list[int]]) -> list[dict[str, Any]]:
+    """Each peer's entry; a peer that fails to load or run is an entry with ``error`` set."""
+    model: Any = None
+    load_error: str | None = None
+    if specs:
+        try:
+            model = load_hf_model(model_dir)
+        except Exception as exc:  # a peer failing is a result, not a crash
+            load_error = f"{type(exc).__name__}: {exc}"
+    entries = []
+    for spec in specs:
+        traces, error = None, load_error
+        if error is None:
+            print(f"  {spec.name} ...", file=sys.stderr, flush=True)
+            try:
+                traces = serve_cb(spec, model, prompts, offsets, output_len, LEAD_S)
+            except Exception as exc:  # transformers' APIs move; report, don't crash the whole bench
+                error = f"{type(exc).__name__}: {exc}"
+        entries.append(_peer_entry(spec, traces, error, reference))
+    return entries
+
+
+def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Run the benchmark: 0 when it ran (peer failures are reported in the results), 2 on bad arguments."""
+    command = "python -m kvloom " + shlex.join(argv)
+    try:
+        workload = Workload(args.num_requests, args.min_prompt_len, args.max_prompt_len, args.output_len, args.seed)
+        offsets = poisson_arrivals(workload.num_requests, args.rate, workload.seed)
+        specs = parse_peers(args.peers)
+        if static := [s.name for s in specs if s.kind != "cb"]:
+            raise ValueError(f"--peers {','.join(static)}: only cb<T>[r<R>] peers can serve requests as they arrive")
+        user_config = parse_config(args.kvloom_config)
+    except ValueError as exc:
+        print(f"bench serve: {exc}", file=sys.stderr)
+        return 2
+    print(f"command: {command}")
+    info = machine.describe()
+    ceilings = machine.measure_ceilings(quick=args.quick)
+    print(machine.format_machine(info, ceilings))
+
+    model_dir = args.model or cached_checkpoint(STANDARD_MODEL)[0]
+    prompts = workload.prompts(read_vocab_size(model_dir))
+    prompt_tokens = sum(len(p) for p in prompts)
+    print(f"model: {model_dir}\nworkload: {workload.num_requests} requests, prompts {workload.min_prompt_len}-"
+          f"{workload.max_prompt_len} tokens ({prompt_tokens} in all), {workload.output_len} output tokens each, "
+          f"greedy, EOS ignored; Poisson arrivals at {args.rate:g} req/s over {offsets[-1]:.2f} s")
+
+    config = kvloom_config(user_config, prompts, workload.output_len)
+    if "max_waiting" not in user_config:  # --rate inf queues every request at once: none may be refused
+        config["max_waiting"] = workload.num_requests
+    print("  kvloom ...", file=sys.stderr, flush=True)
+    kv_traces, stats = asyncio.run(_serve_kvloom(model_dir, config, prompts, offsets, workload.output_len))
+    reference = [t.token_ids for t in kv_traces]
+    kv = {"config": _jsonable(config), "ttft_measured": TTFT_MEASURED["kvloom"], **summarize(kv_traces),
+          "output_lens_ok": all(len(t) == workload.output_len for t in reference), "engine_stats": stats}
+    peers = _run_peers(specs, model_dir, prompts, offsets, workload.output_len, reference)
+
+    ok = [p for p in peers if p["error"] is None]
+    fastest = min(ok, key=lambda p: p["ttft_s"]["p50"], default=None)
+    busiest = max(ok, key=lambda p: p["output_tokens_per_s"], default=None)
+    summary = {  # ttft_p50_ratio > 1: kvloom answers sooner; throughput_ratio > 1: kvloom is faster
+        "best_ttft_peer": fastest["name"] if fastest else None,
+        "ttft_p50_ratio": round(fastest["ttft_s"]["p50"] / kv["ttft_s"]["p50"], 3) if fastest else None,
+        "best_throughput_peer": busiest["name"] if busiest else None,
+        "throughput_ratio": round(kv["output_tokens_per_s"] / busiest["output_tokens_per_s"], 3) if busiest else None,
+        "all_tokens_match": all(p["matches_kvloom"] == workload.num_requests for p in ok),
+    }
+    result = {
+        "benchmark": "serve", "schema_version": SCHEMA_VERSION, "command": command, "argv": list(argv),
+        "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": {**info, "ceilings": ceilings},
+        "model": {"path": str(model_dir), "spec": None if args.model else STANDARD_MODEL.cache_key},
+        "workload": {**asdict(workload), "rate": None if math.isinf(args.rate) else args.rate,
+                     "prompt_tokens": prompt_tokens, "arrival_offsets_s": [round(o, 4) for o in offsets]},
+        "kvloom": kv, "peers": peers, "summary": summary,
+    }
+    print(format_report(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """The human-readable table of a result dict (the JSON ``run`` writes)."""
+    n = result["workload"]["num_requests"]
+    head = (f"{'system':<8} {'tok/s':>7} | {'TTFT s: mean':>12} {'p50':>7} {'p99':>7} | {'TPOT ms: p50':>12} "
+            f"{'p99':>7} | {'E2E s: p50':>10} {'p99':>7} | same tokens as kvloom")
+    lines = [head]
+
+    def row(name: str, r: dict[str, Any], same: str) -> str:
+        ms = {k: v * 1000 if v is not None else math.nan for k, v in r["tpot_s"].items()}
+        return (f"{name:<8} {r['output_tokens_per_s']:>7.1f} | {r['ttft_s']['mean']:>12.3f} {r['ttft_s']['p50']:>7.3f} "
+                f"{r['ttft_s']['p99']:>7.3f} | {ms['p50']:>12.1f} {ms['p99']:>7.1f} | {r['e2e_s']['p50']:>10.3f} "
+                f"{r['e2e_s']['p99']:>7.3f} | {same}")
+
+    lines.append(row("kvloom", result["kvloom"], "-"))
+    for p in result["peers"]:
+        if p["error"]:
+            lines.append(f"{p['name']:<8} {'error':>7} | {p['error'][:200]}")
+        else:
+            lines.append(row(p["name"], p, f"{p['matches_kvloom']}/{n}  ({p['description']})"))
+    lines.append("TTFT, kvloom: " + TTFT_MEASURED["kvloom"])
+    lines.append("TTFT, peers: " + TTFT_MEASURED["cb"])
+    s = result["summary"]
+    if s["best_ttft_peer"]:
+        lines.append(f"best-peer p50 TTFT / kvloom p50 TTFT ({s['best_ttft_peer']}): {s['ttft_p50_ratio']:.2f}x")
+        lines.append(f"kvloom tok/s / best-peer tok/s ({s['best_throughput_peer']}): {s['throughput_ratio']:.2f}x")
+    if not result["kvloom"]["output_lens_ok"]:
+        lines.append("WARNING: some kvloom requests did not generate exactly --output-len tokens")
+    if not s["all_tokens_match"]:
+        lines.append("WARNING: kvloom's greedy tokens differ from a peer's (see mismatched_requests)")
+    return "\n".join(lines)

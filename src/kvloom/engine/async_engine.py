@@ -1,0 +1,287 @@
+"""``AsyncEngine``: continuous batching in a background task, token streams for the app.
+
+The event loop side validates and tokenizes requests, keeps one buffer per request and hands
+new and aborted requests to the engine thread at step boundaries. The engine thread (one
+at a time, through ``anyio.to_thread``) alone touches the core. The loop never blocks on
+the model: loading and every step run off it. Works under asyncio (uvloop too) and trio.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import sniffio
+
+from kvloom.config import EngineConfig
+from kvloom.engine.driver import EngineDriver, NewRequest, StepResult
+from kvloom.engine.processor import InputProcessor, Message, Prompt
+from kvloom.engine.request_stream import RequestState
+from kvloom.engine.stats import EngineStats, StatsCollector, percentile
+from kvloom.errors import (
+    EngineClosedError,
+    EngineDeadError,
+    EngineError,
+    EngineOverloadedError,
+    InvalidRequestError,
+)
+from kvloom.outputs import Completion, StreamChunk
+from kvloom.params import SamplingParams
+
+
+def _spawn_background(fn: Callable[[], Awaitable[None]]) -> object:
+    """Start ``fn`` detached from the caller's task, so ``start`` and ``aclose`` may run in
+    different tasks (Jupyter cells, framework lifespans). Returns a handle to keep alive."""
+    if sniffio.current_async_library() == "trio":
+        import trio
+
+        trio.lowlevel.spawn_system_task(fn)
+        return None
+    import asyncio
+
+    return asyncio.get_running_loop().create_task(fn())  # type: ignore[arg-type]
+
+
+class AsyncEngine:
+    """An in-process engine for asyncio or trio applications.
+
+    ``AsyncEngine.from_pretrained(model_dir, **config)`` takes every ``EngineConfig`` field
+    (cache and scheduler fields at top level) plus ``max_waiting``, the most requests that
+    may wait for a slot before ``EngineOverloadedError``.
+    """
+
+    def __init__(self, config: EngineConfig, *, max_waiting: int = 1024) -> None:
+        if max_waiting < 1:
+            raise InvalidRequestError("max_waiting: must be >= 1")
+        self.config = config
+        self.max_waiting = max_waiting
+        self._driver: EngineDriver | None = None
+        self._inputs: InputProcessor | None = None
+        self._states: dict[str, RequestState] = {}
+        self._adds: list[NewRequest] = []
+        self._aborts: deque[str] = deque()  # appended from any thread (stream finalizers)
+        self._wake = anyio.Event()
+        self._done: anyio.Event | None = None
+        self._task: object = None
+        self._closing = False
+        self._error: BaseException | None = None
+        self._last: StepResult | None = None
+        self._stats = StatsCollector()
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_pretrained(cls, model: str | Path, *, max_waiting: int = 1024, **config: Any) -> AsyncEngine:
+        """Configure an engine; weights load in ``start()`` (off the event loop)."""
+        return cls(EngineConfig.from_kwargs(model, **config), max_waiting=max_waiting)
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._done is not None:
+            return
+        self._done = anyio.Event()
+        try:
+            self._driver, self._inputs = await anyio.to_thread.run_sync(self._load)
+        except BaseException:
+            self._done.set()
+            raise
+        self._task = _spawn_background(self._run)
+
+    def _load(self) -> tuple[EngineDriver, InputProcessor]:
+        from kvloom.engine.core import EngineCore
+        from kvloom.engine.tokenizer import load_tokenizer
+
+        core = EngineCore(self.config)
+        tokenizer = load_tokenizer(self.config.model)
+        inputs = InputProcessor(tokenizer, core.model_config.vocab_size, core.max_model_len, core.max_tokens_in_pool)
+        return EngineDriver(core, tokenizer), inputs
+
+    async def aclose(self) -> None:
+        """Stop after the current step; streams still open end with ``EngineClosedError``."""
+        if self._done is None or self._closing:
+            if self._done is not None:
+                await self._done.wait()
+            return
+        self._closing = True
+        self._wake.set()
+        await self._done.wait()
+        for state in self._states.values():
+            state.fail(EngineClosedError("the engine was closed while this request was in flight"))
+        self._states.clear()
+        self._driver = None
+
+    async def __aenter__(self) -> AsyncEngine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    @property
+    def tokenizer(self) -> Any | None:
+        return self._driver.outputs.tokenizer if self._driver is not None else None
+
+    # ---- requests ------------------------------------------------------------------------
+    def stream(
+        self,
+        prompt: Prompt | None = None,
+        params: SamplingParams | None = None,
+        *,
+        messages: Sequence[Message] | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+    ) -> AsyncIterator[StreamChunk]:
+        """Submit a request and stream its chunks. Bad input raises here, before queueing.
+
+        Leaving the ``async for`` early, cancelling the consuming task, or dropping the
+        iterator aborts the request and frees its KV blocks within one step.
+        """
+        request_id = self._submit(prompt, params, messages, request_id, priority)
+        iterator = self._iterate(self._states[request_id])
+        weakref.finalize(iterator, self._abandon, request_id)
+        return iterator
+
+    async def generate(
+        self,
+        prompt: Prompt | None = None,
+        params: SamplingParams | None = None,
+        *,
+        messages: Sequence[Message] | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+    ) -> Completion:
+        """Run a request to the end; ``n > 1`` gives ``n`` choices."""
+        request_id = self._submit(prompt, params, messages, request_id, priority)
+        state = self._states[request_id]
+        async for _ in self._iterate(state):
+            pass
+        assert state.completion is not None
+        return state.completion
+
+    def abort(self, request_id: str) -> None:
+        """End a request; its stream finishes with ``finish_reason="abort"``."""
+        state = self._states.get(request_id)
+        if state is None or state.finished:
+            return
+        self._aborts.append(request_id)
+        self._wake.set()
+
+    def _abandon(self, request_id: str) -> None:
+        """The stream was dropped unfinished (may run on any thread: only a deque append)."""
+        if request_id in self._states:
+            self._aborts.append(request_id)
+
+    def _submit(
+        self, prompt: Prompt | None, params: SamplingParams | None, messages: Sequence[Message] | None,
+        request_id: str | None, priority: int,
+    ) -> str:
+        if self._error is not None:
+            raise EngineDeadError(f"the engine failed earlier: {self._error!r}") from self._error
+        if self._inputs is None or self._closing:
+            raise EngineClosedError("the engine is not running: use `async with engine:` or `await engine.start()`")
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"params: expected SamplingParams, got {type(params).__name__}")
+        token_ids = self._inputs.to_token_ids(prompt, messages)
+        self._inputs.validate(token_ids, params)
+        if request_id is None:
+            request_id = f"req-{next(self._ids)}"
+        elif request_id in self._states:
+            raise InvalidRequestError(f"request_id: {request_id!r} is already in flight")
+        waiting = len(self._adds) + (self._last.num_waiting if self._last is not None else 0)
+        if waiting >= self.max_waiting:
+            raise EngineOverloadedError(f"{waiting} requests are waiting (max_waiting={self.max_waiting})")
+        self._states[request_id] = RequestState(request_id)
+        self._adds.append(NewRequest(request_id, token_ids, params, priority, time.monotonic()))
+        self._wake.set()
+        return request_id
+
+    async def _iterate(self, state: RequestState) -> AsyncIterator[StreamChunk]:
+        try:
+            while True:
+                await state.wait()
+                for chunk in state.take():
+                    yield chunk
+                if state.finished and not state.pending:
+                    if state.error is not None:
+                        raise state.error
+                    return
+        finally:
+            if not state.finished:
+                self.abort(state.request_id)
+
+    # ---- the background loop -------------------------------------------------------------
+    async def _run(self) -> None:
+        assert self._done is not None and self._driver is not None
+        driver = self._driver
+        try:
+            while not self._closing:
+                if not self._adds and not self._aborts and (self._last is None or not self._last.has_unfinished):
+                    self._wake = anyio.Event()
+                    await self._wake.wait()
+                    continue
+                adds, self._adds = self._adds, []
+                aborts = [self._aborts.popleft() for _ in range(len(self._aborts))]
+                try:
+                    result = await anyio.to_thread.run_sync(driver.run, adds, aborts)
+                except Exception as exc:  # a failed step fails its requests, never hangs them
+                    self._fail_all(exc)
+                    return
+                self._last = result
+                self._dispatch(result)
+        finally:
+            self._done.set()
+
+    def _dispatch(self, result: StepResult) -> None:
+        for partial in result.aborted:
+            state = self._states.pop(partial.request_id, None)
+            if state is not None:
+                state.push(StreamChunk(partial.request_id, 0, "", [], None, "abort"))
+                state.finish(partial, partial.usage)
+        num_tokens = 0
+        for delta in result.deltas:
+            num_tokens += len(delta.token_ids)
+            state = self._states.get(delta.parent_id)
+            if state is not None:
+                state.push(StreamChunk(delta.parent_id, delta.index, delta.text, delta.token_ids,
+                                       delta.logprobs, delta.finish_reason))
+        self._stats.record_tokens(num_tokens)
+        for completion in result.finished:
+            u = completion.usage
+            self._stats.record_finished(u.time_to_first_token, u.total_time, u.completion_tokens)
+            state = self._states.pop(completion.request_id, None)
+            if state is not None:
+                state.finish(completion, completion.usage)
+
+    def _fail_all(self, exc: Exception) -> None:
+        self._error = exc
+        error = EngineError(f"engine step failed: {exc!r}")
+        error.__cause__ = exc
+        for state in self._states.values():
+            state.fail(error)
+        self._states.clear()
+
+    # ---- observability -------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        last = self._last
+        ttft, tpot = list(self._stats.ttft), list(self._stats.tpot)
+        return EngineStats(
+            healthy=self._error is None and self._done is not None and not self._done.is_set(),
+            num_running=last.num_running if last else 0,
+            num_waiting=(last.num_waiting if last else 0) + len(self._adds),
+            kv_blocks_used=last.kv_blocks_used if last else 0,
+            kv_blocks_total=last.kv_blocks_total if last else 0,
+            num_preemptions=last.num_preemptions if last else 0,
+            prefix_cache_hit_rate=0.0,
+            tokens_per_s=self._stats.tokens_per_s(),
+            ttft_p50=percentile(ttft, 0.5),
+            ttft_p99=percentile(ttft, 0.99),
+            tpot_p50=percentile(tpot, 0.5),
+            tpot_p99=percentile(tpot, 0.99),
+            error=repr(self._error) if self._error is not None else None,
+        )

@@ -1,0 +1,70 @@
+"""Event-loop side of one request: a buffer the engine fills and the consumer drains.
+
+The engine never waits on a consumer: it appends deltas and sets an event. A slow consumer
+finds several deltas waiting and gets them merged into one chunk (per choice), so its buffer
+holds at most the request's own tokens and never holds anyone else up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import anyio
+
+from kvloom.outputs import Completion, StreamChunk, Usage
+
+
+@dataclass(slots=True, eq=False)
+class RequestState:
+    request_id: str
+    pending: list[StreamChunk] = field(default_factory=list)
+    event: anyio.Event = field(default_factory=anyio.Event)
+    finished: bool = False
+    error: BaseException | None = None
+    completion: Completion | None = None
+
+    def push(self, chunk: StreamChunk) -> None:
+        self.pending.append(chunk)
+        self.event.set()
+
+    def finish(self, completion: Completion | None, usage: Usage | None) -> None:
+        """The request is done; the last pending chunk carries its usage."""
+        self.completion = completion
+        if usage is not None:
+            if self.pending:
+                self.pending[-1].usage = usage
+            else:
+                self.pending.append(StreamChunk(self.request_id, 0, "", [], None, None, usage))
+        self.finished = True
+        self.event.set()
+
+    def fail(self, error: BaseException) -> None:
+        if not self.finished:
+            self.error = error
+            self.finished = True
+            self.event.set()
+
+    def take(self) -> list[StreamChunk]:
+        """Everything pending, merged per choice index (consecutive deltas of one choice join)."""
+        chunks, self.pending = self.pending, []
+        merged: list[StreamChunk] = []
+        for chunk in chunks:
+            last = merged[-1] if merged else None
+            if last is not None and last.index == chunk.index and last.finish_reason is None:
+                last.text += chunk.text
+                last.token_ids.extend(chunk.token_ids)
+                if chunk.logprobs:
+                    last.logprobs = (last.logprobs or []) + chunk.logprobs
+                last.finish_reason = chunk.finish_reason
+                last.usage = chunk.usage
+            else:
+                merged.append(chunk)
+        return merged
+
+    async def wait(self) -> None:
+        """Until something is pending or the request ended. Loop-side only (no await between
+        the check and the wait, so a push cannot slip between them)."""
+        if self.pending or self.finished:
+            return
+        self.event = anyio.Event()
+        await self.event.wait()

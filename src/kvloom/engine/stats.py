@@ -1,0 +1,60 @@
+"""``engine.stats()``: queue sizes, KV usage and latency percentiles, kept on the event loop."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass(slots=True, frozen=True)
+class EngineStats:
+    healthy: bool
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    num_preemptions: int
+    prefix_cache_hit_rate: float
+    """Share of prompt tokens served from the cache (0 until prefix caching lands)."""
+    tokens_per_s: float
+    """Output tokens per second over the last ``window_s`` seconds."""
+    ttft_p50: float | None
+    ttft_p99: float | None
+    tpot_p50: float | None
+    tpot_p99: float | None
+    error: str | None
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class StatsCollector:
+    """Rolling latency samples (last ``max_samples`` requests) and recent token counts."""
+
+    def __init__(self, max_samples: int = 1000, window_s: float = 10.0) -> None:
+        self.ttft: deque[float] = deque(maxlen=max_samples)
+        self.tpot: deque[float] = deque(maxlen=max_samples)
+        self.window_s = window_s
+        self._tokens: deque[tuple[float, int]] = deque()
+
+    def record_tokens(self, n: int) -> None:
+        now = time.monotonic()
+        self._tokens.append((now, n))
+        while self._tokens and self._tokens[0][0] < now - self.window_s:
+            self._tokens.popleft()
+
+    def record_finished(self, ttft: float | None, total: float | None, num_tokens: int) -> None:
+        if ttft is not None:
+            self.ttft.append(ttft)
+            if total is not None and num_tokens > 1:
+                self.tpot.append((total - ttft) / (num_tokens - 1))
+
+    def tokens_per_s(self) -> float:
+        now = time.monotonic()
+        recent = sum(n for t, n in self._tokens if t >= now - self.window_s)
+        return recent / self.window_s
