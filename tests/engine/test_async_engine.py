@@ -234,3 +234,61 @@ async def test_event_loop_stays_responsive_while_64_streams_decode(
         p99 = lags[int(0.99 * len(lags))]
         print(f"ticker lag over {len(lags)} ticks: p50 {lags[len(lags) // 2] * 1e3:.2f} ms, p99 {p99 * 1e3:.2f} ms")
         assert p99 < 0.020
+
+
+async def test_a_slow_consumer_gets_coalesced_chunks_and_holds_nobody_up(llama_dir: Path) -> None:
+    async with AsyncEngine.from_pretrained(llama_dir) as engine:
+        fast_done_at: list[float] = []
+        slow_chunks: list[int] = []
+
+        async def slow() -> None:
+            async for chunk in engine.stream([3, 4, 5], greedy(40)):
+                slow_chunks.append(len(chunk.token_ids))
+                await anyio.sleep(0.2)
+
+        async def fast() -> None:
+            await engine.generate([6, 7, 8], greedy(40))
+            fast_done_at.append(time.perf_counter())
+
+        start = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(slow)
+            tg.start_soon(fast)
+        assert fast_done_at[0] - start < 2.0, "the fast stream did not wait for the slow consumer"
+        assert sum(slow_chunks) == 40
+        assert max(slow_chunks) > 1, "deltas waiting for the slow consumer were merged"
+
+
+async def test_messages_need_a_chat_template(llama_dir: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    plain = tmp_path / "no-template"
+    shutil.copytree(llama_dir, plain)
+    config_path = plain / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("chat_template", None)
+    config_path.write_text(json.dumps(config))
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    async with AsyncEngine.from_pretrained(plain) as engine:
+        with pytest.raises(InvalidRequestError, match="chat template"):
+            engine.stream(messages=[{"role": "user", "content": "hi"}])
+        assert (await engine.generate("hi", greedy(2))).usage.completion_tokens == 2
+
+
+@pytest.mark.parametrize("anyio_backend", [pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop")])
+async def test_runs_under_uvloop(llama_dir: Path, anyio_backend: object) -> None:
+    async with AsyncEngine.from_pretrained(llama_dir) as engine:
+        out = await engine.generate(messages=[{"role": "user", "content": "Hello"}], params=greedy(5))
+        assert out.usage.completion_tokens == 5
+
+
+async def test_start_and_aclose_may_run_in_different_tasks(llama_dir: Path) -> None:
+    """As in Jupyter cells or framework lifespans: no task group spans both calls."""
+    engine = AsyncEngine.from_pretrained(llama_dir)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.start)
+    assert (await engine.generate([1, 2, 3], greedy(3))).usage.completion_tokens == 3
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.aclose)
+    assert engine._done is not None and engine._done.is_set()
