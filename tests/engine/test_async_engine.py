@@ -292,3 +292,16 @@ async def test_start_and_aclose_may_run_in_different_tasks(llama_dir: Path) -> N
     async with anyio.create_task_group() as tg:
         tg.start_soon(engine.aclose)
     assert engine._done is not None and engine._done.is_set()
+
+
+async def test_prometheus_export_reads_the_stats(llama_dir: Path) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    async with AsyncEngine.from_pretrained(llama_dir, num_kv_blocks=40) as engine:
+        registry = CollectorRegistry()
+        engine.register_prometheus(registry)
+        await engine.generate([1, 2, 3], greedy(4))
+        text = generate_latest(registry).decode()
+    assert "kvloom_kv_blocks_total 40.0" in text
+    assert "kvloom_healthy 1.0" in text
+    assert "kvloom_ttft_p50_seconds" in text

@@ -160,7 +160,8 @@ def _peer_entry(spec: PeerSpec, traces: list[RequestTrace] | None, error: str | 
     entry: dict[str, Any] = {"name": spec.name, "description": spec.describe(), "error": error,
                              "ttft_measured": TTFT_MEASURED["cb"]}
     if traces is None:
-        return entry | {"output_tokens_per_s": None, "matches_kvloom": None, "mismatched_requests": []}
+        return entry | {"output_tokens_per_s": None, "ttft_s": None, "tpot_s": None, "e2e_s": None,
+                        "matches_kvloom": None, "mismatched_requests": []}
     mismatched = [i for i, (t, ref) in enumerate(zip(traces, reference, strict=True)) if t.token_ids != ref]
     return entry | summarize(traces) | {"matches_kvloom": len(traces) - len(mismatched),
                                         "mismatched_requests": mismatched[:20]}

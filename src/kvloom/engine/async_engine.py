@@ -285,3 +285,9 @@ class AsyncEngine:
             tpot_p99=percentile(tpot, 0.99),
             error=repr(self._error) if self._error is not None else None,
         )
+
+    def register_prometheus(self, registry: Any = None, prefix: str = "kvloom") -> Any:
+        """Export ``stats()`` as Prometheus gauges (needs the ``prometheus`` extra)."""
+        from kvloom.engine.prometheus import register_prometheus
+
+        return register_prometheus(self.stats, registry, prefix)
