@@ -41,6 +41,7 @@ class StatsCollector:
         self.tpot: deque[float] = deque(maxlen=max_samples)
         self.window_s = window_s
         self._tokens: deque[tuple[float, int]] = deque()
+        self._started = time.monotonic()
 
     def record_tokens(self, n: int) -> None:
         now = time.monotonic()
@@ -55,6 +56,7 @@ class StatsCollector:
                 self.tpot.append((total - ttft) / (num_tokens - 1))
 
     def tokens_per_s(self) -> float:
+        """Over the last ``window_s`` seconds, or since the engine started if that is sooner."""
         now = time.monotonic()
         recent = sum(n for t, n in self._tokens if t >= now - self.window_s)
-        return recent / self.window_s
+        return recent / max(1e-3, min(self.window_s, now - self._started))
