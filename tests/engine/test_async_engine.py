@@ -305,3 +305,26 @@ async def test_prometheus_export_reads_the_stats(llama_dir: Path) -> None:
     assert "kvloom_kv_blocks_total 40.0" in text
     assert "kvloom_healthy 1.0" in text
     assert "kvloom_ttft_p50_seconds" in text
+
+
+async def test_n_choices_stream_with_their_index_and_match_llm(llama_dir: Path) -> None:
+    params = SamplingParams(temperature=1.0, seed=5, n=3, max_tokens=6, ignore_eos=True)
+    expected = LLM(llama_dir).generate([[9, 10, 11]], params)[0]
+    async with AsyncEngine.from_pretrained(llama_dir) as engine:
+        per_index: dict[int, list[int]] = {0: [], 1: [], 2: []}
+        async for chunk in engine.stream([9, 10, 11], params):
+            per_index[chunk.index].extend(chunk.token_ids)
+        assert [per_index[i] for i in range(3)] == [c.token_ids for c in expected.choices]
+        completion = await engine.generate([9, 10, 11], params)
+        assert [c.token_ids for c in completion.choices] == [c.token_ids for c in expected.choices]
+
+
+async def test_streamed_text_stops_before_a_stop_string(llama_dir: Path) -> None:
+    async with AsyncEngine.from_pretrained(llama_dir) as engine:
+        full = await engine.generate("Once upon a time", greedy(40))
+        stop = full.text[5:9]
+        params = SamplingParams(temperature=0.0, max_tokens=40, stop=[stop])
+        chunks = [c async for c in engine.stream("Once upon a time", params)]
+        assert "".join(c.text for c in chunks) == full.text[: full.text.index(stop)]
+        assert chunks[-1].finish_reason == "stop"
+        assert_idle(engine)
