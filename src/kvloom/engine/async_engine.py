@@ -277,7 +277,7 @@ class AsyncEngine:
             kv_blocks_used=last.kv_blocks_used if last else 0,
             kv_blocks_total=last.kv_blocks_total if last else 0,
             num_preemptions=last.num_preemptions if last else 0,
-            prefix_cache_hit_rate=0.0,
+            prefix_cache_hit_rate=last.prefix_cache_hit_rate if last else 0.0,
             tokens_per_s=self._stats.tokens_per_s(),
             ttft_p50=percentile(ttft, 0.5),
             ttft_p99=percentile(ttft, 0.99),

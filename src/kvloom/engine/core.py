@@ -30,7 +30,9 @@ class EngineCore:
         self.model_config = load_model_config(config.model)
         self.max_model_len = resolve_max_model_len(config, self.model_config)
         self.runner = ModelRunner(config, self.max_model_len)
-        self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size)
+        self.kv = KVCacheManager(
+            self.runner.num_blocks, config.cache.block_size, enable_caching=config.cache.enable_prefix_caching
+        )
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
 
     @property

@@ -39,6 +39,7 @@ class StepResult:
     kv_blocks_used: int
     kv_blocks_total: int
     num_preemptions: int
+    prefix_cache_hit_rate: float
 
 
 class EngineDriver:
@@ -89,4 +90,5 @@ class EngineDriver:
             kv_blocks_used=kv.num_blocks - kv.num_free_blocks,
             kv_blocks_total=kv.num_blocks,
             num_preemptions=sched.num_preemptions,
+            prefix_cache_hit_rate=kv.stats().hit_rate,
         )

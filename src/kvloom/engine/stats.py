@@ -16,7 +16,7 @@ class EngineStats:
     kv_blocks_total: int
     num_preemptions: int
     prefix_cache_hit_rate: float
-    """Share of prompt tokens served from the cache (0 until prefix caching lands)."""
+    """Share of looked-up prompt tokens whose KV came from the prefix cache."""
     tokens_per_s: float
     """Output tokens per second over the last ``window_s`` seconds."""
     ttft_p50: float | None

@@ -1,16 +1,21 @@
-"""Physical KV blocks: a free list with O(1) removal and reference counts.
+"""Physical KV blocks: a free list with O(1) removal, reference counts and the prefix cache.
 
 The pool knows blocks, never requests (``manager.py`` knows requests). A block is either
 free (in the free queue, ``ref_cnt == 0``) or held by one or more owners (``ref_cnt > 0``).
-The free queue is a doubly linked list so that a block can later leave it from the middle
-(a prefix-cache hit on a freed block) in O(1); new blocks come from its head, so the least
-recently freed block is reused first.
+A full block may also be *cached*: its chain hash maps to it, so a later request with the
+same prefix can reuse its KV. A cached block that nobody holds stays in the free queue and
+keeps its KV until it is handed out again: the free queue is the LRU of cached blocks (new
+blocks come from its head, freed ones go to its tail, a cache hit takes a block out of the
+middle in O(1), which is why it is a doubly linked list).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NewType
+
+from kvloom.kv_cache.hashing import BlockHash
 
 BlockId = NewType("BlockId", int)
 
@@ -21,6 +26,10 @@ class Block:
 
     block_id: BlockId
     ref_cnt: int = 0
+    block_hash: BlockHash | None = None
+    """Set while the block is in the prefix cache."""
+    token_ids: tuple[int, ...] = ()
+    """The block's tokens while cached: a hit compares them, so a hash collision never reuses KV."""
     prev_free: Block | None = None
     next_free: Block | None = None
 
@@ -72,6 +81,8 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.blocks = [Block(BlockId(i)) for i in range(num_blocks)]
         self.free_queue = FreeBlockQueue(self.blocks)
+        self.hash_to_block: dict[BlockHash, Block] = {}
+        self.num_evictions = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -84,9 +95,38 @@ class BlockPool:
         out: list[BlockId] = []
         for _ in range(num_blocks):
             block = self.free_queue.popleft()
+            self._evict(block)
             block.ref_cnt = 1
             out.append(block.block_id)
         return out
+
+    def _evict(self, block: Block) -> None:
+        if block.block_hash is not None:
+            if self.hash_to_block.get(block.block_hash) is block:
+                del self.hash_to_block[block.block_hash]
+            block.block_hash = None
+            block.token_ids = ()
+            self.num_evictions += 1
+
+    def lookup(self, block_hash: BlockHash, token_ids: Sequence[int]) -> BlockId | None:
+        """The cached block holding exactly these tokens under this prefix hash, if any."""
+        block = self.hash_to_block.get(block_hash)
+        if block is None or block.token_ids != tuple(token_ids):
+            return None
+        return block.block_id
+
+    def cache(self, block_id: BlockId, block_hash: BlockHash, token_ids: Sequence[int]) -> None:
+        """Make a full, computed block findable. A prefix already cached elsewhere keeps its block."""
+        block = self.blocks[block_id]
+        if block.block_hash is not None or block_hash in self.hash_to_block:
+            return
+        block.block_hash = block_hash
+        block.token_ids = tuple(token_ids)
+        self.hash_to_block[block_hash] = block
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self.hash_to_block)
 
     def incref(self, block_ids: list[BlockId]) -> None:
         """Add an owner to each block (sharing); a free block leaves the free queue."""
@@ -120,3 +160,5 @@ class BlockPool:
             node = node.next_free
         assert in_queue == self.free_queue.num_free
         assert in_queue == sum(1 for b in self.blocks if b.ref_cnt == 0)
+        for block_hash, block in self.hash_to_block.items():
+            assert block.block_hash == block_hash, f"block {block.block_id} is mapped under another hash"

@@ -1,15 +1,19 @@
-"""Per-request block tables over a ``BlockPool``.
+"""Per-request block tables over a ``BlockPool``, and prefix-cache lookups.
 
 A request's table covers its computed tokens plus the tokens scheduled this step; slots are
 allocated on demand, one block at a time, so the only waste is the unused tail of each
-request's last block.
+request's last block. With prefix caching on, every block that fills up is registered under
+its chain hash, and a new request starts from the longest cached prefix of its tokens (never
+the whole prompt: its last token is always computed, to produce logits).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvloom.kv_cache.block_pool import BlockId, BlockPool
+from kvloom.kv_cache.hashing import BlockHash, hash_full_blocks
 
 
 @dataclass(slots=True, frozen=True)
@@ -22,6 +26,17 @@ class KVCacheStats:
     tokens_held: int
     peak_used_blocks: int
     tokens_held_at_peak: int
+    cached_blocks: int = 0
+    """Blocks findable in the prefix cache (held or evictable)."""
+    queried_tokens: int = 0
+    """Prompt tokens looked up in the prefix cache."""
+    hit_tokens: int = 0
+    """Of those, tokens whose KV was reused."""
+    evictions: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
 
     @property
     def peak_waste(self) -> float:
@@ -31,8 +46,15 @@ class KVCacheStats:
 class KVCacheManager:
     """Owns the block tables of all requests with KV in the cache. Engine-thread only."""
 
-    def __init__(self, num_blocks: int, block_size: int, watermark: float = 0.01) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, watermark: float = 0.01, enable_caching: bool = True
+    ) -> None:
         self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.req_to_hashes: dict[str, list[BlockHash]] = {}
+        self.req_to_num_cached: dict[str, int] = {}
+        self.queried_tokens = 0
+        self.hit_tokens = 0
         self.pool = BlockPool(num_blocks)
         self.watermark_blocks = int(watermark * num_blocks)
         self.req_to_blocks: dict[str, list[BlockId]] = {}
@@ -56,18 +78,58 @@ class KVCacheManager:
         """Whether a request of ``num_tokens`` total tokens fits in an empty pool."""
         return self.blocks_needed(num_tokens) <= self.pool.num_blocks
 
-    def allocate_slots(self, request_id: str, num_tokens: int, *, new_request: bool = False) -> list[BlockId] | None:
+    def _hashes(self, request_id: str, token_ids: Sequence[int], extra_keys: tuple[object, ...]) -> list[BlockHash]:
+        """The request's full-block hashes, extended to cover ``token_ids``."""
+        hashes = self.req_to_hashes.setdefault(request_id, [])
+        if len(hashes) < len(token_ids) // self.block_size:
+            parent = hashes[-1] if hashes else None
+            hashes.extend(hash_full_blocks(token_ids, self.block_size, len(hashes), parent, extra_keys))
+        return hashes
+
+    def find_cached_prefix(
+        self, request_id: str, token_ids: Sequence[int], extra_keys: tuple[object, ...] = ()
+    ) -> list[BlockId]:
+        """The cached blocks holding the longest prefix of ``token_ids`` (whole blocks, and
+        never the last token). Nothing is reserved: pass them to ``allocate_slots``."""
+        if not self.enable_caching:
+            return []
+        max_blocks = (len(token_ids) - 1) // self.block_size
+        hashes = self._hashes(request_id, token_ids[: max_blocks * self.block_size], extra_keys)
+        hits: list[BlockId] = []
+        for i in range(max_blocks):
+            bid = self.pool.lookup(hashes[i], token_ids[i * self.block_size : (i + 1) * self.block_size])
+            if bid is None:
+                break
+            hits.append(bid)
+        return hits
+
+    def record_lookup(self, num_queried_tokens: int, num_hit_tokens: int) -> None:
+        """Count a request's first lookup (retries and recomputes are not counted)."""
+        self.queried_tokens += num_queried_tokens
+        self.hit_tokens += num_hit_tokens
+
+    def allocate_slots(
+        self, request_id: str, num_tokens: int, *, new_request: bool = False, cached: Sequence[BlockId] = ()
+    ) -> list[BlockId] | None:
         """Grow ``request_id``'s table to hold ``num_tokens`` tokens in all.
 
+        ``cached`` (a request without blocks yet) are prefix-cache hits that start its table.
         Returns the newly allocated block ids (possibly empty), or None when the pool cannot
         supply them (nothing is allocated then). A new request must also leave the watermark
         free, so that running requests can keep decoding without immediate preemption.
         """
         blocks = self.req_to_blocks.get(request_id, [])
-        num_new = self.blocks_needed(num_tokens) - len(blocks)
+        assert not (blocks and cached), "cached prefix blocks only start a table"
+        num_new = self.blocks_needed(num_tokens) - len(blocks) - len(cached)
+        # Hits that nobody holds sit in the free queue: taking them uses up free blocks too.
+        num_free_hits = sum(1 for b in cached if self.pool.blocks[b].ref_cnt == 0)
         reserve = self.watermark_blocks if new_request else 0
-        if num_new > self.pool.num_free_blocks - reserve:
+        if num_new + num_free_hits > self.pool.num_free_blocks - reserve:
             return None
+        if cached:
+            self.pool.incref(list(cached))
+            blocks = list(cached)
+            self.req_to_num_cached[request_id] = len(cached)
         new_ids = self.pool.allocate(num_new) if num_new > 0 else []
         self.req_to_blocks[request_id] = blocks + new_ids
         held = self.req_to_num_tokens.get(request_id, 0)
@@ -77,11 +139,31 @@ class KVCacheManager:
         self._record_peak()
         return new_ids
 
+    def cache_computed_blocks(
+        self, request_id: str, token_ids: Sequence[int], num_computed: int, extra_keys: tuple[object, ...] = ()
+    ) -> None:
+        """Register the request's blocks that are now full and computed in the prefix cache."""
+        if not self.enable_caching:
+            return
+        blocks = self.req_to_blocks.get(request_id, [])
+        done = self.req_to_num_cached.get(request_id, 0)
+        num_full = min(num_computed // self.block_size, len(blocks))
+        if num_full <= done:
+            return
+        hashes = self._hashes(request_id, token_ids[: num_full * self.block_size], extra_keys)
+        bs = self.block_size
+        for i in range(done, num_full):
+            self.pool.cache(blocks[i], hashes[i], token_ids[i * bs : (i + 1) * bs])
+        self.req_to_num_cached[request_id] = num_full
+
     def get_block_ids(self, request_id: str) -> list[BlockId]:
         return self.req_to_blocks.get(request_id, [])
 
     def free(self, request_id: str) -> None:
-        """Release all of a request's blocks (finished, aborted or preempted)."""
+        """Release all of a request's blocks (finished, aborted or preempted); cached ones stay
+        findable until they are handed out again."""
+        self.req_to_hashes.pop(request_id, None)
+        self.req_to_num_cached.pop(request_id, None)
         blocks = self.req_to_blocks.pop(request_id, [])
         self._tokens_held -= self.req_to_num_tokens.pop(request_id, 0)
         self.pool.free(list(reversed(blocks)))
@@ -100,6 +182,10 @@ class KVCacheManager:
             tokens_held=self._tokens_held,
             peak_used_blocks=self._peak_used,
             tokens_held_at_peak=self._tokens_at_peak,
+            cached_blocks=self.pool.num_cached_blocks,
+            queried_tokens=self.queried_tokens,
+            hit_tokens=self.hit_tokens,
+            evictions=self.pool.num_evictions,
         )
 
     def check_all_free(self) -> None:
@@ -107,3 +193,4 @@ class KVCacheManager:
         self.pool.check_invariants()
         assert not self.req_to_blocks, f"requests still hold blocks: {sorted(self.req_to_blocks)}"
         assert self.pool.num_free_blocks == self.pool.num_blocks
+        assert all(b.ref_cnt == 0 for b in self.pool.blocks)

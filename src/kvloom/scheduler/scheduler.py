@@ -127,13 +127,20 @@ class Scheduler:
             self.waiting and budget > 0 and not preempted_now and len(self.running) < self.config.max_num_seqs
         ):
             req = self.waiting[0]
-            num_new = req.num_tokens - req.num_computed_tokens
+            # Waiting requests have no KV (new, or preempted): start from the cached prefix.
+            hits = self.kv.find_cached_prefix(req.request_id, req.token_ids)
+            num_hit = len(hits) * self.kv.block_size
+            num_new = req.num_tokens - num_hit
             if num_new > budget and not self.config.enable_chunked_prefill:
                 break
             num_new = min(num_new, budget)
-            new_blocks = self.kv.allocate_slots(req.request_id, req.num_computed_tokens + num_new, new_request=True)
+            new_blocks = self.kv.allocate_slots(req.request_id, num_hit + num_new, new_request=True, cached=hits)
             if new_blocks is None:
                 break
+            req.num_computed_tokens = num_hit
+            if req.num_preemptions == 0:
+                req.num_cached_tokens = num_hit
+                self.kv.record_lookup(req.num_tokens, num_hit)
             self.waiting.popleft()
             self.running.append(req)
             num_scheduled[req.request_id] = num_new
@@ -176,6 +183,7 @@ class Scheduler:
             req = self.requests.get(rid)
             if req is not None:
                 req.num_computed_tokens += n
+                self.kv.cache_computed_blocks(rid, req.token_ids, req.num_computed_tokens)
         outputs: list[EngineCoreOutput] = []
         logprobs = sampled.logprobs
         for i, (rid, token) in enumerate(zip(sampled.req_ids, sampled.token_ids, strict=True)):

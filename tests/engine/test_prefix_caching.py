@@ -1,0 +1,50 @@
+"""Automatic prefix caching end to end: same tokens with or without it, cached_tokens reported."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from kvloom import LLM, SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+
+
+def shared_prefix_prompts(prefix_len: int = 70, count: int = 6) -> list[list[int]]:
+    rng = random.Random(0)
+    prefix = [rng.randrange(5, 512) for _ in range(prefix_len)]
+    return [prefix + [rng.randrange(5, 512) for _ in range(rng.randint(1, 20))] for _ in range(count)]
+
+
+def test_outputs_are_identical_with_and_without_caching(llama_dir: Path) -> None:
+    prompts = shared_prefix_prompts()
+    off = LLM(llama_dir, enable_prefix_caching=False)
+    on = LLM(llama_dir)
+    expected = [r.token_ids for r in off.generate(prompts, GREEDY)]
+    first = on.generate(prompts[:1], GREEDY)[0]
+    assert first.usage.cached_tokens == 0
+    rest = on.generate(prompts[1:], GREEDY)
+    assert [first.token_ids] + [r.token_ids for r in rest] == expected
+    assert [r.usage.cached_tokens for r in rest] == [64] * 5, "70 shared tokens = 4 whole blocks of 16"
+    assert on.kv_cache_stats().hit_rate > 0
+    on.core.assert_idle()
+    off.core.assert_idle()
+
+
+def test_a_repeated_prompt_recomputes_only_its_last_block(llama_dir: Path) -> None:
+    llm = LLM(llama_dir)
+    prompt = list(range(10, 58))  # 48 tokens: exactly 3 blocks
+    a = llm.generate([prompt], GREEDY)[0]
+    b = llm.generate([prompt], GREEDY)[0]
+    assert b.token_ids == a.token_ids
+    assert b.usage.cached_tokens == 32, "the last token is always computed, so its block is too"
+
+
+def test_preempted_requests_recompute_from_the_cache_with_identical_outputs(llama_dir: Path) -> None:
+    prompts = shared_prefix_prompts(prefix_len=40, count=8)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    expected = [r.token_ids for r in LLM(llama_dir, enable_prefix_caching=False).generate(prompts, params)]
+    tight = LLM(llama_dir, num_kv_blocks=10, max_num_batched_tokens=32)
+    assert [r.token_ids for r in tight.generate(prompts, params)] == expected
+    assert tight.core.scheduler.num_preemptions > 0
+    tight.core.assert_idle()
