@@ -26,6 +26,7 @@ class CacheConfig(BaseModel):
     kv_cache_memory: int | None = Field(None, ge=1, description="Bytes for K and V of all layers.")
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
     enable_prefix_caching: bool = Field(True, description="Reuse the KV of full blocks with the same prefix.")
+    prefix_pin_fraction: float = Field(0.5, ge=0.0, le=1.0, description="Share of the pool prefix handles may pin.")
 
 
 class SchedulerConfig(BaseModel):

@@ -44,3 +44,7 @@ class EngineClosedError(KvloomError, RuntimeError):
 
 class EngineOverloadedError(KvloomError, RuntimeError):
     """Too many requests are waiting (``max_waiting``): try again later."""
+
+
+class PrefixBudgetError(KvloomError, RuntimeError):
+    """Pinning this prefix would exceed the pin budget (``prefix_pin_fraction`` of the pool)."""

@@ -12,40 +12,30 @@ import itertools
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio
-import sniffio
 
 from kvloom.config import EngineConfig
+from kvloom.engine.background import spawn_background
 from kvloom.engine.driver import EngineDriver, NewRequest, StepResult
+from kvloom.engine.prefix import PrefixHandle, prefix_token_ids
 from kvloom.engine.processor import InputProcessor, Message, Prompt
 from kvloom.engine.request_stream import RequestState
-from kvloom.engine.stats import EngineStats, StatsCollector, percentile
+from kvloom.engine.stats import EngineStats, StatsCollector, build_stats
 from kvloom.errors import (
     EngineClosedError,
     EngineDeadError,
     EngineError,
     EngineOverloadedError,
     InvalidRequestError,
+    PrefixBudgetError,
 )
+from kvloom.kv_cache.manager import KVCacheStats
 from kvloom.outputs import Completion, StreamChunk
 from kvloom.params import SamplingParams
-
-
-def _spawn_background(fn: Callable[[], Awaitable[None]]) -> object:
-    """Start ``fn`` detached from the caller's task, so ``start`` and ``aclose`` may run in
-    different tasks (Jupyter cells, framework lifespans). Returns a handle to keep alive."""
-    if sniffio.current_async_library() == "trio":
-        import trio
-
-        trio.lowlevel.spawn_system_task(fn)
-        return None
-    import asyncio
-
-    return asyncio.get_running_loop().create_task(fn())  # type: ignore[arg-type]
 
 
 class AsyncEngine:
@@ -74,6 +64,10 @@ class AsyncEngine:
         self._last: StepResult | None = None
         self._stats = StatsCollector()
         self._ids = itertools.count()
+        self._prefixes: dict[str, PrefixHandle] = {}
+        self._pinned: dict[str, list[int]] = {}
+        self._unpins: list[list[int]] = []
+        self._num_pinned_blocks = 0
 
     @classmethod
     def from_pretrained(cls, model: str | Path, *, max_waiting: int = 1024, **config: Any) -> AsyncEngine:
@@ -90,7 +84,7 @@ class AsyncEngine:
         except BaseException:
             self._done.set()
             raise
-        self._task = _spawn_background(self._run)
+        self._task = spawn_background(self._run)
 
     def _load(self) -> tuple[EngineDriver, InputProcessor]:
         from kvloom.engine.core import EngineCore
@@ -113,6 +107,9 @@ class AsyncEngine:
         for state in self._states.values():
             state.fail(EngineClosedError("the engine was closed while this request was in flight"))
         self._states.clear()
+        for handle in self._prefixes.values():
+            handle.released = True
+        self._prefixes.clear()
         self._driver = None
 
     async def __aenter__(self) -> AsyncEngine:
@@ -135,13 +132,15 @@ class AsyncEngine:
         messages: Sequence[Message] | None = None,
         request_id: str | None = None,
         priority: int = 0,
+        prefix: PrefixHandle | None = None,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[StreamChunk]:
         """Submit a request and stream its chunks. Bad input raises here, before queueing.
 
         Leaving the ``async for`` early, cancelling the consuming task, or dropping the
         iterator aborts the request and frees its KV blocks within one step.
         """
-        request_id = self._submit(prompt, params, messages, request_id, priority)
+        request_id = self._submit(prompt, params, messages, request_id, priority, prefix, cache_salt)
         iterator = self._iterate(self._states[request_id])
         weakref.finalize(iterator, self._abandon, request_id)
         return iterator
@@ -154,9 +153,11 @@ class AsyncEngine:
         messages: Sequence[Message] | None = None,
         request_id: str | None = None,
         priority: int = 0,
+        prefix: PrefixHandle | None = None,
+        cache_salt: str | None = None,
     ) -> Completion:
         """Run a request to the end; ``n > 1`` gives ``n`` choices."""
-        request_id = self._submit(prompt, params, messages, request_id, priority)
+        request_id = self._submit(prompt, params, messages, request_id, priority, prefix, cache_salt)
         state = self._states[request_id]
         async for _ in self._iterate(state):
             pass
@@ -178,7 +179,8 @@ class AsyncEngine:
 
     def _submit(
         self, prompt: Prompt | None, params: SamplingParams | None, messages: Sequence[Message] | None,
-        request_id: str | None, priority: int,
+        request_id: str | None, priority: int, prefix: PrefixHandle | None = None, cache_salt: str | None = None,
+        pin_prefix: bool = False,
     ) -> str:
         if self._error is not None:
             raise EngineDeadError(f"the engine failed earlier: {self._error!r}") from self._error
@@ -187,7 +189,16 @@ class AsyncEngine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"params: expected SamplingParams, got {type(params).__name__}")
-        token_ids = self._inputs.to_token_ids(prompt, messages)
+        if prefix is not None:
+            if not prefix.owned_by(self) or prefix.handle_id not in self._prefixes:
+                raise InvalidRequestError("prefix: this handle was released, or belongs to another or a closed engine")
+            token_ids, cache_salt = prefix_token_ids(prefix, self._inputs, prompt, messages, cache_salt)
+        else:
+            token_ids = self._inputs.to_token_ids(prompt, messages, add_generation_prompt=not pin_prefix)
+            if messages is not None:
+                for handle in self._prefixes.values():
+                    if handle.matches_messages(messages) and handle.cache_salt == cache_salt:
+                        handle.hits += 1
         self._inputs.validate(token_ids, params)
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
@@ -197,7 +208,9 @@ class AsyncEngine:
         if waiting >= self.max_waiting:
             raise EngineOverloadedError(f"{waiting} requests are waiting (max_waiting={self.max_waiting})")
         self._states[request_id] = RequestState(request_id)
-        self._adds.append(NewRequest(request_id, token_ids, params, priority, time.monotonic()))
+        self._adds.append(
+            NewRequest(request_id, token_ids, params, priority, time.monotonic(), cache_salt, pin_prefix)
+        )
         self._wake.set()
         return request_id
 
@@ -221,14 +234,16 @@ class AsyncEngine:
         driver = self._driver
         try:
             while not self._closing:
-                if not self._adds and not self._aborts and (self._last is None or not self._last.has_unfinished):
+                idle = self._last is None or not self._last.has_unfinished
+                if not self._adds and not self._aborts and not self._unpins and idle:
                     self._wake = anyio.Event()
                     await self._wake.wait()
                     continue
                 adds, self._adds = self._adds, []
                 aborts = [self._aborts.popleft() for _ in range(len(self._aborts))]
+                unpins, self._unpins = self._unpins, []
                 try:
-                    result = await anyio.to_thread.run_sync(driver.run, adds, aborts)
+                    result = await anyio.to_thread.run_sync(driver.run, adds, aborts, unpins)
                 except Exception as exc:  # a failed step fails its requests, never hangs them
                     self._fail_all(exc)
                     return
@@ -238,6 +253,7 @@ class AsyncEngine:
             self._done.set()
 
     def _dispatch(self, result: StepResult) -> None:
+        self._pinned.update(result.pinned)
         for partial in result.aborted:
             state = self._states.pop(partial.request_id, None)
             if state is not None:
@@ -268,23 +284,64 @@ class AsyncEngine:
 
     # ---- observability -------------------------------------------------------------------
     def stats(self) -> EngineStats:
-        last = self._last
-        ttft, tpot = list(self._stats.ttft), list(self._stats.tpot)
-        return EngineStats(
-            healthy=self._error is None and self._done is not None and not self._done.is_set(),
-            num_running=last.num_running if last else 0,
-            num_waiting=(last.num_waiting if last else 0) + len(self._adds),
-            kv_blocks_used=last.kv_blocks_used if last else 0,
-            kv_blocks_total=last.kv_blocks_total if last else 0,
-            num_preemptions=last.num_preemptions if last else 0,
-            prefix_cache_hit_rate=last.prefix_cache_hit_rate if last else 0.0,
-            tokens_per_s=self._stats.tokens_per_s(),
-            ttft_p50=percentile(ttft, 0.5),
-            ttft_p99=percentile(ttft, 0.99),
-            tpot_p50=percentile(tpot, 0.5),
-            tpot_p99=percentile(tpot, 0.99),
-            error=repr(self._error) if self._error is not None else None,
+        healthy = self._error is None and self._done is not None and not self._done.is_set()
+        return build_stats(self._last, len(self._adds), self._stats, healthy, self._error)
+
+    def prefix_cache_stats(self) -> KVCacheStats | None:
+        """Hit rate, cached / pinned / used blocks and evictions, as of the last step."""
+        return self._last.kv_stats if self._last is not None else None
+
+    # ---- prefix handles ------------------------------------------------------------------
+    async def cache_prefix(
+        self, prompt: Prompt | None = None, *, messages: Sequence[Message] | None = None,
+        cache_salt: str | None = None,
+    ) -> PrefixHandle:
+        """Prefill ``prompt`` (or ``messages``, without a generation prompt) once and pin its
+        whole KV blocks. Raises ``PrefixBudgetError`` past ``prefix_pin_fraction`` of the pool."""
+        if self._inputs is None:
+            raise EngineClosedError("the engine is not running: use `async with engine:` or `await engine.start()`")
+        token_ids = self._inputs.to_token_ids(prompt, messages, add_generation_prompt=False)
+        block_size = self.config.cache.block_size
+        num_blocks = len(token_ids) // block_size
+        if num_blocks == 0:
+            raise InvalidRequestError(f"prompt: a prefix of {len(token_ids)} tokens fills no block of {block_size}")
+        assert self._last is not None or self._driver is not None
+        total = self._driver.core.kv.num_blocks if self._driver is not None else 0
+        budget = int(self.config.cache.prefix_pin_fraction * total)
+        if self._num_pinned_blocks + num_blocks > budget:
+            raise PrefixBudgetError(
+                f"pinning {num_blocks} more blocks would exceed the pin budget ({self._num_pinned_blocks} pinned of "
+                f"{budget} = prefix_pin_fraction {self.config.cache.prefix_pin_fraction} x {total} blocks)"
+            )
+        self._num_pinned_blocks += num_blocks  # reserved now, so concurrent calls see it
+        params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+        try:
+            rid = self._submit(token_ids, params, None, None, 0, None, cache_salt, pin_prefix=True)
+            state = self._states[rid]
+            async for _ in self._iterate(state):
+                pass
+        except BaseException:
+            self._num_pinned_blocks -= num_blocks
+            raise
+        block_ids = self._pinned.pop(rid, [])
+        self._num_pinned_blocks += len(block_ids) - num_blocks
+        handle = PrefixHandle(
+            f"prefix-{rid}", tuple(token_ids), block_ids, block_size, cache_salt,
+            tuple(messages) if messages is not None else None, _engine=weakref.ref(self),
         )
+        self._prefixes[handle.handle_id] = handle
+        return handle
+
+    def prefixes(self) -> list[PrefixHandle]:
+        """The live (unreleased) prefix handles."""
+        return list(self._prefixes.values())
+
+    def _release_prefix(self, handle: PrefixHandle) -> None:
+        if self._prefixes.pop(handle.handle_id, None) is None:
+            return
+        self._num_pinned_blocks -= handle.num_blocks
+        self._unpins.append(list(handle.block_ids))
+        self._wake.set()
 
     def register_prometheus(self, registry: Any = None, prefix: str = "kvloom") -> Any:
         """Export ``stats()`` as Prometheus gauges (needs the ``prometheus`` extra)."""

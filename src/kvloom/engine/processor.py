@@ -21,14 +21,16 @@ class InputProcessor:
         self.max_model_len = max_model_len
         self.max_tokens_in_pool = max_tokens_in_pool
 
-    def to_token_ids(self, prompt: Prompt | None, messages: Sequence[Message] | None) -> list[int]:
+    def to_token_ids(
+        self, prompt: Prompt | None, messages: Sequence[Message] | None, add_generation_prompt: bool = True
+    ) -> list[int]:
         if (prompt is None) == (messages is None):
             raise InvalidRequestError("give exactly one of `prompt` or `messages`")
         if messages is not None:
             tok = self._need_tokenizer("messages")
             if getattr(tok, "chat_template", None) is None:
                 raise InvalidRequestError("messages: the tokenizer has no chat template; pass a `prompt` instead")
-            ids = tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+            ids = tok.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt, tokenize=True)
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]
             return [int(t) for t in ids]

@@ -5,6 +5,10 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvloom.engine.driver import StepResult
 
 
 @dataclass(slots=True, frozen=True)
@@ -60,3 +64,25 @@ class StatsCollector:
         now = time.monotonic()
         recent = sum(n for t, n in self._tokens if t >= now - self.window_s)
         return recent / max(1e-3, min(self.window_s, now - self._started))
+
+
+def build_stats(
+    last: StepResult | None, num_submitted: int, collector: StatsCollector, healthy: bool, error: BaseException | None
+) -> EngineStats:
+    """``last`` is the latest step's snapshot; ``num_submitted`` requests are not yet handed over."""
+    ttft, tpot = list(collector.ttft), list(collector.tpot)
+    return EngineStats(
+        healthy=healthy,
+        num_running=last.num_running if last else 0,
+        num_waiting=(last.num_waiting if last else 0) + num_submitted,
+        kv_blocks_used=last.kv_blocks_used if last else 0,
+        kv_blocks_total=last.kv_blocks_total if last else 0,
+        num_preemptions=last.num_preemptions if last else 0,
+        prefix_cache_hit_rate=last.kv_stats.hit_rate if last else 0.0,
+        tokens_per_s=collector.tokens_per_s(),
+        ttft_p50=percentile(ttft, 0.5),
+        ttft_p99=percentile(ttft, 0.99),
+        tpot_p50=percentile(tpot, 0.5),
+        tpot_p99=percentile(tpot, 0.99),
+        error=repr(error) if error is not None else None,
+    )

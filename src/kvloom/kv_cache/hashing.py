@@ -15,6 +15,11 @@ from typing import NewType
 BlockHash = NewType("BlockHash", bytes)
 
 
+def extra_keys(cache_salt: str | None) -> tuple[object, ...]:
+    """The extra hash keys of a request: its cache salt, if any (the adapter joins later)."""
+    return () if cache_salt is None else (("salt", cache_salt),)
+
+
 def hash_block(parent: BlockHash | None, token_ids: Sequence[int], extra_keys: tuple[object, ...] = ()) -> BlockHash:
     """SHA-256 of the parent hash, the block's token ids and the extra keys."""
     h = hashlib.sha256(parent or b"root")

@@ -33,6 +33,8 @@ class KVCacheStats:
     hit_tokens: int = 0
     """Of those, tokens whose KV was reused."""
     evictions: int = 0
+    pinned_blocks: int = 0
+    """Blocks pinned by prefix handles (never evicted while pinned)."""
 
     @property
     def hit_rate(self) -> float:
@@ -55,6 +57,7 @@ class KVCacheManager:
         self.req_to_num_cached: dict[str, int] = {}
         self.queried_tokens = 0
         self.hit_tokens = 0
+        self.num_pinned = 0
         self.pool = BlockPool(num_blocks)
         self.watermark_blocks = int(watermark * num_blocks)
         self.req_to_blocks: dict[str, list[BlockId]] = {}
@@ -102,6 +105,26 @@ class KVCacheManager:
                 break
             hits.append(bid)
         return hits
+
+    def pin(self, token_ids: Sequence[int], extra_keys: tuple[object, ...] = ()) -> list[BlockId]:
+        """Hold the cached whole blocks of ``token_ids`` (all of them, last one included) so
+        eviction cannot touch them; returns them (a run stops at the first block not cached)."""
+        bs = self.block_size
+        hashes = hash_full_blocks(token_ids, bs, extra_keys=extra_keys)
+        held: list[BlockId] = []
+        for i, block_hash in enumerate(hashes):
+            bid = self.pool.lookup(block_hash, token_ids[i * bs : (i + 1) * bs])
+            if bid is None:
+                break
+            held.append(bid)
+        self.pool.incref(held)
+        self.num_pinned += len(held)
+        return held
+
+    def unpin(self, block_ids: Sequence[BlockId]) -> None:
+        """Release a pin: the blocks become ordinary (evictable) cached blocks again."""
+        self.pool.free(list(reversed(block_ids)))
+        self.num_pinned -= len(block_ids)
 
     def record_lookup(self, num_queried_tokens: int, num_hit_tokens: int) -> None:
         """Count a request's first lookup (retries and recomputes are not counted)."""
@@ -186,11 +209,14 @@ class KVCacheManager:
             queried_tokens=self.queried_tokens,
             hit_tokens=self.hit_tokens,
             evictions=self.pool.num_evictions,
+            pinned_blocks=self.num_pinned,
         )
 
     def check_all_free(self) -> None:
-        """Invariant after every engine run: no request holds blocks and every block is free."""
+        """Invariant after every engine run (and every handle released): no request holds
+        blocks, nothing is pinned, every block is free with a zero refcount."""
         self.pool.check_invariants()
         assert not self.req_to_blocks, f"requests still hold blocks: {sorted(self.req_to_blocks)}"
+        assert self.num_pinned == 0, f"{self.num_pinned} blocks are still pinned"
         assert self.pool.num_free_blocks == self.pool.num_blocks
         assert all(b.ref_cnt == 0 for b in self.pool.blocks)

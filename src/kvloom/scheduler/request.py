@@ -6,6 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from kvloom.kv_cache.hashing import extra_keys
 from kvloom.outputs import FinishReason
 from kvloom.params import SamplingParams
 
@@ -37,6 +38,13 @@ class Request:
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     num_cached_tokens: int = 0
+    cache_salt: str | None = None
+    """Requests with different salts never share cached KV."""
+
+    @property
+    def cache_keys(self) -> tuple[object, ...]:
+        """Extra keys of this request's block hashes."""
+        return extra_keys(self.cache_salt)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -128,7 +128,7 @@ class Scheduler:
         ):
             req = self.waiting[0]
             # Waiting requests have no KV (new, or preempted): start from the cached prefix.
-            hits = self.kv.find_cached_prefix(req.request_id, req.token_ids)
+            hits = self.kv.find_cached_prefix(req.request_id, req.token_ids, req.cache_keys)
             num_hit = len(hits) * self.kv.block_size
             num_new = req.num_tokens - num_hit
             if num_new > budget and not self.config.enable_chunked_prefill:
@@ -183,7 +183,7 @@ class Scheduler:
             req = self.requests.get(rid)
             if req is not None:
                 req.num_computed_tokens += n
-                self.kv.cache_computed_blocks(rid, req.token_ids, req.num_computed_tokens)
+                self.kv.cache_computed_blocks(rid, req.token_ids, req.num_computed_tokens, req.cache_keys)
         outputs: list[EngineCoreOutput] = []
         logprobs = sampled.logprobs
         for i, (rid, token) in enumerate(zip(sampled.req_ids, sampled.token_ids, strict=True)):

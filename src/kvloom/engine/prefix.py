@@ -1,0 +1,85 @@
+"""``PrefixHandle``: a system prompt's or document's KV, computed once and pinned.
+
+The handle holds references on the prefix's whole KV blocks, so eviction cannot touch them
+while it lives; requests that start with its tokens (``prefix=handle``, or chat messages that
+begin with its messages) reuse them through the prefix cache. ``release()`` (or leaving
+``async with``) turns them back into ordinary cached blocks: still reusable until evicted.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from kvloom.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from kvloom.engine.async_engine import AsyncEngine
+    from kvloom.engine.processor import InputProcessor, Message, Prompt
+
+
+@dataclass(eq=False)
+class PrefixHandle:
+    handle_id: str
+    token_ids: tuple[int, ...]
+    block_ids: list[int]
+    block_size: int
+    cache_salt: str | None
+    messages: tuple[dict[str, Any], ...] | None
+    hits: int = 0
+    """Requests that have used this prefix."""
+    released: bool = False
+    _engine: weakref.ref[AsyncEngine] | None = field(default=None, repr=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_ids)
+
+    @property
+    def num_cached_tokens(self) -> int:
+        """Tokens a request using this prefix finds in the cache: its whole blocks."""
+        return self.num_blocks * self.block_size
+
+    def owned_by(self, engine: AsyncEngine) -> bool:
+        return self._engine is not None and self._engine() is engine
+
+    def matches_messages(self, messages: Sequence[dict[str, Any]]) -> bool:
+        """Whether a chat request's leading messages are this handle's."""
+        n = len(self.messages or ())
+        return self.messages is not None and len(messages) > n and tuple(messages[:n]) == self.messages
+
+    def release(self) -> None:
+        """Unpin (idempotent). Its blocks stay reusable until evicted."""
+        engine = self._engine() if self._engine is not None else None
+        if not self.released and engine is not None:
+            engine._release_prefix(self)
+        self.released = True
+
+    async def __aenter__(self) -> PrefixHandle:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+
+def prefix_token_ids(
+    handle: PrefixHandle, inputs: InputProcessor, prompt: Prompt | None, messages: Sequence[Message] | None,
+    cache_salt: str | None,
+) -> tuple[list[int], str | None]:
+    """A request's tokens continuing ``handle`` (its prompt's tokens after the handle's, or the
+    handle's messages followed by the request's through the chat template), and its salt."""
+    if cache_salt is not None and cache_salt != handle.cache_salt:
+        raise InvalidRequestError("cache_salt: differs from the prefix handle's salt, so it could never hit")
+    handle.hits += 1
+    if messages is not None:
+        if handle.messages is None:
+            raise InvalidRequestError("prefix: a handle made from a prompt continues with a prompt, not messages")
+        return inputs.to_token_ids(None, [*handle.messages, *messages]), handle.cache_salt
+    own = inputs.to_token_ids(prompt, None) if prompt is not None else []
+    return [*handle.token_ids, *own], handle.cache_salt
