@@ -34,10 +34,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from kvloom.bench import machine
 from kvloom.bench.peers import PeerSpec, RequestTrace, load_hf_model, parse_peers, serve_cb
+from kvloom.bench.setup import prepare
 from kvloom.bench.throughput import kvloom_config, parse_config
-from kvloom.bench.workload import STANDARD_MODEL, Workload, cached_checkpoint, read_vocab_size
+from kvloom.bench.workload import STANDARD_MODEL, Workload
 
 SCHEMA_VERSION = 1
 DEFAULT_PEERS = "cb512,cb2048"
@@ -203,17 +203,10 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     except ValueError as exc:
         print(f"bench serve: {exc}", file=sys.stderr)
         return 2
-    print(f"command: {command}")
-    info = machine.describe()
-    ceilings = machine.measure_ceilings(quick=args.quick)
-    print(machine.format_machine(info, ceilings))
-
-    model_dir = args.model or cached_checkpoint(STANDARD_MODEL)[0]
-    prompts = workload.prompts(read_vocab_size(model_dir))
+    setup = prepare(command, args.model, args.quick, workload,
+                    f"Poisson arrivals at {args.rate:g} req/s over {offsets[-1]:.2f} s")
+    info, ceilings, model_dir, prompts = setup.info, setup.ceilings, setup.model_dir, setup.prompts
     prompt_tokens = sum(len(p) for p in prompts)
-    print(f"model: {model_dir}\nworkload: {workload.num_requests} requests, prompts {workload.min_prompt_len}-"
-          f"{workload.max_prompt_len} tokens ({prompt_tokens} in all), {workload.output_len} output tokens each, "
-          f"greedy, EOS ignored; Poisson arrivals at {args.rate:g} req/s over {offsets[-1]:.2f} s")
 
     config = kvloom_config(user_config, prompts, workload.output_len)
     if "max_waiting" not in user_config:  # --rate inf queues every request at once: none may be refused

@@ -23,9 +23,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from kvloom.bench import machine
 from kvloom.bench.peers import PeerRun, PeerSpec, load_hf_model, parse_peers, run_peer, warm_up
-from kvloom.bench.workload import STANDARD_MODEL, Workload, cached_checkpoint, read_vocab_size
+from kvloom.bench.setup import prepare
+from kvloom.bench.workload import STANDARD_MODEL, Workload
 
 SCHEMA_VERSION = 1
 DEFAULT_PEERS = "static8,static16,cb512,cb2048"
@@ -166,18 +166,10 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     except ValueError as exc:
         print(f"bench throughput: {exc}", file=sys.stderr)
         return 2
-    print(f"command: {command}")
-    info = machine.describe()
-    ceilings = machine.measure_ceilings(quick=args.quick)
-    print(machine.format_machine(info, ceilings))
-
-    model_dir = args.model or cached_checkpoint(STANDARD_MODEL)[0]
-    prompts = workload.prompts(read_vocab_size(model_dir))
+    setup = prepare(command, args.model, args.quick, workload, f"repeats {args.repeats}")
+    info, ceilings, model_dir, prompts = setup.info, setup.ceilings, setup.model_dir, setup.prompts
     num_tokens = workload.num_requests * workload.output_len
     prompt_tokens = sum(len(p) for p in prompts)
-    print(f"model: {model_dir}\nworkload: {workload.num_requests} requests, prompts {workload.min_prompt_len}-"
-          f"{workload.max_prompt_len} tokens ({prompt_tokens} in all), {workload.output_len} output tokens each, "
-          f"greedy, EOS ignored; repeats {args.repeats}")
 
     config = kvloom_config(user_config, prompts, workload.output_len)
     kv = _KvloomSystem(model_dir, config, workload.output_len)

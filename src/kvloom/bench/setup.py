@@ -1,0 +1,33 @@
+"""What every benchmark does first: print the command and the machine (with ceilings measured
+in this run), find or build the checkpoint, make the workload's prompts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvloom.bench import machine
+from kvloom.bench.workload import STANDARD_MODEL, Workload, cached_checkpoint, read_vocab_size
+
+
+@dataclass(frozen=True)
+class BenchSetup:
+    info: dict[str, Any]
+    ceilings: dict[str, float]
+    model_dir: Path
+    prompts: list[list[int]]
+
+
+def prepare(command: str, model: str | Path | None, quick: bool, workload: Workload, how: str) -> BenchSetup:
+    """Print the run's header; ``how`` ends the workload line (repeats, arrivals, ...)."""
+    print(f"command: {command}")
+    info = machine.describe()
+    ceilings = machine.measure_ceilings(quick=quick)
+    print(machine.format_machine(info, ceilings))
+    model_dir = Path(model) if model else cached_checkpoint(STANDARD_MODEL)[0]
+    prompts = workload.prompts(read_vocab_size(model_dir))
+    print(f"model: {model_dir}\\nworkload: {workload.num_requests} requests, prompts {workload.min_prompt_len}-"
+          f"{workload.max_prompt_len} tokens ({sum(len(p) for p in prompts)} in all), {workload.output_len} output "
+          f"tokens each, greedy, EOS ignored; {how}")
+    return BenchSetup(info, ceilings, model_dir, prompts)
