@@ -78,3 +78,20 @@ def test_a_hit_on_a_block_someone_holds_shares_it() -> None:
     kv.free("a")
     kv.free("b")
     kv.check_all_free()
+
+
+def test_extra_keys_isolate_caches_such_as_adapters_and_salts() -> None:
+    kv = KVCacheManager(num_blocks=16, block_size=4, watermark=0.0)
+    tokens = list(range(1, 14))
+    sql_v1 = (("adapter", "sql", "sha256:aaaa"),)
+    hits = kv.find_cached_prefix("a", tokens, sql_v1)
+    assert kv.allocate_slots("a", len(tokens), new_request=True, cached=hits) is not None
+    kv.cache_computed_blocks("a", tokens, len(tokens), sql_v1)
+    kv.free("a")
+    assert len(kv.find_cached_prefix("b", tokens, sql_v1)) == 3, "same adapter content: hit"
+    kv.free("b")
+    assert kv.find_cached_prefix("c", tokens, (("adapter", "sql", "sha256:bbbb"),)) == [], "reloaded weights"
+    kv.free("c")
+    assert kv.find_cached_prefix("d", tokens) == [], "the base model never sees adapter KV"
+    kv.free("d")
+    kv.check_all_free()
