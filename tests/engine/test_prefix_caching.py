@@ -48,3 +48,30 @@ def test_preempted_requests_recompute_from_the_cache_with_identical_outputs(llam
     assert [r.token_ids for r in tight.generate(prompts, params)] == expected
     assert tight.core.scheduler.num_preemptions > 0
     tight.core.assert_idle()
+
+
+def test_n_choices_share_the_prompts_blocks_and_copy_only_the_diverging_one(llama_dir: Path) -> None:
+    prompt = list(range(10, 50))  # 40 tokens: 2 full blocks of 16, and block 2 holds tokens 32..39
+    params = SamplingParams(temperature=1.0, seed=11, n=4, max_tokens=4, ignore_eos=True)
+    # Caching off: any sharing here comes from the fork itself.
+    llm = LLM(llama_dir, enable_prefix_caching=False)
+    together = llm.generate([prompt], params)[0]
+    # The source holds 3 blocks; each other choice shares blocks 0-1 and gets one copy of block 2
+    # (without forks: 4 x 3 = 12). Wrong or missing copies would change the choices' tokens below.
+    assert llm.kv_cache_stats().peak_used_blocks == 3 + 3
+    separate = LLM(llama_dir, enable_prefix_caching=False)
+    for i, choice in enumerate(together.choices):
+        alone = separate.generate([prompt], params.model_copy(update={"n": 1, "seed": 11 + i}))[0]
+        assert choice.token_ids == alone.token_ids
+    llm.core.assert_idle()
+
+
+def test_forks_with_a_cached_prefix_and_under_preemption(llama_dir: Path) -> None:
+    prompts = shared_prefix_prompts(prefix_len=40, count=3)
+    params = SamplingParams(temperature=0.9, seed=3, n=3, max_tokens=12, ignore_eos=True)
+    expected = [[c.token_ids for c in r.choices] for r in LLM(llama_dir).generate(prompts, params)]
+    tight = LLM(llama_dir, num_kv_blocks=9, max_num_batched_tokens=24)
+    got = [[c.token_ids for c in r.choices] for r in tight.generate(prompts, params)]
+    assert got == expected
+    assert tight.core.scheduler.num_preemptions > 0
+    tight.core.assert_idle()

@@ -66,7 +66,7 @@ class EngineDriver:
             params = req.params.for_choice(i) if req.params.n > 1 else req.params
             self.core.add_request(
                 Request(seq_id, list(req.prompt_token_ids), params, self._eos, req.priority, req.arrival_time,
-                        cache_salt=req.cache_salt)
+                        cache_salt=req.cache_salt, fork_of=seq_ids[0] if i > 0 else None)
             )
         if req.pin_prefix:
             self._to_pin[req.request_id] = req

@@ -179,6 +179,26 @@ class KVCacheManager:
             self.pool.cache(blocks[i], hashes[i], token_ids[i * bs : (i + 1) * bs])
         self.req_to_num_cached[request_id] = num_full
 
+    def fork(self, src_id: str, dst_id: str, num_tokens: int) -> list[tuple[BlockId, BlockId]] | None:
+        """Give ``dst_id`` the KV of ``src_id``'s first ``num_tokens - 1`` tokens: the whole blocks
+        before the one holding token ``num_tokens - 1`` are shared (refcount), that block is
+        copied into a fresh one (``dst`` will write its own last token and outputs there).
+        Returns the (src, dst) block copies to apply before the next forward, or None when no
+        block is free."""
+        src = self.req_to_blocks[src_id]
+        last = (num_tokens - 1) // self.block_size
+        if self.pool.num_free_blocks < 1 or last >= len(src):
+            return None
+        shared = src[:last]
+        self.pool.incref(shared)
+        [copy] = self.pool.allocate(1)
+        self.req_to_blocks[dst_id] = [*shared, copy]
+        self.req_to_num_cached[dst_id] = min(self.req_to_num_cached.get(src_id, 0), len(shared))  # already cached
+        self.req_to_num_tokens[dst_id] = num_tokens
+        self._tokens_held += num_tokens
+        self._record_peak()
+        return [(src[last], copy)]
+
     def get_block_ids(self, request_id: str) -> list[BlockId]:
         return self.req_to_blocks.get(request_id, [])
 

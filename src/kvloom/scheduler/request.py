@@ -40,6 +40,8 @@ class Request:
     num_cached_tokens: int = 0
     cache_salt: str | None = None
     """Requests with different salts never share cached KV."""
+    fork_of: str | None = None
+    """Choice i > 0 of an ``n > 1`` request: waits for this request's prompt, then shares its blocks."""
 
     @property
     def cache_keys(self) -> tuple[object, ...]:

@@ -42,6 +42,9 @@ class Scheduler:
         self.running: list[Request] = []
         self._finished_since_last_step: set[str] = set()
         self._known_to_runner: set[str] = set()
+        self._forks: dict[str, list[Request]] = {}
+        """Source request id -> choices waiting for its prompt's KV (see ``_start_forks``)."""
+        self._copies: list[tuple[int, int]] = []
         self.num_preemptions = 0
 
     # ---- requests in and out -------------------------------------------------------------
@@ -49,7 +52,10 @@ class Scheduler:
         if req.request_id in self.requests:
             raise ValueError(f"request_id {req.request_id!r} is already in use")
         self.requests[req.request_id] = req
-        self._insert_waiting(req)
+        if req.fork_of is not None and req.fork_of in self.requests:
+            self._forks.setdefault(req.fork_of, []).append(req)
+        else:
+            self._insert_waiting(req)
 
     def _insert_waiting(self, req: Request) -> None:
         # Waiting stays sorted by importance; equal keys keep arrival order (FCFS).
@@ -68,13 +74,43 @@ class Scheduler:
                 continue
             if req.status is RequestStatus.RUNNING:
                 self.running.remove(req)
+            elif req.fork_of is not None and req in self._forks.get(req.fork_of, []):
+                self._forks[req.fork_of].remove(req)
             else:
                 self.waiting.remove(req)
             self._finish(req, reason)
             done.append(req)
         return done
 
+    def _release_forks(self, source_id: str) -> None:
+        """The source can no longer be forked: its waiting choices queue as ordinary requests
+        (the prefix cache still shares its whole blocks with them)."""
+        for child in self._forks.pop(source_id, []):
+            self._insert_waiting(child)
+
+    def _start_forks(self) -> None:
+        """Choices whose source has computed its prompt start from its KV: shared whole blocks,
+        one copied block, and only the last prompt token to recompute for their own logits."""
+        for source_id in list(self._forks):
+            source = self.requests[source_id]
+            if source.status is not RequestStatus.RUNNING or source.num_computed_tokens < source.num_prompt_tokens:
+                continue
+            children = self._forks.pop(source_id)
+            for i, child in enumerate(children):
+                full = len(self.running) >= self.config.max_num_seqs
+                copies = None if full else self.kv.fork(source_id, child.request_id, child.num_prompt_tokens)
+                if copies is None:
+                    self._forks[source_id] = children[i:]
+                    self._release_forks(source_id)
+                    break
+                self._copies.extend((int(a), int(b)) for a, b in copies)
+                child.num_computed_tokens = child.num_prompt_tokens - 1
+                child.num_cached_tokens = source.num_cached_tokens
+                child.status = RequestStatus.RUNNING
+                self.running.append(child)
+
     def _finish(self, req: Request, reason: FinishReason) -> None:
+        self._release_forks(req.request_id)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         self.kv.free(req.request_id)
@@ -120,7 +156,11 @@ class Scheduler:
                 break
             num_scheduled[req.request_id] = num_new
             budget -= num_new
-            cached_reqs.append(CachedRequestData(req.request_id, list(new_blocks), req.num_computed_tokens, False))
+            if req.request_id in self._known_to_runner:
+                cached_reqs.append(CachedRequestData(req.request_id, list(new_blocks), req.num_computed_tokens, False))
+            else:  # a fork, running from its first step
+                self._known_to_runner.add(req.request_id)
+                new_reqs.append(self._new_request_data(req))
             idx += 1
 
         while (
@@ -150,25 +190,29 @@ class Scheduler:
                 cached_reqs.append(CachedRequestData(req.request_id, block_ids, req.num_computed_tokens, True))
             else:
                 self._known_to_runner.add(req.request_id)
-                new_reqs.append(
-                    NewRequestData(
-                        req.request_id, list(req.token_ids), req.num_prompt_tokens, req.params,
-                        block_ids, req.num_computed_tokens,
-                    )
-                )
+                new_reqs.append(self._new_request_data(req))
             req.status = RequestStatus.RUNNING
 
         finished = self._finished_since_last_step
         self._finished_since_last_step = set()
+        copies, self._copies = self._copies, []
         return SchedulerOutput(
             new_reqs=new_reqs,
             cached_reqs=cached_reqs,
             num_scheduled_tokens=num_scheduled,
             total_num_scheduled_tokens=self.config.max_num_batched_tokens - budget,
             finished_req_ids=finished,
+            blocks_to_copy=copies,
+        )
+
+    def _new_request_data(self, req: Request) -> NewRequestData:
+        block_ids = [int(b) for b in self.kv.get_block_ids(req.request_id)]
+        return NewRequestData(
+            req.request_id, list(req.token_ids), req.num_prompt_tokens, req.params, block_ids, req.num_computed_tokens
         )
 
     def _preempt(self, req: Request) -> None:
+        self._release_forks(req.request_id)
         self.running.remove(req)
         self.kv.free(req.request_id)
         req.num_computed_tokens = 0
@@ -202,4 +246,5 @@ class Scheduler:
                     req.num_prompt_tokens, req.num_cached_tokens,
                 )
             )
+        self._start_forks()
         return outputs
