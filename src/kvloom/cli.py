@@ -17,6 +17,7 @@ from typing import Protocol, cast
 BENCHES: dict[str, tuple[str, str]] = {
     "throughput": ("kvloom.bench.throughput", "offline throughput: kvloom vs transformers on one workload"),
     "serve": ("kvloom.bench.serve", "online serving: TTFT/TPOT/E2E under Poisson arrivals, kvloom vs transformers"),
+    "prefix": ("kvloom.bench.prefix", "shared prefixes (agent, RAG): prefix caching off / auto / handles vs transformers"),
 }
 """Benchmark name -> (module, one-line help)."""
 

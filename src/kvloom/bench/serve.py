@@ -32,12 +32,17 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvloom.bench.peers import PeerSpec, RequestTrace, load_hf_model, parse_peers, serve_cb
 from kvloom.bench.setup import prepare
 from kvloom.bench.throughput import kvloom_config, parse_config
 from kvloom.bench.workload import STANDARD_MODEL, Workload
+
+if TYPE_CHECKING:
+    from kvloom import SamplingParams
+    from kvloom.engine.async_engine import AsyncEngine
+    from kvloom.engine.prefix import PrefixHandle
 
 SCHEMA_VERSION = 1
 DEFAULT_PEERS = "cb512,cb2048"
@@ -126,33 +131,40 @@ async def _serve_kvloom(model_dir: Path, config: dict[str, Any], prompts: list[l
         await engine.generate(prompts[0][:8], warm)
         start = time.perf_counter() + LEAD_S
 
-        async def one(i: int) -> RequestTrace:
-            arrival = start + offsets[i]
-            await asyncio.sleep(max(0.0, arrival - time.perf_counter()))
-            trace = RequestTrace(arrival, time.perf_counter(), math.nan, math.nan)
-            async for chunk in engine.stream(prompts[i], params, request_id=f"serve-{i}"):
-                now = time.perf_counter()
-                if chunk.token_ids:
-                    if not trace.token_ids:
-                        trace.first_token = now
-                    trace.token_ids.extend(chunk.token_ids)
-                    trace.num_chunks += 1
-            trace.end = time.perf_counter()
-            return trace
-
         async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(one(i)) for i in range(len(prompts))]
-        return [t.result() for t in tasks], _jsonable(engine.stats())
+            tasks = [group.create_task(stream_trace(engine, prompts[i], params, start + offsets[i], f"serve-{i}"))
+                     for i in range(len(prompts))]
+        return [t.result()[0] for t in tasks], jsonable(engine.stats())
 
 
-def _jsonable(value: Any) -> Any:
+async def stream_trace(engine: AsyncEngine, prompt: list[int], params: SamplingParams, arrival: float,
+                       request_id: str, prefix: PrefixHandle | None = None) -> tuple[RequestTrace, int]:
+    """Sleep until ``arrival`` (a ``perf_counter`` time), stream one request stamping each chunk as
+    received; the trace and the request's ``Usage.cached_tokens`` (0 if no usage came)."""
+    await asyncio.sleep(max(0.0, arrival - time.perf_counter()))
+    trace = RequestTrace(arrival, time.perf_counter(), math.nan, math.nan)
+    cached = 0
+    async for chunk in engine.stream(prompt, params, request_id=request_id, prefix=prefix):
+        now = time.perf_counter()
+        if chunk.token_ids:
+            if not trace.token_ids:
+                trace.first_token = now
+            trace.token_ids.extend(chunk.token_ids)
+            trace.num_chunks += 1
+        if chunk.usage is not None:
+            cached = chunk.usage.cached_tokens
+    trace.end = time.perf_counter()
+    return trace, cached
+
+
+def jsonable(value: Any) -> Any:
     """Stats as plain JSON: mappings and dataclasses become dicts, other objects their ``str``."""
     if hasattr(value, "__dataclass_fields__") and not isinstance(value, type):
         value = asdict(value)
     if isinstance(value, dict) or hasattr(value, "items"):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     return value if value is None or isinstance(value, bool | int | float | str) else str(value)
 
 
@@ -167,7 +179,7 @@ def _peer_entry(spec: PeerSpec, traces: list[RequestTrace] | None, error: str | 
                                         "mismatched_requests": mismatched[:20]}
 
 
-def _run_peers(specs: list[PeerSpec], model_dir: Path, prompts: list[list[int]], offsets: list[float],
+def run_peers(specs: list[PeerSpec], model_dir: Path, prompts: list[list[int]], offsets: list[float],
                output_len: int, reference: list[list[int]]) -> list[dict[str, Any]]:
     """Each peer's entry; a peer that fails to load or run is an entry with ``error`` set."""
     model: Any = None
@@ -214,9 +226,9 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     print("  kvloom ...", file=sys.stderr, flush=True)
     kv_traces, stats = asyncio.run(_serve_kvloom(model_dir, config, prompts, offsets, workload.output_len))
     reference = [t.token_ids for t in kv_traces]
-    kv = {"config": _jsonable(config), "ttft_measured": TTFT_MEASURED["kvloom"], **summarize(kv_traces),
+    kv = {"config": jsonable(config), "ttft_measured": TTFT_MEASURED["kvloom"], **summarize(kv_traces),
           "output_lens_ok": all(len(t) == workload.output_len for t in reference), "engine_stats": stats}
-    peers = _run_peers(specs, model_dir, prompts, offsets, workload.output_len, reference)
+    peers = run_peers(specs, model_dir, prompts, offsets, workload.output_len, reference)
 
     ok = [p for p in peers if p["error"] is None]
     fastest = min(ok, key=lambda p: p["ttft_s"]["p50"], default=None)

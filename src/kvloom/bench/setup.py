@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kvloom.bench import machine
-from kvloom.bench.workload import STANDARD_MODEL, Workload, cached_checkpoint, read_vocab_size
+from kvloom.bench.workload import STANDARD_MODEL, ModelSpec, Workload, cached_checkpoint, read_vocab_size
 
 
 @dataclass(frozen=True)
@@ -19,15 +19,23 @@ class BenchSetup:
     prompts: list[list[int]]
 
 
-def prepare(command: str, model: str | Path | None, quick: bool, workload: Workload, how: str) -> BenchSetup:
-    """Print the run's header; ``how`` ends the workload line (repeats, arrivals, ...)."""
+def header(command: str, model: str | Path | None, quick: bool,
+           spec: ModelSpec = STANDARD_MODEL) -> tuple[dict[str, Any], dict[str, float], Path]:
+    """Print the command and the machine (ceilings measured now); the checkpoint dir: ``model``,
+    else ``spec``'s cached random checkpoint (built once)."""
     print(f"command: {command}")
     info = machine.describe()
     ceilings = machine.measure_ceilings(quick=quick)
     print(machine.format_machine(info, ceilings))
-    model_dir = Path(model) if model else cached_checkpoint(STANDARD_MODEL)[0]
+    model_dir = Path(model) if model else cached_checkpoint(spec)[0]
+    return info, ceilings, model_dir
+
+
+def prepare(command: str, model: str | Path | None, quick: bool, workload: Workload, how: str) -> BenchSetup:
+    """Print the run's header; ``how`` ends the workload line (repeats, arrivals, ...)."""
+    info, ceilings, model_dir = header(command, model, quick)
     prompts = workload.prompts(read_vocab_size(model_dir))
-    print(f"model: {model_dir}\\nworkload: {workload.num_requests} requests, prompts {workload.min_prompt_len}-"
+    print(f"model: {model_dir}\nworkload: {workload.num_requests} requests, prompts {workload.min_prompt_len}-"
           f"{workload.max_prompt_len} tokens ({sum(len(p) for p in prompts)} in all), {workload.output_len} output "
           f"tokens each, greedy, EOS ignored; {how}")
     return BenchSetup(info, ceilings, model_dir, prompts)
