@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import json
 import random
 import shlex
 import statistics
@@ -33,7 +32,7 @@ from typing import Any
 
 from kvloom.bench.peers import PeerSpec, parse_peers
 from kvloom.bench.serve import LEAD_S, TTFT_MEASURED, jsonable, run_peers, stream_trace, summarize
-from kvloom.bench.setup import header
+from kvloom.bench.setup import header, write_result
 from kvloom.bench.throughput import kvloom_config
 from kvloom.bench.workload import STANDARD_MODEL, ModelSpec, read_vocab_size
 
@@ -209,10 +208,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "summary": summary,
     }
     print(format_report(result))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_result(args.json, result)
     return 0
 
 

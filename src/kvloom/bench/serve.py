@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import json
 import math
 import random
 import shlex
@@ -35,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvloom.bench.peers import PeerSpec, RequestTrace, load_hf_model, parse_peers, serve_cb
-from kvloom.bench.setup import prepare
+from kvloom.bench.setup import prepare, write_result
 from kvloom.bench.throughput import kvloom_config, parse_config
 from kvloom.bench.workload import STANDARD_MODEL, Workload
 
@@ -250,10 +249,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "kvloom": kv, "peers": peers, "summary": summary,
     }
     print(format_report(result))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_result(args.json, result)
     return 0
 
 

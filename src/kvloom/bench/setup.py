@@ -3,6 +3,7 @@ in this run), find or build the checkpoint, make the workload's prompts."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,3 +40,12 @@ def prepare(command: str, model: str | Path | None, quick: bool, workload: Workl
           f"{workload.max_prompt_len} tokens ({sum(len(p) for p in prompts)} in all), {workload.output_len} output "
           f"tokens each, greedy, EOS ignored; {how}")
     return BenchSetup(info, ceilings, model_dir, prompts)
+
+
+def write_result(path: Path | None, result: dict[str, Any]) -> None:
+    """Write a benchmark's result as indented JSON (diffable), if a path was given."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")

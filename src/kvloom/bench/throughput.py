@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from kvloom.bench.peers import PeerRun, PeerSpec, load_hf_model, parse_peers, run_peer, warm_up
-from kvloom.bench.setup import prepare
+from kvloom.bench.setup import prepare, write_result
 from kvloom.bench.workload import STANDARD_MODEL, Workload
 
 SCHEMA_VERSION = 1
@@ -202,10 +202,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "kvloom": kvloom_result, "peers": peers_result, "summary": summary,
     }
     print(format_report(result))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_result(args.json, result)
     return 0
 
 
