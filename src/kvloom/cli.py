@@ -18,6 +18,8 @@ BENCHES: dict[str, tuple[str, str]] = {
     "throughput": ("kvloom.bench.throughput", "offline throughput: kvloom vs transformers on one workload"),
     "serve": ("kvloom.bench.serve", "online serving: TTFT/TPOT/E2E under Poisson arrivals, kvloom vs transformers"),
     "prefix": ("kvloom.bench.prefix", "shared prefixes (agent, RAG): prefix caching off / auto / handles vs transformers"),
+    "structured": ("kvloom.bench.structured", "JSON-schema constrained vs unconstrained throughput, xgrammar and outlines"),
+    "lora": ("kvloom.bench.lora", "throughput with 0/1/4/16 LoRA adapters in the batch, relative to the base model"),
 }
 """Benchmark name -> (module, one-line help)."""
 

@@ -37,6 +37,15 @@ class SchedulerConfig(BaseModel):
     enable_chunked_prefill: bool = True
 
 
+class LoRAConfig(BaseModel):
+    """Multi-LoRA serving. Slot weights are allocated when the first adapter is loaded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_loras: int = Field(4, ge=1, description="Adapter slots on the device; also the most adapters in one step.")
+    max_lora_rank: int = Field(16, ge=1, le=512, description="Largest adapter rank accepted.")
+
+
 class EngineConfig(BaseModel):
     """Everything ``LLM(model_dir, **config)`` and ``AsyncEngine.from_pretrained`` accept."""
 
@@ -48,17 +57,25 @@ class EngineConfig(BaseModel):
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
     max_model_len: int | None = Field(None, ge=1, description="Default: the model's max_position_embeddings.")
     seed: int = Field(0, ge=0, description="Seeds the RNG of unseeded random sampling.")
+    grammar_backend: Literal["xgrammar", "outlines"] = Field(
+        "xgrammar", description="Default backend of response_format (a request may pick its own)."
+    )
+    grammar_compile_timeout: float = Field(
+        60.0, gt=0.0, description="Seconds a request may wait for its grammar to compile before it fails."
+    )
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    lora: LoRAConfig = LoRAConfig()
 
     @classmethod
     def from_kwargs(cls, model: str | Path, **kwargs: object) -> EngineConfig:
-        """Build from flat keyword arguments: cache and scheduler fields may be given at top level."""
+        """Build from flat keyword arguments: cache, scheduler and LoRA fields may be given at top level."""
         cache = {k: kwargs.pop(k) for k in list(kwargs) if k in CacheConfig.model_fields}
         sched = {k: kwargs.pop(k) for k in list(kwargs) if k in SchedulerConfig.model_fields}
+        lora = {k: kwargs.pop(k) for k in list(kwargs) if k in LoRAConfig.model_fields}
         return cls.model_validate(
             {"model": model, **kwargs, "cache": CacheConfig.model_validate(cache),
-             "scheduler": SchedulerConfig.model_validate(sched)}
+             "scheduler": SchedulerConfig.model_validate(sched), "lora": LoRAConfig.model_validate(lora)}
         )
 
 

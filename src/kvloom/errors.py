@@ -48,3 +48,14 @@ class EngineOverloadedError(KvloomError, RuntimeError):
 
 class PrefixBudgetError(KvloomError, RuntimeError):
     """Pinning this prefix would exceed the pin budget (``prefix_pin_fraction`` of the pool)."""
+
+
+class AdapterError(InvalidRequestError):
+    """A LoRA adapter directory cannot be served: a missing or corrupt file, an unsupported PEFT
+    feature, or weights that don't fit the base model. The message names the file, field or key."""
+
+
+class GrammarError(InvalidRequestError):
+    """A request's ``response_format`` cannot be used: invalid JSON schema, regex or EBNF grammar,
+    a grammar the chosen backend does not support, or an unknown backend. The message starts
+    with ``response_format:``."""

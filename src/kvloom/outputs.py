@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-FinishReason = Literal["stop", "length", "abort"]
+FinishReason = Literal["stop", "length", "abort", "error"]
+"""``error``: a logits processor rejected the sampled token or raised (see the engine log)."""
 
 
 @dataclass(slots=True, frozen=True)

@@ -3,9 +3,14 @@ with a message that names the field."""
 
 from __future__ import annotations
 
-from typing import Self
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from kvloom.structured.processor import LogitsProcessorFactory
+from kvloom.structured.spec import ResponseFormat
+
+GrammarBackendName = Literal["xgrammar", "outlines"]
 
 MAX_LOGPROBS = 20
 
@@ -17,7 +22,7 @@ class SamplingParams(BaseModel):
     users call ``generate`` expecting an answer, not a fragment).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, arbitrary_types_allowed=True)
 
     max_tokens: int = Field(256, ge=1, description="Most tokens to generate per choice.")
     temperature: float = Field(1.0, ge=0.0, description="0 means greedy.")
@@ -36,6 +41,35 @@ class SamplingParams(BaseModel):
     n: int = Field(1, ge=1, le=128, description="Number of choices; choice i uses seed + i when seeded.")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Top-N logprobs per sampled token.")
     skip_special_tokens: bool = True
+    response_format: ResponseFormat | None = Field(
+        None,
+        description="Constrain the output: a pydantic model class, a JSON schema dict, "
+        "{'type': 'json_object' | 'regex' | 'choice' | 'grammar', ...} or a ResponseFormat.",
+    )
+    grammar_backend: GrammarBackendName | None = Field(
+        None, description="Compile response_format with this backend (default: the engine's grammar_backend)."
+    )
+    logits_processors: list[LogitsProcessorFactory] = Field(
+        default_factory=list,
+        description="Zero-argument factories; each sequence gets fresh processors (see kvloom.structured.processor).",
+    )
+
+    @field_validator("response_format", mode="before")
+    @classmethod
+    def _coerce_format(cls, value: Any) -> Any:
+        return None if value is None else ResponseFormat.coerce(value)
+
+    @field_validator("logits_processors", mode="before")
+    @classmethod
+    def _factories_callable(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        if not isinstance(value, list | tuple):
+            raise ValueError("must be a list of zero-argument callables returning a LogitsProcessor")
+        for i, factory in enumerate(value):
+            if not callable(factory):
+                raise ValueError(f"item {i} ({type(factory).__name__}) is not callable: pass a class or a factory")
+        return list(value)
 
     @field_validator("stop", mode="before")
     @classmethod

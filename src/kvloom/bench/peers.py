@@ -132,7 +132,7 @@ def _run_static(model: Any, prompts: list[list[int]], output_len: int, batch_siz
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
 
-    class FirstTokenClock(StoppingCriteria):  # type: ignore[misc]
+    class FirstTokenClock(StoppingCriteria):  # type: ignore[misc,unused-ignore]
         """Records when the first token of a batch exists; never stops anything."""
 
         def __init__(self) -> None:

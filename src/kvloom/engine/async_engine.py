@@ -19,8 +19,10 @@ from typing import Any
 import anyio
 
 from kvloom.config import EngineConfig
+from kvloom.engine.adapters import AdapterInfo, AdapterRegistry
 from kvloom.engine.background import spawn_background
 from kvloom.engine.driver import EngineDriver, NewRequest, StepResult
+from kvloom.engine.grammar import GrammarService
 from kvloom.engine.prefix import PrefixHandle, prefix_token_ids
 from kvloom.engine.processor import InputProcessor, Message, Prompt
 from kvloom.engine.request_stream import RequestState
@@ -53,6 +55,9 @@ class AsyncEngine:
         self.max_waiting = max_waiting
         self._driver: EngineDriver | None = None
         self._inputs: InputProcessor | None = None
+        self._grammars: GrammarService | None = None
+        self._adapters: AdapterRegistry | None = None
+        self._pinned_loras_changed = False
         self._states: dict[str, RequestState] = {}
         self._adds: list[NewRequest] = []
         self._aborts: deque[str] = deque()  # appended from any thread (stream finalizers)
@@ -80,20 +85,27 @@ class AsyncEngine:
             return
         self._done = anyio.Event()
         try:
-            self._driver, self._inputs = await anyio.to_thread.run_sync(self._load)
+            driver, self._inputs, self._grammars = await anyio.to_thread.run_sync(self._load)
         except BaseException:
             self._done.set()
             raise
+        self._driver = driver
+        self._adapters = AdapterRegistry(driver.core.model_config, self.config.lora.max_lora_rank,
+                                         self.config.lora.max_loras)
         self._task = spawn_background(self._run)
 
-    def _load(self) -> tuple[EngineDriver, InputProcessor]:
+    def _load(self) -> tuple[EngineDriver, InputProcessor, GrammarService]:
         from kvloom.engine.core import EngineCore
         from kvloom.engine.tokenizer import load_tokenizer
 
         core = EngineCore(self.config)
         tokenizer = load_tokenizer(self.config.model)
         inputs = InputProcessor(tokenizer, core.model_config.vocab_size, core.max_model_len, core.max_tokens_in_pool)
-        return EngineDriver(core, tokenizer), inputs
+        grammars = GrammarService(
+            tokenizer, core.model_config.vocab_size, tuple(core.model_config.eos_token_ids),
+            self.config.grammar_backend, self.config.grammar_compile_timeout,
+        )
+        return EngineDriver(core, tokenizer, self.config.grammar_compile_timeout), inputs, grammars
 
     async def aclose(self) -> None:
         """Stop after the current step; streams still open end with ``EngineClosedError``."""
@@ -111,6 +123,9 @@ class AsyncEngine:
             handle.released = True
         self._prefixes.clear()
         self._driver = None
+        if self._grammars is not None:
+            self._grammars.close()
+            self._grammars = None
 
     async def __aenter__(self) -> AsyncEngine:
         await self.start()
@@ -134,13 +149,15 @@ class AsyncEngine:
         priority: int = 0,
         prefix: PrefixHandle | None = None,
         cache_salt: str | None = None,
+        adapter: str | None = None,
     ) -> AsyncIterator[StreamChunk]:
         """Submit a request and stream its chunks. Bad input raises here, before queueing.
 
         Leaving the ``async for`` early, cancelling the consuming task, or dropping the
-        iterator aborts the request and frees its KV blocks within one step.
+        iterator aborts the request and frees its KV blocks within one step. ``adapter`` names
+        a loaded LoRA adapter (``load_adapter``); None runs the base model.
         """
-        request_id = self._submit(prompt, params, messages, request_id, priority, prefix, cache_salt)
+        request_id = self._submit(prompt, params, messages, request_id, priority, prefix, cache_salt, adapter)
         iterator = self._iterate(self._states[request_id])
         weakref.finalize(iterator, self._abandon, request_id)
         return iterator
@@ -155,9 +172,10 @@ class AsyncEngine:
         priority: int = 0,
         prefix: PrefixHandle | None = None,
         cache_salt: str | None = None,
+        adapter: str | None = None,
     ) -> Completion:
         """Run a request to the end; ``n > 1`` gives ``n`` choices."""
-        request_id = self._submit(prompt, params, messages, request_id, priority, prefix, cache_salt)
+        request_id = self._submit(prompt, params, messages, request_id, priority, prefix, cache_salt, adapter)
         state = self._states[request_id]
         async for _ in self._iterate(state):
             pass
@@ -180,7 +198,7 @@ class AsyncEngine:
     def _submit(
         self, prompt: Prompt | None, params: SamplingParams | None, messages: Sequence[Message] | None,
         request_id: str | None, priority: int, prefix: PrefixHandle | None = None, cache_salt: str | None = None,
-        pin_prefix: bool = False,
+        adapter: str | None = None, pin_prefix: bool = False,
     ) -> str:
         if self._error is not None:
             raise EngineDeadError(f"the engine failed earlier: {self._error!r}") from self._error
@@ -200,6 +218,9 @@ class AsyncEngine:
                     if handle.matches_messages(messages) and handle.cache_salt == cache_salt:
                         handle.hits += 1
         self._inputs.validate(token_ids, params)
+        assert self._grammars is not None and self._adapters is not None
+        self._grammars.check(params)
+        lora = self._adapters.resolve(adapter)
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
         elif request_id in self._states:
@@ -209,7 +230,8 @@ class AsyncEngine:
             raise EngineOverloadedError(f"{waiting} requests are waiting (max_waiting={self.max_waiting})")
         self._states[request_id] = RequestState(request_id)
         self._adds.append(
-            NewRequest(request_id, token_ids, params, priority, time.monotonic(), cache_salt, pin_prefix)
+            NewRequest(request_id, token_ids, params, priority, time.monotonic(), cache_salt, pin_prefix,
+                       grammar=self._grammars.submit(params), lora=lora)
         )
         self._wake.set()
         return request_id
@@ -235,15 +257,18 @@ class AsyncEngine:
         try:
             while not self._closing:
                 idle = self._last is None or not self._last.has_unfinished
-                if not self._adds and not self._aborts and not self._unpins and idle:
+                if not self._adds and not self._aborts and not self._unpins and not self._pinned_loras_changed and idle:
                     self._wake = anyio.Event()
                     await self._wake.wait()
                     continue
                 adds, self._adds = self._adds, []
                 aborts = [self._aborts.popleft() for _ in range(len(self._aborts))]
                 unpins, self._unpins = self._unpins, []
+                pinned_loras = None
+                if self._pinned_loras_changed and self._adapters is not None:
+                    pinned_loras, self._pinned_loras_changed = self._adapters.pinned(), False
                 try:
-                    result = await anyio.to_thread.run_sync(driver.run, adds, aborts, unpins)
+                    result = await anyio.to_thread.run_sync(driver.run, adds, aborts, unpins, pinned_loras)
                 except Exception as exc:  # a failed step fails its requests, never hangs them
                     self._fail_all(exc)
                     return
@@ -254,6 +279,10 @@ class AsyncEngine:
 
     def _dispatch(self, result: StepResult) -> None:
         self._pinned.update(result.pinned)
+        for request_id, error in result.failed:
+            state = self._states.pop(request_id, None)
+            if state is not None:
+                state.fail(error)
         for partial in result.aborted:
             state = self._states.pop(partial.request_id, None)
             if state is not None:
@@ -294,7 +323,7 @@ class AsyncEngine:
     # ---- prefix handles ------------------------------------------------------------------
     async def cache_prefix(
         self, prompt: Prompt | None = None, *, messages: Sequence[Message] | None = None,
-        cache_salt: str | None = None,
+        cache_salt: str | None = None, adapter: str | None = None,
     ) -> PrefixHandle:
         """Prefill ``prompt`` (or ``messages``, without a generation prompt) once and pin its
         whole KV blocks. Raises ``PrefixBudgetError`` past ``prefix_pin_fraction`` of the pool."""
@@ -316,7 +345,7 @@ class AsyncEngine:
         self._num_pinned_blocks += num_blocks  # reserved now, so concurrent calls see it
         params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
         try:
-            rid = self._submit(token_ids, params, None, None, 0, None, cache_salt, pin_prefix=True)
+            rid = self._submit(token_ids, params, None, None, 0, None, cache_salt, adapter, pin_prefix=True)
             state = self._states[rid]
             async for _ in self._iterate(state):
                 pass
@@ -342,6 +371,33 @@ class AsyncEngine:
         self._num_pinned_blocks -= handle.num_blocks
         self._unpins.append(list(handle.block_ids))
         self._wake.set()
+
+    # ---- LoRA adapters ---------------------------------------------------------------------
+    async def load_adapter(self, name: str, path: str | Path, *, pinned: bool = False) -> AdapterInfo:
+        """Load a PEFT LoRA directory under ``name`` (replacing any adapter of that name).
+
+        The files are read and checked in a worker thread: serving goes on meanwhile. A pinned
+        adapter keeps its device slot. Requests already submitted keep the adapter they named.
+        """
+        if self._adapters is None or self._closing:
+            raise EngineClosedError("the engine is not running: use `async with engine:` or `await engine.start()`")
+        adapter = await anyio.to_thread.run_sync(self._adapters.read, path)
+        info = self._adapters.add(name, adapter, pinned)
+        self._pinned_loras_changed = True
+        self._wake.set()
+        return info
+
+    async def unload_adapter(self, name: str) -> None:
+        """Forget ``name``: new requests can no longer use it; those in flight finish with it."""
+        if self._adapters is None:
+            raise EngineClosedError("the engine is not running: use `async with engine:` or `await engine.start()`")
+        self._adapters.remove(name)
+        self._pinned_loras_changed = True
+        self._wake.set()
+
+    def adapters(self) -> list[AdapterInfo]:
+        """The loaded adapters, by name."""
+        return self._adapters.infos() if self._adapters is not None else []
 
     def register_prometheus(self, registry: Any = None, prefix: str = "kvloom") -> Any:
         """Export ``stats()`` as Prometheus gauges (needs the ``prometheus`` extra)."""

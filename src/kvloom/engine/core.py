@@ -33,7 +33,7 @@ class EngineCore:
         self.kv = KVCacheManager(
             self.runner.num_blocks, config.cache.block_size, enable_caching=config.cache.enable_prefix_caching
         )
-        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, config.lora.max_loras)
 
     @property
     def max_tokens_in_pool(self) -> int:

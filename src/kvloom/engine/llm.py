@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any, cast
 
 from kvloom.config import EngineConfig
+from kvloom.engine.adapters import AdapterInfo, AdapterRegistry
 from kvloom.engine.core import EngineCore
 from kvloom.engine.driver import EngineDriver, NewRequest
+from kvloom.engine.grammar import GrammarService
 from kvloom.engine.processor import InputProcessor, Message, Prompt
 from kvloom.engine.tokenizer import load_tokenizer
 from kvloom.kv_cache.manager import KVCacheStats
@@ -41,18 +43,35 @@ class LLM:
         self.inputs = InputProcessor(
             self.tokenizer, self.core.model_config.vocab_size, self.core.max_model_len, self.core.max_tokens_in_pool
         )
-        self.driver = EngineDriver(self.core, self.tokenizer)
+        self.driver = EngineDriver(self.core, self.tokenizer, self.config.grammar_compile_timeout)
+        self.grammars = GrammarService(
+            self.tokenizer, self.core.model_config.vocab_size, tuple(self.core.model_config.eos_token_ids),
+            self.config.grammar_backend, self.config.grammar_compile_timeout,
+        )
         self._ids = itertools.count()
+        self.adapters = AdapterRegistry(self.core.model_config, self.config.lora.max_lora_rank, self.config.lora.max_loras)
+
+    def load_adapter(self, name: str, path: str | Path, *, pinned: bool = False) -> AdapterInfo:
+        """Load a PEFT LoRA directory under ``name``; ``generate(..., adapter=name)`` uses it."""
+        info = self.adapters.add(name, self.adapters.read(path), pinned)
+        self.driver.run([], [], pinned_loras=self.adapters.pinned())
+        return info
+
+    def unload_adapter(self, name: str) -> None:
+        self.adapters.remove(name)
+        self.driver.run([], [], pinned_loras=self.adapters.pinned())
 
     def generate(
-        self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None
+        self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *, adapter: str | Sequence[str | None] | None = None,
     ) -> list[Completion]:
         """Generate for every prompt (text or token ids); results come back in prompt order.
 
-        Every prompt is validated before any is queued, so one bad prompt queues nothing.
+        ``adapter``: one LoRA adapter name (or None, the base model) for every prompt, or one per
+        prompt. Every prompt is validated before any is queued, so one bad prompt queues nothing.
         """
         items = _as_prompt_list(prompts)
-        return self._run([self.inputs.to_token_ids(p, None) for p in items], params)
+        return self._run([self.inputs.to_token_ids(p, None) for p in items], params, adapter)
 
     def chat(
         self, conversations: Sequence[Message] | Sequence[Sequence[Message]],
@@ -66,26 +85,47 @@ class LLM:
             convs = list(conversations)  # type: ignore[arg-type]
         return self._run([self.inputs.to_token_ids(None, c) for c in convs], params)
 
-    def _run(self, token_lists: list[list[int]], params: SamplingParams | Sequence[SamplingParams] | None) -> list[Completion]:
+    def _run(
+        self, token_lists: list[list[int]], params: SamplingParams | Sequence[SamplingParams] | None,
+        adapter: str | Sequence[str | None] | None = None,
+    ) -> list[Completion]:
         if params is None or isinstance(params, SamplingParams):
             per_prompt = [params or SamplingParams()] * len(token_lists)
         else:
             per_prompt = list(params)
             if len(per_prompt) != len(token_lists):
                 raise ValueError(f"params: got {len(per_prompt)} SamplingParams for {len(token_lists)} prompts")
+        names = [adapter] * len(token_lists) if adapter is None or isinstance(adapter, str) else list(adapter)
+        if len(names) != len(token_lists):
+            raise ValueError(f"adapter: got {len(names)} adapter names for {len(token_lists)} prompts")
+        loras = [self.adapters.resolve(name) for name in names]
         for ids, p in zip(token_lists, per_prompt, strict=True):
             self.inputs.validate(ids, p)
+            self.grammars.check(p)
+        grammars = [self.grammars.submit(p) for p in per_prompt]
+        for future in grammars:  # a grammar that does not compile raises here, before anything is queued
+            if future is not None:
+                future.result(timeout=self.config.grammar_compile_timeout)
 
         order: list[str] = []
         now = time.monotonic()
-        for ids, p in zip(token_lists, per_prompt, strict=True):
+        for ids, p, grammar, lora in zip(token_lists, per_prompt, grammars, loras, strict=True):
             order.append(f"llm-{next(self._ids)}")
-            self.driver.add(NewRequest(order[-1], ids, p, 0, now))
+            self.driver.add(NewRequest(order[-1], ids, p, 0, now, grammar=grammar, lora=lora))
         done: dict[str, Completion] = {}
-        while self.core.has_unfinished():
-            for completion in self.driver.run([], []).finished:
+        while self.driver.has_unfinished():
+            result = self.driver.run([], [])
+            for completion in result.finished:
                 done[completion.request_id] = completion
+            if result.failed:  # a logits-processor factory raised: end the whole call cleanly
+                for rid in order:
+                    self.driver.abort(rid)
+                raise result.failed[0][1]
         return [done[rid] for rid in order]
+
+    def close(self) -> None:
+        """Shut the grammar compile pools down (also done at interpreter exit)."""
+        self.grammars.close()
 
     def kv_cache_stats(self) -> KVCacheStats:
         return self.core.kv_cache_stats()

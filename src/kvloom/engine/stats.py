@@ -28,6 +28,9 @@ class EngineStats:
     tpot_p50: float | None
     tpot_p99: float | None
     error: str | None
+    logits_processor_ms_per_step: float | None = None
+    """Mean time per constrained step spent filling, applying and advancing logits processors
+    (grammar masks); None before any constrained step."""
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -85,4 +88,7 @@ def build_stats(
         tpot_p50=percentile(tpot, 0.5),
         tpot_p99=percentile(tpot, 0.99),
         error=repr(error) if error is not None else None,
+        logits_processor_ms_per_step=(
+            1e3 * last.processor_time_s / last.num_constrained_steps if last and last.num_constrained_steps else None
+        ),
     )

@@ -15,9 +15,11 @@ from typing import NewType
 BlockHash = NewType("BlockHash", bytes)
 
 
-def extra_keys(cache_salt: str | None) -> tuple[object, ...]:
-    """The extra hash keys of a request: its cache salt, if any (the adapter joins later)."""
-    return () if cache_salt is None else (("salt", cache_salt),)
+def extra_keys(cache_salt: str | None, adapter_hash: str | None = None) -> tuple[object, ...]:
+    """The extra hash keys of a request: its cache salt and its LoRA adapter's content hash
+    (so a name reloaded with new weights never reuses the old weights' KV)."""
+    keys: tuple[object, ...] = () if cache_salt is None else (("salt", cache_salt),)
+    return keys if adapter_hash is None else (*keys, ("lora", adapter_hash))
 
 
 def hash_block(parent: BlockHash | None, token_ids: Sequence[int], extra_keys: tuple[object, ...] = ()) -> BlockHash:

@@ -48,9 +48,10 @@ class LlamaAttention(nn.Module):
         self.q_size, self.kv_size = config.num_heads * d, config.num_kv_heads * d
         self.scale = d**-0.5
         self.qkv_proj = MergedLinear(
-            config.hidden_size, [self.q_size, self.kv_size, self.kv_size], config.attention_bias, dtype
+            config.hidden_size, [self.q_size, self.kv_size, self.kv_size], config.attention_bias, dtype,
+            lora_names=_FUSED["qkv_proj"],
         )
-        self.o_proj = Linear(self.q_size, config.hidden_size, config.o_proj_bias, dtype)
+        self.o_proj = Linear(self.q_size, config.hidden_size, config.o_proj_bias, dtype, lora_names=("o_proj",))
         self.q_norm = RMSNorm(d, config.rms_norm_eps, dtype) if config.qk_norm else None
         self.k_norm = RMSNorm(d, config.rms_norm_eps, dtype) if config.qk_norm else None
         self.attn_backend = attn_backend
@@ -90,9 +91,11 @@ class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         size, dtype = config.intermediate_size, config.torch_dtype
-        self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], config.mlp_bias, dtype)
+        self.gate_up_proj = MergedLinear(
+            config.hidden_size, [size, size], config.mlp_bias, dtype, lora_names=_FUSED["gate_up_proj"]
+        )
         self.act = SiluAndMul()
-        self.down_proj = Linear(size, config.hidden_size, config.mlp_bias, dtype)
+        self.down_proj = Linear(size, config.hidden_size, config.mlp_bias, dtype, lora_names=("down_proj",))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[T, hidden]`` -> ``[T, hidden]``."""

@@ -54,17 +54,29 @@ The engine schedules requests, runs the model, samples tokens and streams the te
 """
 
 
-def _corpus_lines() -> list[str]:
-    """The built-in corpus plus deterministic recombinations, so merges beyond the raw text exist."""
+def _corpus_lines(synthetic_words: int = 0) -> list[str]:
+    """The built-in corpus plus deterministic recombinations, so merges beyond the raw text exist,
+    plus ``synthetic_words`` pseudo-words (seeded) for tokenizers with a realistic vocabulary size."""
+    import random
+
     lines = [line for line in _CORPUS.splitlines() if line]
     words = _CORPUS.split()
     # A fixed stride walk over the words: deterministic, no RNG, varied bigrams.
     extra = [" ".join(words[(i * 7 + j * 13) % len(words)] for j in range(12)) for i in range(200)]
-    return lines * 4 + extra
+    rng = random.Random(0)
+    # Zipf-like reuse (a word list sampled with skewed weights) makes frequent multi-letter merges.
+    letters = "etaoinshrdlucmfwypvbgkjqxz"
+    lexicon = ["".join(rng.choices(letters, weights=range(26, 0, -1), k=rng.randint(2, 9)))
+               for _ in range(max(1, synthetic_words // 8))]
+    synthetic = [" ".join(rng.choices(lexicon, k=16)) for _ in range(synthetic_words // 16)]
+    return lines * 4 + extra + synthetic
 
 
-def train_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+def train_tokenizer(vocab_size: int, synthetic_words: int = 0) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on the built-in corpus (deterministic).
+
+    ``synthetic_words`` adds that many seeded pseudo-words to the corpus: the built-in text
+    alone yields only ~700 tokens, so a tokenizer near a real one's size (e.g. 32,000) needs them.
 
     The result holds ``len(tokenizer) <= vocab_size`` tokens: 256 byte tokens, the special
     tokens ``<|bos|> <|eos|> <|pad|> <|im_start|> <|im_end|>`` (ids 0..4) and merges. Any
@@ -90,7 +102,7 @@ def train_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus_lines(), trainer=trainer)
+    tok.train_from_iterator(_corpus_lines(synthetic_words), trainer=trainer)
     hf_tok: PreTrainedTokenizerFast = tokenizer_cls(
         tokenizer_object=tok,
         bos_token=BOS_TOKEN,
@@ -168,12 +180,14 @@ def build_checkpoint(
     dtype: torch.dtype = torch.float32,
     max_shard_size: str | None = None,
     with_tokenizer: bool = True,
+    tokenizer_words: int = 0,
 ) -> Path:
     """Write a random-weight HF checkpoint directory for ``arch`` and return its path.
 
     Files: ``config.json``, ``model.safetensors`` (or shards + ``model.safetensors.index.json``
     when ``max_shard_size`` is small enough), ``generation_config.json`` (EOS ids
-    ``[<|eos|>, <|im_end|>]``) and, with ``with_tokenizer``, the tokenizer files. Qwen2 has qkv
+    ``[<|eos|>, <|im_end|>]``) and, with ``with_tokenizer``, the tokenizer files (trained with
+    ``tokenizer_words`` extra pseudo-words: see ``train_tokenizer``). Qwen2 has qkv
     biases; Qwen3 has q/k RMSNorm and an explicit ``head_dim``. ``rope_scaling`` is the legacy
     dict (e.g. ``{"rope_type": "llama3", "factor": 8.0, ...}``); transformers may rewrite it
     into ``rope_parameters`` when saving.
@@ -196,7 +210,7 @@ def build_checkpoint(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(vocab_size) if with_tokenizer else None
+    tokenizer = train_tokenizer(vocab_size, tokenizer_words) if with_tokenizer else None
     bos_id, eos_id, pad_id = 0, 1, 2
     eos_ids = [eos_id, 4]  # <|eos|>, <|im_end|>: ids are fixed by SPECIAL_TOKENS' order
     if tokenizer is not None and tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS)) != [0, 1, 2, 3, 4]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -11,11 +13,17 @@ from kvloom.config import EngineConfig
 from kvloom.layers.attention import get_attention_backend
 from kvloom.layers.sampler import Sampler
 from kvloom.models.loader import load_model
+from kvloom.outputs import FinishReason
 from kvloom.runner.inputs import ModelInputs, build_inputs
 from kvloom.runner.kv_cache import KVCaches, allocate_kv_caches, choose_num_blocks
+from kvloom.runner.processors import accept_tokens, apply_processors
 from kvloom.runner.sampling import build_sampling_metadata, to_token_logprobs
 from kvloom.runner.state import RequestState, make_generator
 from kvloom.scheduler.output import SampledTokens, SchedulerOutput
+
+if TYPE_CHECKING:
+    from kvloom.lora.adapter import LoRAAdapter
+    from kvloom.lora.slots import LoRASlots
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +72,12 @@ class ModelRunner:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)
         self.states: dict[str, RequestState] = {}
+        self.processor_time_s = 0.0
+        """Time spent in logits processors (masks, accepts) over all steps; with
+        ``num_constrained_steps``, the cost of grammars per step."""
+        self.num_constrained_steps = 0
+        self.lora_slots: LoRASlots | None = None
+        """Adapter slots, allocated when the first adapter is needed (base-only engines never pay)."""
         logger.info("kvloom: %d KV blocks of %d tokens on %s", self.num_blocks, self.block_size, self.device)
 
     # ---- state ---------------------------------------------------------------------------
@@ -74,7 +88,8 @@ class ModelRunner:
             self.states[new.req_id] = RequestState(
                 req_id=new.req_id, token_ids=list(new.token_ids), num_prompt_tokens=new.num_prompt_tokens,
                 params=new.params, block_ids=list(new.block_ids), num_computed_tokens=new.num_computed_tokens,
-                generator=make_generator(new.params.seed, self.device),
+                generator=make_generator(new.params.seed, self.device), processors=new.processors,
+                lora=new.lora,
             )
         for cached in sched.cached_reqs:
             state = self.states[cached.req_id]
@@ -94,6 +109,7 @@ class ModelRunner:
         self._copy_blocks(sched.blocks_to_copy)
         states = [self.states[rid] for rid in sched.num_scheduled_tokens]
         inputs = build_inputs(states, sched.num_scheduled_tokens, self.block_size, self.device)
+        self._route_lora(inputs.req_order, sched.num_scheduled_tokens)
         logits = self._forward(inputs)
         for s in states:
             s.num_computed_tokens += sched.num_scheduled_tokens[s.req_id]
@@ -109,15 +125,59 @@ class ModelRunner:
         if not step.states:
             return SampledTokens([], [])
         meta = build_sampling_metadata(step.states, self.eos_token_ids, self.device, self.generator)
+        constrained = any(s.processors for s in step.states)
+        reasons: dict[str, FinishReason] = {}
+        if constrained:
+            start = time.perf_counter()
+            reasons = apply_processors(step.logits, step.states)
+            self.processor_time_s += time.perf_counter() - start
         out = self.sampler(step.logits, meta)
         token_ids: list[int] = out.token_ids.tolist()
         for s, tok in zip(step.states, token_ids, strict=True):
             s.token_ids.append(tok)
+        if constrained:
+            start = time.perf_counter()
+            accept_tokens(step.states, token_ids, reasons)
+            self.processor_time_s += time.perf_counter() - start
+            self.num_constrained_steps += 1
         return SampledTokens(
             req_ids=[s.req_id for s in step.states],
             token_ids=token_ids,
             logprobs=to_token_logprobs(step.states, out),
+            finish_reasons=reasons,
         )
+
+    # ---- LoRA ----------------------------------------------------------------------------
+    def _slots(self) -> LoRASlots:
+        if self.lora_slots is None:
+            from kvloom.lora.slots import LoRASlots
+
+            lora = self.config.lora
+            self.lora_slots = LoRASlots(self.model, lora.max_loras, lora.max_lora_rank)
+        return self.lora_slots
+
+    def set_pinned_loras(self, adapters: list[LoRAAdapter]) -> None:
+        """Keep exactly these adapters resident (loaded into slots now)."""
+        if adapters or self.lora_slots is not None:
+            self._slots().set_pinned({a.content_hash: a for a in adapters})
+
+    def _route_lora(self, order: list[RequestState], num_scheduled: dict[str, int]) -> None:
+        """Put this step's adapters in slots and route each token to its request's slot.
+        A step without adapter requests sets no mapping: the forward does no LoRA work."""
+        adapters = {s.lora.content_hash: s.lora for s in order if s.lora is not None}
+        if not adapters:
+            if self.lora_slots is not None:
+                self.lora_slots.set_mapping(None)
+            return
+        from kvloom.lora.mapping import LoRAMapping
+
+        slots = self._slots()
+        slot_of = slots.activate(list(adapters), adapters)
+        mapping = LoRAMapping.from_request_slots(
+            [slot_of[s.lora.content_hash] if s.lora is not None else -1 for s in order],
+            [num_scheduled[s.req_id] for s in order], self.device,
+        )
+        slots.set_mapping(mapping)
 
     def _copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         if not pairs:
@@ -161,4 +221,8 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info(self.device)
         used_by_others = total - free - torch.cuda.memory_allocated(self.device)
         budget = int(total * self.config.cache.gpu_memory_utilization) - used_by_others - (peak - tmp_bytes)
+        from kvloom.lora.slots import slot_bytes
+
+        # LoRA slots are allocated on first use; their memory is set aside now.
+        budget -= slot_bytes(self.model_config, self.config.lora.max_loras, self.config.lora.max_lora_rank, self.dtype)
         return max(0, budget)

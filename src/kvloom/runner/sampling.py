@@ -29,7 +29,10 @@ def build_sampling_metadata(
     banned: list[list[int]] = []
     for s in states:
         p = s.params
-        if len(s.token_ids) - s.num_prompt_tokens < p.min_tokens:
+        # A grammar allows EOS only where the output is complete, and there it may be the only
+        # token allowed: min_tokens must not ban it.
+        grammar = any(proc.uses_bitmask for proc in s.processors)
+        if len(s.token_ids) - s.num_prompt_tokens < p.min_tokens and not grammar:
             stop_ids = list(p.stop_token_ids) + ([] if p.ignore_eos else sorted(eos_token_ids))
             banned.append(stop_ids)
         else:

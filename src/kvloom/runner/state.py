@@ -6,11 +6,16 @@ it was); updated only from ``SchedulerOutput`` deltas and from the tokens the ru
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from kvloom.params import SamplingParams
+from kvloom.structured.processor import LogitsProcessor
+
+if TYPE_CHECKING:
+    from kvloom.lora.adapter import LoRAAdapter
 
 
 @dataclass(slots=True, eq=False)
@@ -24,6 +29,10 @@ class RequestState:
     num_computed_tokens: int
     generator: torch.Generator | None
     """Per-request RNG for seeded sampling; None uses the engine's shared generator."""
+    processors: list[LogitsProcessor] = field(default_factory=list)
+    """Logits processors (grammar first), run on every token this sequence samples."""
+    lora: LoRAAdapter | None = None
+    """Its LoRA adapter; None: the base model."""
 
     @property
     def output_token_ids(self) -> list[int]:

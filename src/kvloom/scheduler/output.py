@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kvloom.outputs import FinishReason, TokenLogprob
 from kvloom.params import SamplingParams
+from kvloom.structured.processor import LogitsProcessor
+
+if TYPE_CHECKING:
+    from kvloom.lora.adapter import LoRAAdapter
 
 
 @dataclass(slots=True)
@@ -21,6 +26,10 @@ class NewRequestData:
     """The request's whole block table after this step's allocation."""
     num_computed_tokens: int
     """Tokens whose KV is already in the cache (the step computes from here)."""
+    processors: list[LogitsProcessor] = field(default_factory=list)
+    """The sequence's logits processors; they have accepted every output token in ``token_ids``."""
+    lora: LoRAAdapter | None = None
+    """Its LoRA adapter, or None for the base model."""
 
 
 @dataclass(slots=True)
@@ -62,6 +71,9 @@ class SampledTokens:
     token_ids: list[int]
     logprobs: list[TokenLogprob | None] | None = None
     """Aligned with ``req_ids`` when any request in the step asked for logprobs (else None)."""
+    finish_reasons: dict[str, FinishReason] = field(default_factory=dict)
+    """Requests their logits processors ended this step: ``stop`` (a grammar completed) or
+    ``error`` (a processor rejected the token or raised)."""
 
 
 @dataclass(slots=True)

@@ -5,10 +5,15 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kvloom.kv_cache.hashing import extra_keys
 from kvloom.outputs import FinishReason
 from kvloom.params import SamplingParams
+from kvloom.structured.processor import LogitsProcessor
+
+if TYPE_CHECKING:
+    from kvloom.lora.adapter import LoRAAdapter
 
 
 class RequestStatus(enum.Enum):
@@ -42,11 +47,18 @@ class Request:
     """Requests with different salts never share cached KV."""
     fork_of: str | None = None
     """Choice i > 0 of an ``n > 1`` request: waits for this request's prompt, then shares its blocks."""
+    processors: list[LogitsProcessor] = field(default_factory=list)
+    """This sequence's own logits processors (grammar first); the runner drives them."""
+    lora: LoRAAdapter | None = None
+    """The adapter it runs with (the object, not its name: unloading or reloading the name
+    never changes a request in flight)."""
+    lora_skips: int = 0
+    """Steps it waited because ``max_loras`` other adapters were running (see the scheduler)."""
 
     @property
     def cache_keys(self) -> tuple[object, ...]:
         """Extra keys of this request's block hashes."""
-        return extra_keys(self.cache_salt)
+        return extra_keys(self.cache_salt, self.lora.content_hash if self.lora is not None else None)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

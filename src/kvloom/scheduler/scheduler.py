@@ -6,6 +6,11 @@ in priority-then-arrival order while the budget, ``max_num_seqs`` and the free b
 When a running request cannot get a block, the least important running request (highest
 ``priority`` value, then latest arrival) is preempted: its blocks are freed and it goes back
 to the front of the waiting queue, to be recomputed from its prompt and outputs so far.
+
+LoRA: the running requests use at most ``max_loras`` distinct adapters (pinned adapters
+count too: they hold a slot). A waiting request whose adapter would exceed that is skipped
+so requests behind it for resident adapters (or the base model) can go; once it has been
+skipped ``MAX_LORA_SKIPS`` times it blocks the queue instead, so it cannot starve.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from kvloom.scheduler.output import (
 )
 from kvloom.scheduler.request import Request, RequestStatus
 
+MAX_LORA_SKIPS = 32
+
 
 def _importance(req: Request) -> tuple[int, float]:
     """Sort key: smaller is more important (vLLM's convention for ``priority``)."""
@@ -33,10 +40,13 @@ def _importance(req: Request) -> tuple[int, float]:
 class Scheduler:
     """Owns the waiting and running queues. Engine-thread only."""
 
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int, max_loras: int = 1) -> None:
         self.config = config
         self.kv = kv
         self.max_model_len = max_model_len
+        self.max_loras = max_loras
+        self.pinned_loras: set[str] = set()
+        """Content hashes of pinned adapters (they keep a slot; the driver maintains this)."""
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -163,10 +173,18 @@ class Scheduler:
                 new_reqs.append(self._new_request_data(req))
             idx += 1
 
+        loras = {r.lora.content_hash for r in self.running if r.lora is not None} | self.pinned_loras
+        skipped: list[Request] = []
         while (
             self.waiting and budget > 0 and not preempted_now and len(self.running) < self.config.max_num_seqs
         ):
             req = self.waiting[0]
+            if req.lora is not None and req.lora.content_hash not in loras and len(loras) >= self.max_loras:
+                req.lora_skips += 1
+                if req.lora_skips > MAX_LORA_SKIPS:
+                    break
+                skipped.append(self.waiting.popleft())
+                continue
             # Waiting requests have no KV (new, or preempted): start from the cached prefix.
             hits = self.kv.find_cached_prefix(req.request_id, req.token_ids, req.cache_keys)
             num_hit = len(hits) * self.kv.block_size
@@ -192,6 +210,9 @@ class Scheduler:
                 self._known_to_runner.add(req.request_id)
                 new_reqs.append(self._new_request_data(req))
             req.status = RequestStatus.RUNNING
+            if req.lora is not None:
+                loras.add(req.lora.content_hash)
+        self.waiting.extendleft(reversed(skipped))
 
         finished = self._finished_since_last_step
         self._finished_since_last_step = set()
@@ -208,7 +229,8 @@ class Scheduler:
     def _new_request_data(self, req: Request) -> NewRequestData:
         block_ids = [int(b) for b in self.kv.get_block_ids(req.request_id)]
         return NewRequestData(
-            req.request_id, list(req.token_ids), req.num_prompt_tokens, req.params, block_ids, req.num_computed_tokens
+            req.request_id, list(req.token_ids), req.num_prompt_tokens, req.params, block_ids, req.num_computed_tokens,
+            req.processors, req.lora,
         )
 
     def _preempt(self, req: Request) -> None:
@@ -235,7 +257,7 @@ class Scheduler:
             if req is None or req.is_finished:
                 continue
             req.token_ids.append(token)
-            reason = req.stop_reason_after(token, self.max_model_len)
+            reason = sampled.finish_reasons.get(rid) or req.stop_reason_after(token, self.max_model_len)
             lp: TokenLogprob | None = logprobs[i] if logprobs is not None else None
             if reason is not None:
                 self.running.remove(req)

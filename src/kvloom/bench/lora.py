@@ -1,0 +1,115 @@
+"""``python -m kvloom bench lora``: throughput with 0, 1, 4 and 16 LoRA adapters in the batch.
+
+The standard workload (64 random-token prompts, 64 output tokens each, greedy, EOS ignored,
+all submitted at once through ``LLM.generate``) runs on one engine per adapter count: the base
+model alone, then with every request routed round-robin to one of K random rank-``--rank``
+adapters on all seven projections (``kvloom.lora.synthetic``, written in PEFT's format and
+loaded from disk like a user's adapter). ``max_loras`` is the largest K, so every adapter is
+resident. Each figure is the best of ``--repeats`` timed runs after one untimed warm-up
+(which also loads every adapter into its slot). The ratio is tokens/s with K adapters over
+tokens/s of the base model measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kvloom.bench.setup import prepare, write_result
+from kvloom.bench.throughput import kvloom_config, parse_config
+from kvloom.bench.workload import Workload
+
+SCHEMA_VERSION = 1
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``kvloom bench lora``."""
+    w = Workload()
+    parser.add_argument("--model", type=Path, help="HF checkpoint dir (default: the standard ~155M random checkpoint)")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--adapters", default="0,1,4,16", help="adapter counts to measure, comma separated")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--num-requests", type=int, default=w.num_requests)
+    parser.add_argument("--output-len", type=int, default=w.output_len)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=w.seed)
+    parser.add_argument("--kvloom-config", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # tests: rougher ceilings
+
+
+def _measure(model_dir: Path, config: dict[str, Any], prompts: list[list[int]], output_len: int,
+             adapter_dirs: list[Path], repeats: int) -> dict[str, Any]:
+    from kvloom import LLM, SamplingParams
+
+    llm = LLM(model_dir, **config)
+    names = [f"adapter-{k}" for k in range(len(adapter_dirs))]
+    for name, path in zip(names, adapter_dirs, strict=True):
+        llm.load_adapter(name, path)
+    routing: list[str | None] = [names[i % len(names)] if names else None for i in range(len(prompts))]
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    llm.generate(prompts, params, adapter=routing)  # warm-up: every adapter reaches its slot
+    walls = []
+    outputs: list[list[int]] = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        results = llm.generate(prompts, params, adapter=routing)
+        walls.append(time.perf_counter() - start)
+        outputs = [r.token_ids for r in results]
+    llm.close()
+    num_tokens = len(prompts) * output_len
+    return {"adapters": len(adapter_dirs), "wall_s": min(walls), "walls_s": walls,
+            "tokens_per_s": num_tokens / min(walls), "outputs": outputs}
+
+
+def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Run the benchmark; prints a table and the ratios to the base model."""
+    from kvloom.lora.synthetic import write_random_adapter
+    from kvloom.models.config import load_model_config
+
+    command = "python -m kvloom bench lora " + shlex.join(argv[2:] if argv[:2] == ["bench", "lora"] else argv)
+    workload = Workload(num_requests=args.num_requests, output_len=args.output_len, seed=args.seed)
+    setup = prepare(command, args.model, args.quick, workload,
+                    f"adapters {args.adapters} (rank {args.rank}, all 7 projections), round-robin routing")
+    counts = [int(c) for c in args.adapters.split(",") if c]
+    model_config = load_model_config(setup.model_dir)
+    config = kvloom_config(parse_config(args.kvloom_config), setup.prompts, args.output_len)
+    config |= {"max_loras": max(max(counts), 1), "max_lora_rank": args.rank}
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="kvloom-bench-lora-") as tmp:
+        dirs = [write_random_adapter(Path(tmp) / f"a{k}", model_config, r=args.rank, seed=k, std=0.5)
+                for k in range(max(counts))]
+        for count in counts:
+            rows.append(_measure(setup.model_dir, config, setup.prompts, args.output_len, dirs[:count], args.repeats))
+            print(f"  {count:>2} adapters: {rows[-1]['tokens_per_s']:.1f} tok/s", flush=True)
+    base = next((r for r in rows if r["adapters"] == 0), None)
+    print(f"\n{'adapters':>8} {'out tok/s':>10} {'best wall s':>12} {'vs base':>8}")
+    for r in rows:
+        r["ratio"] = r["tokens_per_s"] / base["tokens_per_s"] if base else None
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-"
+        print(f"{r['adapters']:>8} {r['tokens_per_s']:>10.1f} {r['wall_s']:>12.2f} {ratio:>8}")
+    if base is not None:
+        for r in rows:
+            if r["adapters"]:
+                changed = sum(a != b for a, b in zip(r["outputs"], base["outputs"], strict=True))
+                print(f"{r['adapters']} adapters: {changed}/{len(r['outputs'])} outputs differ from the base model's")
+    for r in rows:
+        r.pop("outputs")
+    write_result(args.json, {
+        "schema_version": SCHEMA_VERSION, "bench": "lora", "command": command,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "machine": setup.info,
+        "ceilings": setup.ceilings, "model": str(setup.model_dir), "rank": args.rank, "results": rows,
+    })
+    return 0
+
+
+if __name__ == "__main__":
+    from kvloom.cli import main
+
+    sys.exit(main(["bench", "lora", *sys.argv[1:]]))

@@ -1,0 +1,212 @@
+"""Multi-LoRA end to end: mixed batches equal transformers + PEFT, slots are shared LRU under
+``max_loras``, bad adapters fail clearly and the engine keeps serving, reloads never serve stale KV."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from kvloom import LLM, AsyncEngine, InvalidRequestError, SamplingParams
+from kvloom.errors import AdapterError
+from tests.lora.conftest import ALL_MODULES
+from tests.lora.peft_helpers import load_hf, load_hf_with_adapter
+
+NEW_TOKENS = 12
+GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+# Three adapters that differ in every way the loader cares about.
+SPECS: dict[str, dict[str, Any]] = {
+    "A": dict(r=8, alpha=16, target_modules=ALL_MODULES, seed=1),
+    "B": dict(r=4, alpha=8, target_modules=["q_proj", "v_proj"], use_rslora=True, seed=2),
+    "C": dict(r=16, alpha=8, target_modules=["o_proj", "gate_proj", "down_proj"], seed=3,
+              rank_pattern={"down_proj": 4}, alpha_pattern={"o_proj": 32}),
+}
+
+
+def prompts(count: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(5, 500) for _ in range(rng.randint(3, 40))] for _ in range(count)]
+
+
+@cache
+def _hf(base: Path, adapter: Path | None) -> Any:
+    return load_hf(base) if adapter is None else load_hf_with_adapter(base, adapter)
+
+
+@torch.no_grad()
+def hf_greedy(base: Path, adapter: Path | None, prompt: list[int], n: int = NEW_TOKENS) -> list[int]:
+    model = _hf(base, adapter)
+    out = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return [int(t) for t in out[0, len(prompt):]]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_mixed_batch_equals_transformers_plus_peft(
+    arch: str, base_dir: Callable[[str], Path], adapter_dir: Callable[..., Path]
+) -> None:
+    base = base_dir(arch)
+    dirs = {name: adapter_dir(arch, **spec) for name, spec in SPECS.items()}
+    llm = LLM(base, max_loras=3, max_lora_rank=16)
+    for name, path in dirs.items():
+        llm.load_adapter(name, path)
+    routing: list[str | None] = [None, "A", "B", "A", "C", None, "C", "B"]
+    batch = prompts(len(routing), seed=7)
+    results = llm.generate(batch, GREEDY, adapter=routing)
+    base_tokens = [hf_greedy(base, None, p) for p in batch]
+    for prompt, name, result in zip(batch, routing, results, strict=True):
+        expected = hf_greedy(base, dirs[name] if name else None, prompt)
+        assert result.token_ids == expected, (arch, name)
+    # The adapters matter: each adapter's outputs differ from the base model's somewhere.
+    for name in SPECS:
+        assert any(r.token_ids != b for r, n, b in zip(results, routing, base_tokens, strict=True) if n == name), name
+    llm.core.assert_idle()
+    llm.close()
+
+
+def test_max_loras_two_with_five_adapters_and_100_requests(
+    base_dir: Callable[[str], Path], adapter_dir: Callable[..., Path]
+) -> None:
+    base = base_dir("llama")
+    names = [f"a{i}" for i in range(5)]
+    dirs = [adapter_dir("llama", r=4 + 2 * i, alpha=8, target_modules=ALL_MODULES, seed=10 + i) for i in range(5)]
+    rng = random.Random(0)
+    routing: list[str | None] = [rng.choice([None, *names]) for _ in range(100)]
+    batch = prompts(100, seed=11)
+    roomy = LLM(base, max_loras=5, max_lora_rank=16)
+    tight = LLM(base, max_loras=2, max_lora_rank=16, max_num_seqs=16)
+    for llm in (roomy, tight):
+        for name, path in zip(names, dirs, strict=True):
+            llm.load_adapter(name, path)
+    expected = [r.token_ids for r in roomy.generate(batch, GREEDY, adapter=routing)]
+    got = tight.generate(batch, GREEDY, adapter=routing)
+    assert [r.token_ids for r in got] == expected
+    assert all(r.finish_reason == "length" for r in got)
+    slots = tight.core.runner.lora_slots
+    assert slots is not None and slots.max_loras == 2 and slots.num_loads > 5  # slots were reused, LRU
+    tight.core.assert_idle()
+    # Spot-check the roomy engine against PEFT, one request per adapter.
+    for name, path in zip(names, dirs, strict=True):
+        i = routing.index(name)
+        assert expected[i] == hf_greedy(base, path, batch[i])
+    roomy.close()
+    tight.close()
+
+
+def _corrupt(path: Path, tmp: Path, how: str) -> Path:
+    out = tmp / how
+    out.mkdir()
+    config = json.loads((path / "adapter_config.json").read_text())
+    weights = (path / "adapter_model.safetensors").read_bytes()
+    if how == "dora":
+        config["use_dora"] = True
+    elif how == "modules_to_save":
+        config["modules_to_save"] = ["lm_head"]
+    elif how == "bias":
+        config["bias"] = "all"
+    elif how == "rank":
+        config["r"] = 64
+    elif how == "truncated":
+        weights = weights[: len(weights) // 2]
+    if how != "missing_weights":
+        (out / "adapter_model.safetensors").write_bytes(weights)
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.mark.anyio
+async def test_bad_adapters_fail_clearly_and_the_engine_keeps_serving(
+    base_dir: Callable[[str], Path], adapter_dir: Callable[..., Path], tmp_path: Path,
+    checkpoint_factory: Callable[..., Path],
+) -> None:
+    base = base_dir("llama")
+    good = adapter_dir("llama", **SPECS["A"])
+    other_model = adapter_dir("qwen2", **SPECS["A"])  # shapes of another model
+    expected_field = {"dora": "use_dora", "modules_to_save": "modules_to_save", "bias": "bias", "rank": "r",
+                      "truncated": "safetensors", "missing_weights": "adapter_model.safetensors"}
+    async with AsyncEngine.from_pretrained(base, max_loras=2, max_lora_rank=16) as engine:
+        await engine.load_adapter("good", good)
+        ok = await engine.generate([5, 6, 7], GREEDY, adapter="good")
+        for how, field in expected_field.items():
+            with pytest.raises(AdapterError, match=field):
+                await engine.load_adapter(how, _corrupt(good, tmp_path, how))
+        with pytest.raises(AdapterError, match=r"shape|fit"):
+            await engine.load_adapter("other", other_model)
+        with pytest.raises(AdapterError):
+            await engine.load_adapter("nowhere", tmp_path / "does-not-exist")
+        with pytest.raises(InvalidRequestError, match="adapter: no adapter named 'dora'"):
+            engine.stream([5, 6, 7], GREEDY, adapter="dora")
+        assert [a.name for a in engine.adapters()] == ["good"]
+        again = await engine.generate([5, 6, 7], GREEDY, adapter="good")
+        assert again.token_ids == ok.token_ids
+        await engine.unload_adapter("good")
+        with pytest.raises(InvalidRequestError, match="adapter"):
+            await engine.generate([5, 6, 7], GREEDY, adapter="good")
+        assert engine.stats().healthy
+
+
+@pytest.mark.anyio
+async def test_reloading_a_name_never_serves_stale_kv(
+    base_dir: Callable[[str], Path], adapter_dir: Callable[..., Path]
+) -> None:
+    base = base_dir("llama")
+    first, second = adapter_dir("llama", **SPECS["A"]), adapter_dir("llama", **{**SPECS["A"], "seed": 99})
+    prompt = prompts(1, seed=5)[0] * 3  # several full blocks: the prefix cache has something to offer
+    async with AsyncEngine.from_pretrained(base, max_loras=2, max_lora_rank=16) as engine:
+        base_out = await engine.generate(prompt, GREEDY)
+        await engine.load_adapter("x", first)
+        out1 = await engine.generate(prompt, GREEDY, adapter="x")
+        assert out1.usage.cached_tokens == 0  # the base model's KV is not this adapter's
+        hit = await engine.generate(prompt, GREEDY, adapter="x")
+        assert hit.usage.cached_tokens > 0 and hit.token_ids == out1.token_ids
+        await engine.load_adapter("x", second)
+        out2 = await engine.generate(prompt, GREEDY, adapter="x")
+        assert out2.usage.cached_tokens == 0
+        assert out2.token_ids == hf_greedy(base, second, prompt)
+        assert out1.token_ids == hf_greedy(base, first, prompt) != out2.token_ids
+        assert base_out.token_ids == hf_greedy(base, None, prompt)
+
+
+@pytest.mark.anyio
+async def test_streams_with_adapters_and_pinned_slots(
+    base_dir: Callable[[str], Path], adapter_dir: Callable[..., Path]
+) -> None:
+    base = base_dir("llama")
+    dirs = {name: adapter_dir("llama", **spec) for name, spec in SPECS.items()}
+    async with AsyncEngine.from_pretrained(base, max_loras=2, max_lora_rank=16) as engine:
+        await engine.load_adapter("A", dirs["A"], pinned=True)
+        await engine.load_adapter("B", dirs["B"])
+        await engine.load_adapter("C", dirs["C"])
+        await engine.load_adapter("B2", dirs["B"], pinned=True)  # two pinned: all max_loras slots
+        with pytest.raises(InvalidRequestError, match="pinned"):
+            await engine.load_adapter("C2", dirs["C"], pinned=True)
+        await engine.unload_adapter("B2")
+        batch = prompts(6, seed=3)
+        routing = ["A", "B", "C", None, "C", "B"]
+        chunks: dict[int, list[int]] = {i: [] for i in range(6)}
+
+        async def consume(i: int) -> None:
+            async for chunk in engine.stream(batch[i], GREEDY, adapter=routing[i]):
+                chunks[i].extend(chunk.token_ids)
+
+        import anyio
+
+        async with anyio.create_task_group() as tg:
+            for i in range(6):
+                tg.start_soon(consume, i)
+        for i, name in enumerate(routing):
+            assert chunks[i] == hf_greedy(base, dirs[name] if name else None, batch[i])
+        assert engine._driver is not None
+        slots = engine._driver.core.runner.lora_slots
+        assert slots is not None and slots.slot_of(engine.adapters()[0].content_hash) is not None  # A stays pinned
