@@ -5,9 +5,10 @@ all submitted at once through ``LLM.generate``) runs on one engine per adapter c
 model alone, then with every request routed round-robin to one of K random rank-``--rank``
 adapters on all seven projections (``kvloom.lora.synthetic``, written in PEFT's format and
 loaded from disk like a user's adapter). ``max_loras`` is the largest K, so every adapter is
-resident. Each figure is the best of ``--repeats`` timed runs after one untimed warm-up
-(which also loads every adapter into its slot). The ratio is tokens/s with K adapters over
-tokens/s of the base model measured in the same run.
+resident. Each figure is the best of ``--repeats`` timed runs after an untimed warm-up (one
+short request per adapter, which also loads every adapter into its slot). Prefix caching is
+off: the repeats resend the same prompts and would otherwise measure the cache. The ratio is
+tokens/s with K adapters over tokens/s of the base model measured in the same run.
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ def _measure(model_dir: Path, config: dict[str, Any], prompts: list[list[int]], 
         llm.load_adapter(name, path)
     routing: list[str | None] = [names[i % len(names)] if names else None for i in range(len(prompts))]
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-    llm.generate(prompts, params, adapter=routing)  # warm-up: every adapter reaches its slot
+    # Warm-up: one short request per adapter (each reaches its slot).
+    llm.generate([prompts[0][:8]] * max(1, len(names)), params.model_copy(update={"max_tokens": 2}),
+                 adapter=names or None)
     walls = []
     outputs: list[list[int]] = []
     for _ in range(repeats):
@@ -80,7 +83,9 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     counts = [int(c) for c in args.adapters.split(",") if c]
     model_config = load_model_config(setup.model_dir)
     config = kvloom_config(parse_config(args.kvloom_config), setup.prompts, args.output_len)
-    config |= {"max_loras": max(max(counts), 1), "max_lora_rank": args.rank}
+    # Repeats resend the same prompts: with prefix caching on, every repeat after the first would
+    # skip its prefills and measure the cache, not the adapters.
+    config |= {"max_loras": max(max(counts), 1), "max_lora_rank": args.rank, "enable_prefix_caching": False}
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="kvloom-bench-lora-") as tmp:
         dirs = [write_random_adapter(Path(tmp) / f"a{k}", model_config, r=args.rank, seed=k, std=0.5)

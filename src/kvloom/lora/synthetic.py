@@ -16,18 +16,11 @@ from pathlib import Path
 
 import torch
 
+from kvloom.lora.adapter import projection_shape
 from kvloom.models.config import ModelConfig
 
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
-
-
-def module_shape(config: ModelConfig, module: str) -> tuple[int, int]:
-    """``(in_features, out_features)`` of a projection of ``config``'s decoder layers."""
-    h, q, kv, i = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim, \
-        config.intermediate_size
-    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}[module]
 
 
 def write_random_adapter(
@@ -43,7 +36,7 @@ def write_random_adapter(
     tensors: dict[str, torch.Tensor] = {}
     for layer in range(config.num_layers):
         for module in target_modules:
-            fan_in, fan_out = module_shape(config, module)
+            fan_in, fan_out = projection_shape(config, module)
             part = "self_attn" if module in ATTN_MODULES else "mlp"
             key = f"base_model.model.model.layers.{layer}.{part}.{module}"
             tensors[f"{key}.lora_A.weight"] = torch.randn(r, fan_in, generator=gen) * (std / math.sqrt(fan_in))
