@@ -79,6 +79,17 @@ def test_pydantic_model_as_response_format_and_json_object(llm: LLM) -> None:
         assert isinstance(json.loads(out[1].text), dict)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_properties_come_out_in_the_schema_order(llm: LLM, backend: str) -> None:
+    """Not alphabetical: a model told to write "reasoning" before "answer" must be let to."""
+    schema = {"type": "object", "additionalProperties": False, "required": ["zeta", "alpha", "mid"],
+              "properties": {"zeta": {"type": "integer"}, "alpha": {"enum": ["a", "b"]}, "mid": {"type": "boolean"}}}
+    outs = llm.generate(PROMPTS, [_sampled(backend, schema, seed=i) for i in range(len(PROMPTS))])
+    done = [json.loads(o.text) for o in outs if o.finish_reason == "stop"]
+    assert done, "no output completed"
+    assert all(list(obj) == ["zeta", "alpha", "mid"] for obj in done), done
+
+
 def test_unconstrained_greedy_outputs_are_unchanged_by_constrained_neighbours(llm: LLM) -> None:
     greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     alone = [c.token_ids for c in llm.generate(PROMPTS, greedy)]

@@ -103,6 +103,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         for r in rows:
             if r["adapters"]:
                 changed = sum(a != b for a, b in zip(r["outputs"], base["outputs"], strict=True))
+                r["outputs_differ_from_base"] = changed
                 print(f"{r['adapters']} adapters: {changed}/{len(r['outputs'])} outputs differ from the base model's")
     for r in rows:
         r.pop("outputs")

@@ -80,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--num-requests", type=int, default=128)
     parser.add_argument("--concurrency", type=int, default=32, help="requests kept in flight (closed loop)")
-    parser.add_argument("--output-len", type=int, default=96, help="max_tokens of every request")
+    parser.add_argument("--output-len", type=int, default=160, help="max_tokens of every request")
     parser.add_argument("--backends", default="xgrammar,outlines", help="comma separated")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kvloom-config", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
@@ -161,8 +161,10 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                                   response_format=ORDER_SCHEMA, grammar_backend=backend)
 
         res = asyncio.run(_closed_loop(model_dir, config, texts, args.concurrency, constrained))
-        done, valid = _validity(res.pop("outputs"))
-        res |= {"completed": done, "valid": valid, "ratio": res["tokens_per_s"] / base["tokens_per_s"]}
+        outputs = res.pop("outputs")
+        done, valid = _validity(outputs)
+        res |= {"completed": done, "valid": valid, "ratio": res["tokens_per_s"] / base["tokens_per_s"],
+                "sample_outputs": [{"text": o.text, "finish_reason": o.finish_reason} for o in outputs[:4]]}
         rows[backend] = res
         mask = res["mask_ms_per_step"]
         print(f"{backend + ' JSON schema':<24} {res['tokens_per_s']:>10.1f} {res['wall_s']:>8.1f} "

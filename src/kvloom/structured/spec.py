@@ -6,7 +6,9 @@
 - a JSON schema ``dict`` (any dict whose ``"type"`` is not one of the format types below);
 - an OpenAI-style dict: ``{"type": "json_schema", "json_schema": {"schema": {...}}}`` or
   ``{"type": "json_object"}``; or kvloom's ``{"type": "regex", "regex": ...}``,
-  ``{"type": "choice", "choice": [...]}``, ``{"type": "grammar", "grammar": ...}``;
+  ``{"type": "choice", "choice": [...]}``, ``{"type": "grammar", "grammar": ...}``, and their
+  one-key shorthands ``{"regex": ...}``, ``{"choice": [...]}``, ``{"grammar": ...}``,
+  ``{"json_schema": {...}}`` (a lone one of these keys is never a JSON schema);
 - a :class:`ResponseFormat` (``ResponseFormat.from_schema(...)``, ``.from_regex(...)``,
   ``.from_choice(...)``, ``.from_grammar(...)``, ``.json_object()``).
 
@@ -24,13 +26,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 FormatType = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
 _FORMAT_TYPES = ("json_schema", "json_object", "regex", "choice", "grammar")
+_SHORTHAND_KEYS = ("json_schema", "regex", "choice", "grammar")
 
 
 @dataclass(frozen=True, slots=True)
 class GrammarSpec:
     """A compiled grammar's identity: ``kind`` and canonical ``text``. Hashable and picklable.
 
-    ``text`` is: the schema as JSON with sorted keys (``json_schema``); ``""`` (``json_object``);
+    ``text`` is: the schema as JSON, keys in the caller's order (``json_schema``); ``""`` (``json_object``);
     the pattern (``regex``); the choices as a JSON list (``choice``); the EBNF (``grammar``).
     """
 
@@ -117,6 +120,11 @@ class ResponseFormat(BaseModel):
                     if "schema" in inner and isinstance(inner["schema"], dict):
                         return cls(type="json_schema", json_schema=inner["schema"])
                 return cls.model_validate(value)
+            if "type" not in value and len(value) == 1 and next(iter(value)) in _SHORTHAND_KEYS:
+                # {"regex": ...}, {"choice": [...]}, {"grammar": ...}, {"json_schema": {...}}: no JSON
+                # schema is a lone one of these (they are not schema keywords), so read it as meant.
+                (key, inner), = value.items()
+                return cls.model_validate({"type": key, key: inner})
             return cls(type="json_schema", json_schema=value)
         raise ValueError(
             "expected a pydantic model class, a JSON schema dict, a {'type': ...} dict or a ResponseFormat, "
@@ -125,7 +133,9 @@ class ResponseFormat(BaseModel):
 
     def to_spec(self) -> GrammarSpec:
         if self.type == "json_schema":
-            return GrammarSpec("json_schema", json.dumps(self.json_schema, sort_keys=True))
+            # Key order is kept: it is the order in which the output writes an object's properties
+            # (a model that writes "reasoning" before "answer" must be let to), so it is part of the spec.
+            return GrammarSpec("json_schema", json.dumps(self.json_schema))
         if self.type == "json_object":
             return GrammarSpec("json_object", "")
         if self.type == "regex":
