@@ -307,6 +307,34 @@ def test_empirical_distribution_matches_softmax(temperature: float) -> None:
         assert chi2 < 24.32  # chi-square, 7 degrees of freedom, p = 0.001
 
 
+def test_zero_probability_tokens_are_never_sampled_even_at_the_edges() -> None:
+    """The inverse CDF gives a zero-probability token an empty interval: first, last, or between."""
+    from kvloom.layers.sampler import random_sample
+
+    num_rows, vocab = 4000, 64
+    allowed = torch.tensor([1, 2, 30, 62])  # token 0 and token 63 are masked: the edges u=0, u->1
+    probs = torch.zeros(num_rows, vocab)
+    probs[:, allowed] = torch.rand(num_rows, len(allowed), generator=gen(3)) + 1e-3
+    probs[::7, 1] = 1e-30  # an almost-zero neighbour of a masked token
+    generators: list[torch.Generator | None] = [gen(i) if i % 2 else None for i in range(num_rows)]
+    tokens = random_sample(probs.clone(), generators, gen(99))
+    assert set(tokens.tolist()) <= set(allowed.tolist())
+    assert set(tokens.tolist()) >= {2, 30, 62}
+    # A row with nothing allowed (a grammar dead end) still returns an index, never raises.
+    assert 0 <= int(random_sample(torch.zeros(1, vocab), [None], gen(1))[0]) < vocab
+
+
+def test_a_seeded_row_draws_one_number_per_step() -> None:
+    """The same seed gives the same token for the same distribution, whatever the vocab padding."""
+    from kvloom.layers.sampler import random_sample
+
+    probs = torch.softmax(torch.randn(1, 50, generator=gen(5)), dim=-1)
+    padded = torch.cat([probs, torch.zeros(1, 14)], dim=1)  # a padded lm_head: extra zero columns
+    a = random_sample(probs.clone(), [gen(7)], None)
+    b = random_sample(padded.clone(), [gen(7)], None)
+    assert int(a[0]) == int(b[0])
+
+
 # --- penalties and banned tokens --------------------------------------------------------------
 
 
@@ -358,7 +386,8 @@ def test_banned_tokens_are_never_sampled() -> None:
     logits[:, 4] = 50.0  # the overwhelming argmax
     logits[:, 11] = 49.0
     rows = [Row(temperature=0.0 if i < 10 else 1.0, banned=[4, 17]) for i in range(num_rows)]
-    rows[-1] = Row(temperature=1.0)  # not banned: takes the argmax (almost surely)
+    # Not banned: takes the argmax (at temperature 0.1, token 11 has odds e^-10 against it).
+    rows[-1] = Row(temperature=0.1)
     with seeded_default_rng(0):
         tokens = sample(logits, rows).token_ids
     assert tokens[:10].tolist() == [11] * 10  # greedy rows take the best allowed token

@@ -1,12 +1,14 @@
 """``python -m kvloom bench structured``: JSON-schema constrained vs unconstrained throughput.
 
 The same prompts run twice per backend on fresh engines (after one untimed warm-up request
-that also compiles the schema, so compile time is not counted): unconstrained, and with
-``response_format`` = an extraction schema. ``--concurrency`` clients (default 32) each keep
-one request in flight, closed-loop, until ``--num-requests`` are done; every request samples
-(temperature 0.7, seeded) up to ``--output-len`` tokens; the unconstrained runs ignore EOS so
-they generate exactly that many. The ratio is constrained output tokens/s over unconstrained
-output tokens/s: the cost of grammars in a busy batch. Also reported: the mean time per
+that also compiles the schema, so compile time is not counted): with ``response_format`` = an
+extraction schema, then unconstrained. ``--concurrency`` clients (default 32) each keep one
+request in flight, closed-loop, until ``--num-requests`` are done; every request samples
+(temperature 0.7, seeded) up to ``--output-len`` tokens. Each unconstrained request ignores
+EOS and generates exactly as many tokens as its constrained twin did, so both runs have the
+same batch shapes step by step (a constrained run whose requests stop early would otherwise
+pay for a ragged tail that an all-``max_tokens`` baseline never has). The ratio is constrained
+output tokens/s over unconstrained output tokens/s: the cost of grammars in a busy batch. Also reported: the mean time per
 constrained step spent in masks (``EngineStats.logits_processor_ms_per_step``), the share of
 constrained outputs that completed (``stop``) and validated against the schema.
 
@@ -146,24 +148,35 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
           f"max_tokens {args.output_len}, temperature 0.7 seeded; schema: ORDER_SCHEMA "
           f"(kvloom/bench/structured.py)\n")
 
-    def free(i: int) -> SamplingParams:
-        return SamplingParams(temperature=0.7, seed=args.seed + i + 1, max_tokens=args.output_len, ignore_eos=True)
-
-    rows: dict[str, Any] = {}
-    base = asyncio.run(_closed_loop(model_dir, config, texts, args.concurrency, free))
-    rows["unconstrained"] = {k: v for k, v in base.items() if k != "outputs"}
-    print(f"{'system':<24} {'out tok/s':>10} {'wall s':>8} {'tokens':>8} {'mask ms/step':>13} {'stop & valid':>13}")
-    print(f"{'unconstrained':<24} {base['tokens_per_s']:>10.1f} {base['wall_s']:>8.1f} {base['output_tokens']:>8} "
-          f"{'-':>13} {'-':>13}")
-    for backend in backends:
-        def constrained(i: int, backend: str = backend) -> SamplingParams:
+    def constrained_params(backend: str) -> Any:
+        def make(i: int) -> SamplingParams:
             return SamplingParams(temperature=0.7, seed=args.seed + i + 1, max_tokens=args.output_len,
                                   response_format=ORDER_SCHEMA, grammar_backend=backend)
+        return make
 
-        res = asyncio.run(_closed_loop(model_dir, config, texts, args.concurrency, constrained))
+    def free_params(lengths: tuple[int, ...]) -> Any:
+        def make(i: int) -> SamplingParams:  # i == -1: the warm-up request
+            return SamplingParams(temperature=0.7, seed=args.seed + i + 1, ignore_eos=True,
+                                  max_tokens=lengths[i] if i >= 0 else args.output_len)
+        return make
+
+    rows: dict[str, Any] = {}
+    baselines: dict[tuple[int, ...], dict[str, Any]] = {}
+    print(f"{'system':<24} {'out tok/s':>10} {'wall s':>8} {'tokens':>8} {'mask ms/step':>13} {'stop & valid':>13}")
+    for backend in backends:
+        res = asyncio.run(_closed_loop(model_dir, config, texts, args.concurrency, constrained_params(backend)))
         outputs = res.pop("outputs")
+        lengths = tuple(len(o.token_ids) for o in outputs)
+        if lengths not in baselines:  # the same prompts unconstrained, each as long as its constrained twin
+            base = asyncio.run(_closed_loop(model_dir, config, texts, args.concurrency, free_params(lengths)))
+            base.pop("outputs")
+            baselines[lengths] = base
+            print(f"{'unconstrained, same lengths':<24} {base['tokens_per_s']:>10.1f} {base['wall_s']:>8.1f} "
+                  f"{base['output_tokens']:>8} {'-':>13} {'-':>13}")
+        base = baselines[lengths]
         done, valid = _validity(outputs)
         res |= {"completed": done, "valid": valid, "ratio": res["tokens_per_s"] / base["tokens_per_s"],
+                "unconstrained": base,
                 "sample_outputs": [{"text": o.text, "finish_reason": o.finish_reason} for o in outputs[:4]]}
         rows[backend] = res
         mask = res["mask_ms_per_step"]
@@ -171,7 +184,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
               f"{res['output_tokens']:>8} {mask if mask is not None else float('nan'):>13.2f} {f'{valid}/{done}':>13}")
     print()
     for backend in backends:
-        print(f"kvloom {backend} / unconstrained: {rows[backend]['ratio']:.2f}x throughput")
+        print(f"kvloom {backend} / unconstrained (same prompts, same lengths): {rows[backend]['ratio']:.2f}x throughput")
     write_result(args.json, {
         "schema_version": SCHEMA_VERSION, "bench": "structured", "command": command,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "machine": info,

@@ -8,12 +8,14 @@ Order of operations (vLLM V1):
 2. banned tokens set to ``-inf``;
 3. penalties: repetition (prompt + output), then frequency and presence (output only);
 4. greedy rows take the argmax;
-5. random rows: divide by temperature, top-k, top-p, min-p, then sample by the exponential
-   race ``argmax(probs / q)`` with ``q ~ Exponential(1)``, which picks token ``i`` with
-   probability ``probs[i]`` and needs neither a normalised distribution nor a cumsum.
+5. random rows: divide by temperature, top-k, top-p, min-p, then sample by inverting the
+   row's CDF at one uniform draw ``u`` (``random_sample``). vLLM races exponentials instead
+   (``argmax(probs / q)``, ``q ~ Exp(1)``), which avoids a cumsum on a GPU but draws ``V``
+   random numbers per row: on a CPU that was 0.8 ms per row of a 32k vocabulary, 12% of a
+   32-row decode step. One draw and a cumsum cost ~0.03 ms per row.
 
 Every stage is row-independent: a row's token never depends on the other rows in the batch,
-and a seeded row draws its ``q`` from its own generator, so a seed reproduces the same tokens
+and a seeded row draws its ``u`` from its own generator, so a seed reproduces the same tokens
 whatever the batch looks like. ``V`` may exceed the tokenizer's vocabulary (padded lm_head);
 nothing here cares.
 
@@ -203,28 +205,36 @@ def random_sample(
 ) -> torch.Tensor:
     """Sample one token per row of ``probs`` ``[B, V]`` (unnormalised is fine). Consumes ``probs``.
 
-    Exponential race: ``argmax(probs / q)`` with ``q ~ Exponential(1)`` i.i.d. picks token i
-    with probability ``probs[i] / sum(probs)``. ``torch.Tensor.exponential_`` never returns 0
-    (documented), so a masked token (prob 0) can never win through ``0 / 0``.
+    Inverse CDF: with ``c = cumsum(probs)`` and ``u ~ U[0, 1)``, the token is the first ``i``
+    with ``c[i] > u * c[V-1]``, i.e. ``i`` is picked with probability ``probs[i] / sum(probs)``.
+    A token of probability 0 has ``c[i] == c[i-1]`` exactly (adding 0 is exact), an empty
+    interval, so a masked token can never be picked. Should rounding put ``u * c[V-1]`` at or
+    past ``c[V-1]`` (or the row be all zero), the row takes its most likely token instead.
 
-    Rows with a generator draw their ``q`` row from it; all the other rows draw theirs from
-    ``default`` (torch's default generator when None) in one ``[num_unseeded, V]`` call.
+    Rows with a generator draw their ``u`` from it; all the other rows draw theirs from
+    ``default`` (torch's default generator when None) in one call.
 
     Returns ``[B]`` int64.
     """
-    q = torch.empty_like(probs)
+    cdf = probs.cumsum_(dim=-1)
+    u = torch.empty(probs.shape[0], 1, dtype=probs.dtype, device=probs.device)
     seeded = [(i, g) for i, g in enumerate(generators) if g is not None]
     if not seeded:
-        q.exponential_(generator=default)
+        u.uniform_(generator=default)
     else:
         unseeded = [i for i, g in enumerate(generators) if g is None]
         if unseeded:
             rows = torch.tensor(unseeded, dtype=torch.int64, device=probs.device)
-            draws = torch.empty((len(unseeded), probs.shape[1]), device=probs.device).exponential_(generator=default)
-            q.index_copy_(0, rows, draws)
+            draws = torch.empty((len(unseeded), 1), dtype=probs.dtype, device=probs.device).uniform_(generator=default)
+            u.index_copy_(0, rows, draws)
         for i, generator in seeded:
-            q[i].exponential_(generator=generator)
-    return probs.div_(q).argmax(dim=-1)
+            u[i].uniform_(generator=generator)
+    token_ids = torch.searchsorted(cdf, u.mul_(cdf[:, -1:]), right=True).squeeze(1)
+    overflow = token_ids >= cdf.shape[1]
+    if bool(overflow.any()):
+        most_likely = torch.diff(cdf, dim=-1, prepend=cdf.new_zeros(cdf.shape[0], 1)).argmax(dim=-1)
+        token_ids = torch.where(overflow, most_likely, token_ids)
+    return token_ids
 
 
 def compute_logprobs(
