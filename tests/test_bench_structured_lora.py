@@ -15,7 +15,7 @@ from kvloom.cli import main
 def test_bench_structured_tiny(tmp_path: Path, llama_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out_json = tmp_path / "structured.json"
     argv = ["bench", "structured", "--model", str(llama_dir), "--num-requests", "6", "--concurrency", "3",
-            "--output-len", "48", "--json", str(out_json), "--quick"]
+            "--output-len", "48", "--repeats", "2", "--json", str(out_json), "--quick"]
     assert main(argv) == 0  # non-zero if any completed output failed to validate
     printed = capsys.readouterr().out
     assert "kvloom xgrammar / unconstrained (same prompts, same lengths):" in printed
@@ -29,6 +29,7 @@ def test_bench_structured_tiny(tmp_path: Path, llama_dir: Path, capsys: pytest.C
         # The baseline generated exactly the constrained run's tokens, request by request.
         assert row["unconstrained"]["output_tokens"] == row["output_tokens"] <= 6 * 48
         assert row["unconstrained"]["mask_ms_per_step"] is None
+        assert len(row["tokens_per_s_runs"]) == len(row["unconstrained"]["tokens_per_s_runs"]) == 2
 
 
 def test_bench_lora_tiny(tmp_path: Path, checkpoint_factory: Callable[..., Path],
