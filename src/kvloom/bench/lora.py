@@ -6,9 +6,10 @@ model alone, then with every request routed round-robin to one of K random rank-
 adapters on all seven projections (``kvloom.lora.synthetic``, written in PEFT's format and
 loaded from disk like a user's adapter). ``max_loras`` is the largest K, so every adapter is
 resident. Each figure is the best of ``--repeats`` timed runs after an untimed warm-up (one
-short request per adapter, which also loads every adapter into its slot). Prefix caching is
-off: the repeats resend the same prompts and would otherwise measure the cache. The ratio is
-tokens/s with K adapters over tokens/s of the base model measured in the same run.
+short request per adapter, which also loads every adapter into its slot); the engines stay
+up and take turns, one run each per round, so the machine's drift hits every count alike.
+Prefix caching is off: the repeats resend the same prompts and would otherwise measure the
+cache. The ratio is tokens/s with K adapters over tokens/s of the base model in the same run.
 """
 
 from __future__ import annotations
@@ -39,36 +40,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--num-requests", type=int, default=w.num_requests)
     parser.add_argument("--output-len", type=int, default=w.output_len)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per adapter count, round-robin; best kept")
     parser.add_argument("--seed", type=int, default=w.seed)
     parser.add_argument("--kvloom-config", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
     parser.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # tests: rougher ceilings
 
 
-def _measure(model_dir: Path, config: dict[str, Any], prompts: list[list[int]], output_len: int,
-             adapter_dirs: list[Path], repeats: int) -> dict[str, Any]:
-    from kvloom import LLM, SamplingParams
+class _Setup:
+    """One engine with ``len(adapter_dirs)`` adapters loaded and warmed, routed round-robin."""
 
-    llm = LLM(model_dir, **config)
-    names = [f"adapter-{k}" for k in range(len(adapter_dirs))]
-    for name, path in zip(names, adapter_dirs, strict=True):
-        llm.load_adapter(name, path)
-    routing: list[str | None] = [names[i % len(names)] if names else None for i in range(len(prompts))]
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-    # Warm-up: one short request per adapter (each reaches its slot).
-    llm.generate([prompts[0][:8]] * max(1, len(names)), params.model_copy(update={"max_tokens": 2}),
-                 adapter=names or None)
-    walls = []
-    outputs: list[list[int]] = []
-    for _ in range(repeats):
+    def __init__(self, model_dir: Path, config: dict[str, Any], prompts: list[list[int]], output_len: int,
+                 adapter_dirs: list[Path]) -> None:
+        from kvloom import LLM, SamplingParams
+
+        self.llm = LLM(model_dir, **config)
+        self.prompts = prompts
+        self.count = len(adapter_dirs)
+        names = [f"adapter-{k}" for k in range(len(adapter_dirs))]
+        for name, path in zip(names, adapter_dirs, strict=True):
+            self.llm.load_adapter(name, path)
+        self.routing: list[str | None] = [names[i % len(names)] if names else None for i in range(len(prompts))]
+        self.params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+        # Warm-up: one short request per adapter (each reaches its slot).
+        self.llm.generate([prompts[0][:8]] * max(1, len(names)), self.params.model_copy(update={"max_tokens": 2}),
+                          adapter=names or None)
+        self.walls: list[float] = []
+        self.outputs: list[list[int]] = []
+
+    def time_once(self) -> None:
         start = time.perf_counter()
-        results = llm.generate(prompts, params, adapter=routing)
-        walls.append(time.perf_counter() - start)
-        outputs = [r.token_ids for r in results]
-    llm.close()
-    num_tokens = len(prompts) * output_len
-    return {"adapters": len(adapter_dirs), "wall_s": min(walls), "walls_s": walls,
-            "tokens_per_s": num_tokens / min(walls), "outputs": outputs}
+        results = self.llm.generate(self.prompts, self.params, adapter=self.routing)
+        self.walls.append(time.perf_counter() - start)
+        self.outputs = [r.token_ids for r in results]
+
+    def result(self, output_len: int) -> dict[str, Any]:
+        self.llm.close()
+        num_tokens = len(self.prompts) * output_len
+        return {"adapters": self.count, "wall_s": min(self.walls), "walls_s": self.walls,
+                "tokens_per_s": num_tokens / min(self.walls), "outputs": self.outputs}
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -86,13 +95,16 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     # Repeats resend the same prompts: with prefix caching on, every repeat after the first would
     # skip its prefills and measure the cache, not the adapters.
     config |= {"max_loras": max(max(counts), 1), "max_lora_rank": args.rank, "enable_prefix_caching": False}
-    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="kvloom-bench-lora-") as tmp:
         dirs = [write_random_adapter(Path(tmp) / f"a{k}", model_config, r=args.rank, seed=k, std=0.5)
                 for k in range(max(counts))]
-        for count in counts:
-            rows.append(_measure(setup.model_dir, config, setup.prompts, args.output_len, dirs[:count], args.repeats))
-            print(f"  {count:>2} adapters: {rows[-1]['tokens_per_s']:.1f} tok/s", flush=True)
+        setups = [_Setup(setup.model_dir, config, setup.prompts, args.output_len, dirs[:count]) for count in counts]
+        for rep in range(args.repeats):  # round-robin over the engines: drift hits every count alike
+            for s in setups:
+                s.time_once()
+                tok_s = len(setup.prompts) * args.output_len / s.walls[-1]
+                print(f"  run {rep + 1}: {s.count:>2} adapters: {tok_s:.1f} tok/s", flush=True)
+        rows = [s.result(args.output_len) for s in setups]
     base = next((r for r in rows if r["adapters"] == 0), None)
     print(f"\n{'adapters':>8} {'out tok/s':>10} {'best wall s':>12} {'vs base':>8}")
     for r in rows:

@@ -87,7 +87,7 @@ class Sampler:
 
 
 def _sample_random(logits: torch.Tensor, meta: SamplingMetadata, temperature: torch.Tensor) -> torch.Tensor:
-    """Temperature, top-k, top-p, min-p, then the exponential race. ``logits`` ``[B, V]`` is consumed."""
+    """Temperature, top-k, top-p, min-p, then ``random_sample``. ``logits`` ``[B, V]`` is consumed."""
     logits.div_(temperature.unsqueeze(1))
     apply_top_k_top_p(logits, meta.top_k, meta.top_p)
     probs = logits.softmax(dim=-1)
@@ -191,7 +191,7 @@ def _kth_value(sorted_desc: torch.Tensor, k: torch.Tensor, k_off: torch.Tensor) 
 def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor | None) -> None:
     """Zero ``probs`` ``[B, V]`` below ``min_p * max(probs)`` of their row. In place.
 
-    Unnormalised afterwards; the exponential race does not need a normalised distribution.
+    Unnormalised afterwards; ``random_sample`` does not need a normalised distribution.
     A row with ``min_p == 0`` is unchanged.
     """
     if min_p is None:
