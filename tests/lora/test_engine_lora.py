@@ -307,3 +307,51 @@ async def test_loading_an_adapter_never_stalls_the_streams(
         assert len(during) >= 3, f"{len(during)} chunks arrived during a 1 s adapter load"
         assert max(lags) < 0.25, f"the event loop stalled {max(lags) * 1000:.0f} ms during the load"
         assert [a.name for a in engine.adapters()] == ["A"]
+
+
+@pytest.mark.anyio
+async def test_prefix_handles_belong_to_their_adapter(
+    base_dir: Callable[[str], Path], adapter_dir: Callable[..., Path]
+) -> None:
+    """A handle cached on adapter A serves A's requests from its pinned KV (same tokens as PEFT);
+    on the base model, another adapter, or A reloaded with new weights it is refused, not recomputed."""
+    base = base_dir("llama")
+    a_dir, b_dir = adapter_dir("llama", **SPECS["A"]), adapter_dir("llama", **SPECS["B"])
+    system = prompts(1, seed=9)[0] * 4  # several whole blocks
+    question = [11, 12, 13, 14, 15]
+    async with AsyncEngine.from_pretrained(base, max_loras=2, max_lora_rank=16) as engine:
+        await engine.load_adapter("A", a_dir)
+        await engine.load_adapter("B", b_dir)
+        handle = await engine.cache_prefix(system, adapter="A")
+        assert handle.adapter == "A" and handle.num_blocks >= 1
+        out = await engine.generate(question, GREEDY, prefix=handle, adapter="A")
+        assert out.usage.cached_tokens == handle.num_cached_tokens
+        assert out.token_ids == hf_greedy(base, a_dir, system + question)
+        for other in (None, "B"):
+            with pytest.raises(InvalidRequestError, match="adapter: this prefix handle was computed with adapter 'A'"):
+                await engine.generate(question, GREEDY, prefix=handle, adapter=other)
+        base_handle = await engine.cache_prefix(system)
+        with pytest.raises(InvalidRequestError, match="computed with the base model"):
+            await engine.generate(question, GREEDY, prefix=base_handle, adapter="A")
+        plain = await engine.generate(question, GREEDY, prefix=base_handle)
+        assert plain.token_ids == hf_greedy(base, None, system + question)
+        await engine.load_adapter("A", adapter_dir("llama", **{**SPECS["A"], "seed": 77}))
+        with pytest.raises(InvalidRequestError, match="reloaded"):
+            await engine.generate(question, GREEDY, prefix=handle, adapter="A")
+        handle.release()
+        base_handle.release()
+        assert engine.stats().healthy
+
+
+def test_n_choices_all_run_on_the_requests_adapter(base_dir: Callable[[str], Path],
+                                                   adapter_dir: Callable[..., Path]) -> None:
+    base = base_dir("llama")
+    a_dir = adapter_dir("llama", **SPECS["A"])
+    llm = LLM(base, max_loras=1, max_lora_rank=16)
+    llm.load_adapter("A", a_dir)
+    prompt = prompts(1, seed=13)[0]
+    out = llm.generate([prompt], GREEDY.model_copy(update={"n": 3}), adapter="A")[0]
+    expected = hf_greedy(base, a_dir, prompt)
+    assert len(out.choices) == 3 and all(c.token_ids == expected for c in out.choices)
+    llm.core.assert_idle()
+    llm.close()

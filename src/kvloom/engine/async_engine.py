@@ -23,7 +23,7 @@ from kvloom.engine.adapters import AdapterInfo, AdapterRegistry
 from kvloom.engine.background import spawn_background
 from kvloom.engine.driver import EngineDriver, NewRequest, StepResult
 from kvloom.engine.grammar import GrammarService
-from kvloom.engine.prefix import PrefixHandle, prefix_token_ids
+from kvloom.engine.prefix import PrefixHandle, check_prefix_adapter, prefix_token_ids
 from kvloom.engine.processor import InputProcessor, Message, Prompt
 from kvloom.engine.request_stream import RequestState
 from kvloom.engine.stats import EngineStats, StatsCollector, build_stats
@@ -221,6 +221,8 @@ class AsyncEngine:
         assert self._grammars is not None and self._adapters is not None
         self._grammars.check(params)
         lora = self._adapters.resolve(adapter)
+        if prefix is not None:
+            check_prefix_adapter(prefix, adapter, lora.content_hash if lora is not None else None)
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
         elif request_id in self._states:
@@ -345,6 +347,8 @@ class AsyncEngine:
         self._num_pinned_blocks += num_blocks  # reserved now, so concurrent calls see it
         params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
         try:
+            # Resolved with no await before the submit: the handle records the weights it ran with.
+            lora = self._adapters.resolve(adapter) if self._adapters is not None else None
             rid = self._submit(token_ids, params, None, None, 0, None, cache_salt, adapter, pin_prefix=True)
             state = self._states[rid]
             async for _ in self._iterate(state):
@@ -356,7 +360,8 @@ class AsyncEngine:
         self._num_pinned_blocks += len(block_ids) - num_blocks
         handle = PrefixHandle(
             f"prefix-{rid}", tuple(token_ids), block_ids, block_size, cache_salt,
-            tuple(messages) if messages is not None else None, _engine=weakref.ref(self),
+            tuple(messages) if messages is not None else None, adapter=adapter,
+            adapter_hash=lora.content_hash if lora is not None else None, _engine=weakref.ref(self),
         )
         self._prefixes[handle.handle_id] = handle
         return handle

@@ -28,6 +28,10 @@ class PrefixHandle:
     block_size: int
     cache_salt: str | None
     messages: tuple[dict[str, Any], ...] | None
+    adapter: str | None = None
+    """The LoRA adapter the prefix was computed with (None: the base model)."""
+    adapter_hash: str | None = None
+    """That adapter's content hash: its KV is only this adapter's, with these weights."""
     hits: int = 0
     """Requests that have used this prefix."""
     released: bool = False
@@ -66,6 +70,22 @@ class PrefixHandle:
 
     async def __aexit__(self, *exc: object) -> None:
         self.release()
+
+
+def check_prefix_adapter(handle: PrefixHandle, adapter: str | None, adapter_hash: str | None) -> None:
+    """A handle's KV belongs to the adapter (weights) it was computed with: any other adapter,
+    or the base model, could never reuse it, so such a request is refused rather than silently
+    recomputing the whole prefix."""
+    if adapter_hash == handle.adapter_hash:
+        return
+    made_with = f"adapter {handle.adapter!r}" if handle.adapter is not None else "the base model"
+    if adapter is not None and adapter == handle.adapter:
+        raise InvalidRequestError(
+            f"adapter: {adapter!r} was reloaded with other weights after this prefix handle was computed; "
+            "its KV no longer applies (cache the prefix again)")
+    asked = f"adapter {adapter!r}" if adapter is not None else "the base model"
+    raise InvalidRequestError(
+        f"adapter: this prefix handle was computed with {made_with}, so a request on {asked} could never reuse it")
 
 
 def prefix_token_ids(
