@@ -438,3 +438,16 @@ def test_sampled_rank_counts_ties_against_the_sampled_token() -> None:
     out = sample(logits, [Row(temperature=0.0, num_logprobs=2)] * 2)
     assert out.token_ids.tolist() == [1, 1]
     assert out.sampled_ranks is not None and out.sampled_ranks.tolist() == [2, 1]
+
+
+def test_a_uniform_draw_at_the_top_of_its_range_stays_in_the_vocabulary(monkeypatch: pytest.MonkeyPatch) -> None:
+    """u = the largest float below 1, on rows whose last tokens are masked: still a real token."""
+    from kvloom.layers import sampler
+
+    def top_uniform(self: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        return self.fill_(1.0 - 2.0**-24)
+
+    monkeypatch.setattr(torch.Tensor, "uniform_", top_uniform)
+    probs = torch.tensor([[0.2, 0.3, 0.5, 0.0, 0.0], [3.0, 0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 7.0]])
+    tokens = sampler.random_sample(probs.clone(), [None, torch.Generator().manual_seed(1), None], None)
+    assert tokens.tolist() == [2, 2, 4]  # the last token with probability > 0 of each row

@@ -208,8 +208,9 @@ def random_sample(
     Inverse CDF: with ``c = cumsum(probs)`` and ``u ~ U[0, 1)``, the token is the first ``i``
     with ``c[i] > u * c[V-1]``, i.e. ``i`` is picked with probability ``probs[i] / sum(probs)``.
     A token of probability 0 has ``c[i] == c[i-1]`` exactly (adding 0 is exact), an empty
-    interval, so a masked token can never be picked. Should rounding put ``u * c[V-1]`` at or
-    past ``c[V-1]`` (or the row be all zero), the row takes its most likely token instead.
+    interval, so a masked token can never be picked. The target ``u * c[V-1]`` is clamped to the
+    float just below ``c[V-1]``: the first ``c[i]`` above it always exists and has ``c[i] > c[i-1]``,
+    a token of non-zero probability (an all-zero row, a grammar dead end, takes token 0).
 
     Rows with a generator draw their ``u`` from it; all the other rows draw theirs from
     ``default`` (torch's default generator when None) in one call.
@@ -229,12 +230,10 @@ def random_sample(
             u.index_copy_(0, rows, draws)
         for i, generator in seeded:
             u[i].uniform_(generator=generator)
-    token_ids = torch.searchsorted(cdf, u.mul_(cdf[:, -1:]), right=True).squeeze(1)
-    overflow = token_ids >= cdf.shape[1]
-    if bool(overflow.any()):
-        most_likely = torch.diff(cdf, dim=-1, prepend=cdf.new_zeros(cdf.shape[0], 1)).argmax(dim=-1)
-        token_ids = torch.where(overflow, most_likely, token_ids)
-    return token_ids
+    total = cdf[:, -1:]
+    # Strictly below the total, so some c[i] > target: no index past the end, no host sync.
+    target = torch.minimum(u.mul_(total), torch.nextafter(total, torch.full_like(total, float("-inf"))))
+    return torch.searchsorted(cdf, target, right=True).squeeze(1)
 
 
 def compute_logprobs(
