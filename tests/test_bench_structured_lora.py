@@ -37,11 +37,12 @@ def test_bench_lora_tiny(tmp_path: Path, checkpoint_factory: Callable[..., Path]
     model = checkpoint_factory(arch="llama", with_tokenizer=False)
     out_json = tmp_path / "lora.json"
     argv = ["bench", "lora", "--model", str(model), "--adapters", "0,1,3", "--rank", "4", "--num-requests", "6",
-            "--output-len", "4", "--repeats", "1", "--json", str(out_json), "--quick"]
+            "--output-len", "4", "--repeats", "2", "--json", str(out_json), "--quick"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "3 adapters:" in printed and "vs base" in printed
     rows = json.loads(out_json.read_text())["results"]
     assert [r["adapters"] for r in rows] == [0, 1, 3]
     assert rows[0]["ratio"] == 1.0 and all(r["tokens_per_s"] > 0 for r in rows)
-    assert all(0 <= r["outputs_differ_from_base"] <= 6 for r in rows[1:])
+    assert all(len(r["walls_s"]) == 2 for r in rows)  # the engines took turns, two rounds
+    assert all(r["outputs_differ_from_base"] >= 1 for r in rows[1:])  # the adapters change what the model says

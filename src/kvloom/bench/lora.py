@@ -56,6 +56,7 @@ class _Setup:
         self.llm = LLM(model_dir, **config)
         self.prompts = prompts
         self.count = len(adapter_dirs)
+        self.num_tokens = len(prompts) * output_len
         names = [f"adapter-{k}" for k in range(len(adapter_dirs))]
         for name, path in zip(names, adapter_dirs, strict=True):
             self.llm.load_adapter(name, path)
@@ -73,11 +74,10 @@ class _Setup:
         self.walls.append(time.perf_counter() - start)
         self.outputs = [r.token_ids for r in results]
 
-    def result(self, output_len: int) -> dict[str, Any]:
+    def result(self) -> dict[str, Any]:
         self.llm.close()
-        num_tokens = len(self.prompts) * output_len
         return {"adapters": self.count, "wall_s": min(self.walls), "walls_s": self.walls,
-                "tokens_per_s": num_tokens / min(self.walls), "outputs": self.outputs}
+                "tokens_per_s": self.num_tokens / min(self.walls), "outputs": self.outputs}
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -102,9 +102,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         for rep in range(args.repeats):  # round-robin over the engines: drift hits every count alike
             for s in setups:
                 s.time_once()
-                tok_s = len(setup.prompts) * args.output_len / s.walls[-1]
-                print(f"  run {rep + 1}: {s.count:>2} adapters: {tok_s:.1f} tok/s", flush=True)
-        rows = [s.result(args.output_len) for s in setups]
+                print(f"  run {rep + 1}: {s.count:>2} adapters: {s.num_tokens / s.walls[-1]:.1f} tok/s", flush=True)
+        rows = [s.result() for s in setups]
     base = next((r for r in rows if r["adapters"] == 0), None)
     print(f"\n{'adapters':>8} {'out tok/s':>10} {'best wall s':>12} {'vs base':>8}")
     for r in rows:

@@ -8,10 +8,11 @@ request in flight, closed-loop, until ``--num-requests`` are done; every request
 EOS and generates exactly as many tokens as its constrained twin did, so both runs have the
 same batch shapes step by step (a constrained run whose requests stop early would otherwise
 pay for a ragged tail that an all-``max_tokens`` baseline never has). The ratio is constrained
-output tokens/s over unconstrained output tokens/s: the cost of grammars in a busy batch. Constrained and unconstrained runs
-alternate ``--repeats`` times each and the best of each counts (run-to-run drift here is ~10%). Also reported: the mean time per
-constrained step spent in masks (``EngineStats.logits_processor_ms_per_step``), the share of
-constrained outputs that completed (``stop``) and validated against the schema.
+output tokens/s over unconstrained output tokens/s: the cost of grammars in a busy batch.
+Constrained and unconstrained runs alternate ``--repeats`` times each and the best of each
+counts (run-to-run drift here is ~10%). Also reported: the mean time per constrained step
+spent in masks (``EngineStats.logits_processor_ms_per_step``), the share of constrained
+outputs that completed (``stop``) and validated against the schema.
 
 Default checkpoint: the standard ~155M random model, with a 32,000-token byte-level BPE
 tokenizer trained locally (a grammar's mask cost grows with the vocabulary).
