@@ -314,6 +314,12 @@ class AsyncEngine:
         self._states.clear()
 
     # ---- observability -------------------------------------------------------------------
+    def assert_idle(self) -> None:
+        """Raise ``AssertionError`` unless the engine holds nothing: no request queued or
+        running, every KV block free or only cached, every refcount zero, nothing pinned."""
+        assert self._driver is not None, "the engine is not running"
+        self._driver.core.assert_idle()
+
     def stats(self) -> EngineStats:
         healthy = self._error is None and self._done is not None and not self._done.is_set()
         return build_stats(self._last, len(self._adds), self._stats, healthy, self._error)

@@ -127,5 +127,9 @@ class LLM:
         """Shut the grammar compile pools down (also done at interpreter exit)."""
         self.grammars.close()
 
+    def assert_idle(self) -> None:
+        """Raise ``AssertionError`` unless no request is left and every KV block is free."""
+        self.core.assert_idle()
+
     def kv_cache_stats(self) -> KVCacheStats:
         return self.core.kv_cache_stats()

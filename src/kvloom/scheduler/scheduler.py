@@ -5,7 +5,7 @@ first (a decode costs one token, an unfinished prefill its next chunk), then wai
 in priority-then-arrival order while the budget, ``max_num_seqs`` and the free blocks allow.
 When a running request cannot get a block, the least important running request (highest
 ``priority`` value, then latest arrival) is preempted: its blocks are freed and it goes back
-to the front of the waiting queue, to be recomputed from its prompt and outputs so far.
+to the waiting queue in importance order, to be recomputed from its prompt and outputs so far.
 
 LoRA: the running requests use at most ``max_loras`` distinct adapters (pinned adapters
 count too: they hold a slot). A waiting request whose adapter would exceed that is skipped
@@ -241,7 +241,9 @@ class Scheduler:
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(req)
+        # Back in importance order, not at the head: a more important waiting request keeps
+        # its place ahead of it (its arrival time still puts it before later equals).
+        self._insert_waiting(req)
 
     def update(self, sched: SchedulerOutput, sampled: SampledTokens) -> list[EngineCoreOutput]:
         """Advance computed counts, append sampled tokens, finish requests that hit a stop."""
