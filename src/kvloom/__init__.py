@@ -16,7 +16,10 @@ from kvloom.errors import (
     EngineError,
     EngineOverloadedError,
     InvalidRequestError,
+    GrammarError,
     KvloomError,
+    PrefixBudgetError,
+    RequestTimeoutError,
     UnsupportedModelError,
 )
 from kvloom.outputs import Choice, Completion, StreamChunk, TokenLogprob, Usage
@@ -39,8 +42,11 @@ __all__ = [
     "EngineDeadError",
     "EngineError",
     "EngineOverloadedError",
+    "GrammarError",
     "InvalidRequestError",
     "KvloomError",
+    "PrefixBudgetError",
+    "RequestTimeoutError",
     "SamplingParams",
     "StreamChunk",
     "TokenLogprob",

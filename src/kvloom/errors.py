@@ -46,6 +46,12 @@ class EngineOverloadedError(KvloomError, RuntimeError):
     """Too many requests are waiting (``max_waiting``): try again later."""
 
 
+class RequestTimeoutError(KvloomError, TimeoutError):
+    """A request passed its deadline (``timeout=`` or the engine's ``request_timeout``, counted
+    from submit: queueing and grammar compilation count). It was aborted and its KV blocks
+    freed; a stream raises this after the chunks it had already delivered."""
+
+
 class PrefixBudgetError(KvloomError, RuntimeError):
     """Pinning this prefix would exceed the pin budget (``prefix_pin_fraction`` of the pool)."""
 

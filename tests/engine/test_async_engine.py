@@ -19,6 +19,8 @@ from kvloom import (
     SamplingParams,
 )
 
+from tests.engine.idle import assert_settles_idle
+
 pytestmark = pytest.mark.anyio
 
 
@@ -37,8 +39,7 @@ def prompt_set(count: int, seed: int = 0) -> list[list[int]]:
 
 
 def assert_idle(engine: AsyncEngine) -> None:
-    assert engine._driver is not None
-    engine._driver.core.assert_idle()
+    engine.assert_idle()
 
 
 async def test_stream_chunks_add_up_to_the_completion(llama_dir: Path) -> None:
@@ -126,12 +127,8 @@ async def test_cancellation_storm_frees_every_block(llama_dir: Path) -> None:
                     uncancelled.add(i)
                     tg.start_soon(run, i, None)
         assert set(completed) == uncancelled
-        for _ in range(100):  # the last aborts land at the next step boundary
-            if not engine._driver.core.has_unfinished():  # type: ignore[union-attr]
-                break
-            await anyio.sleep(0.02)
-        assert_idle(engine)
-    assert engine._done is not None and engine._done.is_set(), "the background task has ended"
+        await assert_settles_idle(engine)  # the last aborts land at the next step boundary
+    assert engine._loop is not None and engine._loop.done.is_set(), "the background task has ended"
 
 
 async def test_abort_by_id_ends_the_stream_with_what_it_had(llama_dir: Path) -> None:
@@ -183,12 +180,10 @@ async def test_aclose_ends_open_streams_with_engine_closed(llama_dir: Path) -> N
 
 async def test_a_failing_step_fails_the_streams_and_marks_the_engine_unhealthy(llama_dir: Path) -> None:
     async with AsyncEngine.from_pretrained(llama_dir) as engine:
-        assert engine._driver is not None
-
         def broken_step() -> list[object]:
             raise RuntimeError("boom")
 
-        engine._driver.core.step = broken_step  # type: ignore[assignment,method-assign]
+        engine.core.step = broken_step  # type: ignore[assignment,method-assign]
         with pytest.raises(EngineError, match="boom"):
             await engine.generate([1, 2, 3], greedy(4))
         assert not engine.stats().healthy
@@ -291,7 +286,7 @@ async def test_start_and_aclose_may_run_in_different_tasks(llama_dir: Path) -> N
     assert (await engine.generate([1, 2, 3], greedy(3))).usage.completion_tokens == 3
     async with anyio.create_task_group() as tg:
         tg.start_soon(engine.aclose)
-    assert engine._done is not None and engine._done.is_set()
+    assert engine._loop is not None and engine._loop.done.is_set()
 
 
 async def test_prometheus_export_reads_the_stats(llama_dir: Path) -> None:

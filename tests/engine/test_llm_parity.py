@@ -61,7 +61,7 @@ def test_greedy_tokens_and_logprobs_equal_transformers(
             ours = torch.tensor([lp.logprob] + [v for _, v in lp.top])
             torch.testing.assert_close(ours, ref.logprobs[pos, ids], atol=1e-4, rtol=0)
     if case == "tight_pool_chunked":
-        assert llm.core.scheduler.num_preemptions > 0, "the tight pool should have forced preemption"
+        assert llm.core.num_preemptions > 0, "the tight pool should have forced preemption"
     llm.core.assert_idle()
 
 

@@ -46,7 +46,7 @@ def test_preempted_requests_recompute_from_the_cache_with_identical_outputs(llam
     expected = [r.token_ids for r in LLM(llama_dir, enable_prefix_caching=False).generate(prompts, params)]
     tight = LLM(llama_dir, num_kv_blocks=10, max_num_batched_tokens=32)
     assert [r.token_ids for r in tight.generate(prompts, params)] == expected
-    assert tight.core.scheduler.num_preemptions > 0
+    assert tight.core.num_preemptions > 0
     tight.core.assert_idle()
 
 
@@ -73,5 +73,5 @@ def test_forks_with_a_cached_prefix_and_under_preemption(llama_dir: Path) -> Non
     tight = LLM(llama_dir, num_kv_blocks=9, max_num_batched_tokens=24)
     got = [[c.token_ids for c in r.choices] for r in tight.generate(prompts, params)]
     assert got == expected
-    assert tight.core.scheduler.num_preemptions > 0
+    assert tight.core.num_preemptions > 0
     tight.core.assert_idle()

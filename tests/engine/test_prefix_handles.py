@@ -28,8 +28,7 @@ def tokens(n: int, seed: int) -> list[int]:
 
 
 def assert_all_free(engine: AsyncEngine) -> None:
-    assert engine._driver is not None
-    engine._driver.core.assert_idle()
+    engine.assert_idle()
 
 
 async def test_handle_outputs_equal_caching_off_and_cached_tokens_equal_its_blocks(llama_dir: Path) -> None:

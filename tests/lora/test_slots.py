@@ -64,15 +64,16 @@ def _assert_holds(slots: LoRASlots, slot: int, adapter: LoRAAdapter, num_layers:
 
 def test_attaches_one_stack_per_projection(model: CausalLM) -> None:
     slots = LoRASlots(model, max_loras=3, max_lora_rank=8)
-    layers = [m for m in model.modules() if isinstance(m, Linear) and m.lora is not None]
+    layers = [m for m in model.modules() if isinstance(m, Linear) and m.delta is not None]
     assert len(layers) == 4 * model.config.num_layers  # qkv, o, gate_up, down
-    assert all(m.lora is not None and m.lora.context is slots.context for m in layers)
+    assert all(m.delta is not None and m.delta.context is slots.context for m in layers)
     qkv = slots.stacks[0][0]
     c = model.config
     assert qkv.hf_names == ("q_proj", "k_proj", "v_proj")
     assert qkv.a.shape == (3, 3, 8, c.hidden_size)
     assert qkv.b.shape == (3, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim, 8)
-    assert slots.num_bytes == slot_bytes(c, 3, 8, torch.float32)
+    held = sum(s.a.nbytes + s.b.nbytes for stacks in slots.stacks.values() for s in stacks)
+    assert held == slot_bytes(c, 3, 8, torch.float32)
     assert not any(s.a.any() or s.b.any() for stacks in slots.stacks.values() for s in stacks)
     with pytest.raises(ValueError, match="already has LoRA slots"):
         LoRASlots(model, max_loras=1, max_lora_rank=8)
@@ -102,21 +103,34 @@ def test_activate_copies_weights_and_evicts_least_recently_used(model: CausalLM,
         slots.activate(["unknown"], adapters)
 
 
-def test_pinned_adapters_are_never_evicted(model: CausalLM, adapters: Adapters) -> None:
+def test_pinned_adapters_keep_their_slot_while_the_pins_fit(model: CausalLM, adapters: Adapters) -> None:
     slots = LoRASlots(model, max_loras=2, max_lora_rank=16)
-    pinned = slots.pin("k", adapters["k"])
+    slots.set_pinned({"k": adapters["k"]})
+    pinned = slots.slot_of("k")
+    assert pinned is not None
     for name in ("full", "qv", "mlp", "full"):
         assert slots.activate([name], adapters)[name] != pinned
         assert slots.slot_of("k") == pinned
     assert slots.activate(["k", "qv"], {"qv": adapters["qv"]})["k"] == pinned  # pinned needs no adapter given
-    with pytest.raises(ValueError, match="3 distinct exceed max_loras=2"):
-        slots.activate(["full", "qv"], adapters)
-    slots.pin("full", adapters["full"])
-    with pytest.raises(ValueError, match="pinned already"):
-        slots.pin("qv", adapters["qv"])
+    with pytest.raises(ValueError, match="exceed max_loras=2"):
+        slots.set_pinned({"k": adapters["k"], "full": adapters["full"], "qv": adapters["qv"]})
     slots.set_pinned({})
     assert set(slots.activate(["mlp", "qv"], adapters)) == {"mlp", "qv"}  # k may go now
     _assert_holds(slots, slots.activate(["qv"], adapters)["qv"], adapters["qv"], model.config.num_layers)
+
+
+def test_pins_never_evict_a_running_adapter_and_come_back_when_it_ends(model: CausalLM, adapters: Adapters) -> None:
+    """Pinning every slot while another adapter runs (the engine's defect 3): the running
+    adapter keeps its slot, the step it needs still runs, and the pins are resident after."""
+    slots = LoRASlots(model, max_loras=2, max_lora_rank=16)
+    running = slots.activate(["free"], {"free": adapters["mlp"]})["free"]
+    slots.set_pinned({"k": adapters["k"], "qv": adapters["qv"]}, in_use={"free"})
+    assert slots.slot_of("free") == running  # not evicted by the pins
+    assert slots.activate(["free"], {"free": adapters["mlp"]})["free"] == running  # no ValueError
+    _assert_holds(slots, running, adapters["mlp"], model.config.num_layers)
+    both = slots.activate(["k"], adapters)  # "free" has ended: both pins fit and are loaded
+    assert both["k"] == slots.slot_of("k") and slots.slot_of("qv") is not None and slots.slot_of("free") is None
+    _assert_holds(slots, slots.slot_of("qv"), adapters["qv"], model.config.num_layers)
 
 
 def test_reloading_a_name_with_new_weights_refreshes_its_slot(model: CausalLM, adapters: Adapters) -> None:
@@ -150,8 +164,6 @@ def test_set_mapping_keeps_only_steps_with_adapter_tokens(model: CausalLM) -> No
     assert slots.context.mapping is None
     with pytest.raises(ValueError, match=r"outside 0\.\.1"):
         slots.set_mapping(LoRAMapping.from_request_slots([2], [3]))
-    slots.detach()
-    assert all(m.lora is None for m in model.modules() if isinstance(m, Linear))
 
 
 def test_slots_built_in_inference_mode_accept_loads_outside_it(model: CausalLM, adapters: Adapters) -> None:
@@ -159,7 +171,9 @@ def test_slots_built_in_inference_mode_accept_loads_outside_it(model: CausalLM, 
     with torch.inference_mode():
         slots = LoRASlots(model, max_loras=2, max_lora_rank=16)
         slots.activate(["qv"], adapters)
-    slot = slots.pin("full", adapters["full"])
+    slots.set_pinned({"full": adapters["full"]})
+    slot = slots.slot_of("full")
+    assert slot is not None
     _assert_holds(slots, slot, adapters["full"], model.config.num_layers)
     with torch.inference_mode():
         slots.activate(["mlp"], adapters)

@@ -111,7 +111,7 @@ def test_grammar_state_survives_preemption(llama_dir: Path) -> None:
         params = [_sampled(BACKENDS[i % 2], SCHEMAS["refs"], seed=i, max_tokens=64) for i in range(6)]
         prompts = [PROMPTS[i % len(PROMPTS)] * 3 for i in range(6)]
         batched = tight.generate(prompts, params)
-        assert tight.core.scheduler.num_preemptions > 0
+        assert tight.core.num_preemptions > 0
         for prompt, p, got in zip(prompts, params, batched, strict=True):
             assert roomy.generate([prompt], p)[0].token_ids == got.token_ids
             if got.finish_reason == "stop":

@@ -71,6 +71,19 @@ class AdapterRegistry:
             raise InvalidRequestError(f"adapter: no adapter named {name!r} is loaded (loaded: {known})")
         return entry[0]
 
+    def resolve_for_request(self, name: str | None) -> LoRAAdapter | None:
+        """Like ``resolve``, and refuses an adapter that could never get a slot: one not pinned
+        while all ``max_loras`` slots are pinned to others (fail now rather than wait forever)."""
+        adapter = self.resolve(name)
+        if adapter is None or self._adapters[name][1]:  # type: ignore[index]
+            return adapter
+        pinned = sorted(n for n, (_, p) in self._adapters.items() if p)
+        if len(pinned) >= self.max_loras:
+            raise InvalidRequestError(
+                f"adapter: all max_loras={self.max_loras} adapter slots are pinned ({', '.join(pinned)}), so "
+                f"{name!r} could never run; unpin one (load_adapter(..., pinned=False)) or raise max_loras")
+        return adapter
+
     def pinned(self) -> list[LoRAAdapter]:
         return [adapter for adapter, pinned in self._adapters.values() if pinned]
 

@@ -1,9 +1,9 @@
-"""``AsyncEngine``: continuous batching in a background task, token streams for the app.
+"""``AsyncEngine``: the public async facade.
 
-The event loop side validates and tokenizes requests, keeps one buffer per request and hands
-new and aborted requests to the engine thread at step boundaries. The engine thread (one
-at a time, through ``anyio.to_thread``) alone touches the core. The loop never blocks on
-the model: loading and every step run off it. Works under asyncio (uvloop too) and trio.
+It validates and tokenizes requests and hands them to the ``EngineLoop`` (the background
+task, ``loop.py``), which alone talks to the engine thread. Prefix handles live in the
+``PrefixRegistry`` and adapters in the ``AdapterRegistry``; this class holds no scheduling or
+bookkeeping logic of its own. Works under asyncio (uvloop too) and trio.
 """
 
 from __future__ import annotations
@@ -11,41 +11,57 @@ from __future__ import annotations
 import itertools
 import time
 import weakref
-from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from kvloom.config import EngineConfig
-from kvloom.engine.adapters import AdapterInfo, AdapterRegistry
+from kvloom.engine.adapters import AdapterInfo
 from kvloom.engine.background import spawn_background
-from kvloom.engine.driver import EngineDriver, NewRequest, StepResult
-from kvloom.engine.grammar import GrammarService
+from kvloom.engine.build import EngineParts, build_engine
+from kvloom.engine.core import EngineCore
+from kvloom.engine.loop import EngineLoop
+from kvloom.engine.messages import NewRequest
 from kvloom.engine.prefix import PrefixHandle, check_prefix_adapter, prefix_token_ids
-from kvloom.engine.processor import InputProcessor, Message, Prompt
-from kvloom.engine.request_stream import RequestState
+from kvloom.engine.prefix_registry import PrefixRegistry
+from kvloom.engine.prompts import Message, Prompt, PromptEncoder
 from kvloom.engine.stats import EngineStats, StatsCollector, build_stats
-from kvloom.errors import (
-    EngineClosedError,
-    EngineDeadError,
-    EngineError,
-    EngineOverloadedError,
-    InvalidRequestError,
-    PrefixBudgetError,
-)
+from kvloom.engine.streams import RequestStream
+from kvloom.errors import EngineClosedError, EngineDeadError, EngineOverloadedError, InvalidRequestError
 from kvloom.kv_cache.manager import KVCacheStats
 from kvloom.outputs import Completion, StreamChunk
 from kvloom.params import SamplingParams
+
+if TYPE_CHECKING:
+    from kvloom.lora.adapter import LoRAAdapter
+
+_NOT_RUNNING = "the engine is not running: use `async with engine:` or `await engine.start()`"
+_PIN_PARAMS = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+
+
+@dataclass(slots=True)
+class _Submission:
+    """A request checked before tokenizing (everything but its prompt)."""
+
+    request_id: str
+    params: SamplingParams
+    priority: int
+    prefix: PrefixHandle | None
+    cache_salt: str | None
+    lora: LoRAAdapter | None
+    arrival_time: float
+    deadline: float | None
 
 
 class AsyncEngine:
     """An in-process engine for asyncio or trio applications.
 
     ``AsyncEngine.from_pretrained(model_dir, **config)`` takes every ``EngineConfig`` field
-    (cache and scheduler fields at top level) plus ``max_waiting``, the most requests that
-    may wait for a slot before ``EngineOverloadedError``.
+    (cache, scheduler and LoRA fields at top level, ``request_timeout``) plus ``max_waiting``,
+    the most sequences that may wait for a slot before ``EngineOverloadedError``.
     """
 
     def __init__(self, config: EngineConfig, *, max_waiting: int = 1024) -> None:
@@ -53,26 +69,17 @@ class AsyncEngine:
             raise InvalidRequestError("max_waiting: must be >= 1")
         self.config = config
         self.max_waiting = max_waiting
-        self._driver: EngineDriver | None = None
-        self._inputs: InputProcessor | None = None
-        self._grammars: GrammarService | None = None
-        self._adapters: AdapterRegistry | None = None
-        self._pinned_loras_changed = False
-        self._states: dict[str, RequestState] = {}
-        self._adds: list[NewRequest] = []
-        self._aborts: deque[str] = deque()  # appended from any thread (stream finalizers)
-        self._wake = anyio.Event()
-        self._done: anyio.Event | None = None
+        self._parts: EngineParts | None = None
+        self._loop: EngineLoop | None = None
+        self._prefixes: PrefixRegistry | None = None
+        self._worker_encoder: PromptEncoder | None = None
+        self._encode_limiter: anyio.CapacityLimiter | None = None
+        self._encoding: set[str] = set()
+        """Request ids reserved while their prompt is tokenized off the loop."""
+        self._starting = False
         self._task: object = None
-        self._closing = False
-        self._error: BaseException | None = None
-        self._last: StepResult | None = None
         self._stats = StatsCollector()
         self._ids = itertools.count()
-        self._prefixes: dict[str, PrefixHandle] = {}
-        self._pinned: dict[str, list[int]] = {}
-        self._unpins: list[list[int]] = []
-        self._num_pinned_blocks = 0
 
     @classmethod
     def from_pretrained(cls, model: str | Path, *, max_waiting: int = 1024, **config: Any) -> AsyncEngine:
@@ -81,51 +88,39 @@ class AsyncEngine:
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
-        if self._done is not None:
+        """Load the model off the event loop and start the background loop (idempotent)."""
+        if self._starting or self._loop is not None:
             return
-        self._done = anyio.Event()
+        self._starting = True
         try:
-            driver, self._inputs, self._grammars = await anyio.to_thread.run_sync(self._load)
-        except BaseException:
-            self._done.set()
-            raise
-        self._driver = driver
-        self._adapters = AdapterRegistry(driver.core.model_config, self.config.lora.max_lora_rank,
-                                         self.config.lora.max_loras)
-        self._task = spawn_background(self._run)
+            parts, worker = await anyio.to_thread.run_sync(self._load)
+        finally:
+            self._starting = False
+        self._parts, self._worker_encoder = parts, worker
+        self._encode_limiter = anyio.CapacityLimiter(1)
+        self._loop = EngineLoop(parts.driver, None, self._stats)
+        cache = self.config.cache
+        self._prefixes = PrefixRegistry(int(cache.prefix_pin_fraction * parts.core.num_blocks),
+                                        cache.prefix_pin_fraction, parts.core.num_blocks, self._loop.unpin)
+        self._loop.prefixes = self._prefixes
+        self._task = spawn_background(self._loop.run)
 
-    def _load(self) -> tuple[EngineDriver, InputProcessor, GrammarService]:
-        from kvloom.engine.core import EngineCore
-        from kvloom.engine.tokenizer import load_tokenizer
-
-        core = EngineCore(self.config)
-        tokenizer = load_tokenizer(self.config.model)
-        inputs = InputProcessor(tokenizer, core.model_config.vocab_size, core.max_model_len, core.max_tokens_in_pool)
-        grammars = GrammarService(
-            tokenizer, core.model_config.vocab_size, tuple(core.model_config.eos_token_ids),
-            self.config.grammar_backend, self.config.grammar_compile_timeout,
-        )
-        return EngineDriver(core, tokenizer, self.config.grammar_compile_timeout), inputs, grammars
+    def _load(self) -> tuple[EngineParts, PromptEncoder]:
+        parts = build_engine(self.config)
+        return parts, parts.encoder.clone()
 
     async def aclose(self) -> None:
-        """Stop after the current step; streams still open end with ``EngineClosedError``."""
-        if self._done is None or self._closing:
-            if self._done is not None:
-                await self._done.wait()
+        """Stop after the current step; streams still open end with ``EngineClosedError``.
+        The grammar compile pools shut down off the event loop."""
+        loop, parts = self._loop, self._parts
+        if loop is None or parts is None:
             return
-        self._closing = True
-        self._wake.set()
-        await self._done.wait()
-        for state in self._states.values():
-            state.fail(EngineClosedError("the engine was closed while this request was in flight"))
-        self._states.clear()
-        for handle in self._prefixes.values():
-            handle.released = True
-        self._prefixes.clear()
-        self._driver = None
-        if self._grammars is not None:
-            self._grammars.close()
-            self._grammars = None
+        await loop.close()
+        if self._prefixes is not None:
+            self._prefixes.close()
+        if self._parts is not None:
+            self._parts = None
+            await anyio.to_thread.run_sync(parts.grammars.close)
 
     async def __aenter__(self) -> AsyncEngine:
         await self.start()
@@ -136,282 +131,281 @@ class AsyncEngine:
 
     @property
     def tokenizer(self) -> Any | None:
-        return self._driver.outputs.tokenizer if self._driver is not None else None
+        """The event loop's tokenizer (use it on the loop thread only)."""
+        return self._parts.encoder.tokenizer if self._parts is not None else None
+
+    @property
+    def core(self) -> EngineCore:
+        """The engine core, for inspection in tests and tools. The engine thread owns it: read
+        it only while no step runs (e.g. after ``assert_idle``-style waits)."""
+        if self._parts is None:
+            raise EngineClosedError(_NOT_RUNNING)
+        return self._parts.core
 
     # ---- requests ------------------------------------------------------------------------
     def stream(
-        self,
-        prompt: Prompt | None = None,
-        params: SamplingParams | None = None,
-        *,
-        messages: Sequence[Message] | None = None,
-        request_id: str | None = None,
-        priority: int = 0,
-        prefix: PrefixHandle | None = None,
-        cache_salt: str | None = None,
-        adapter: str | None = None,
+        self, prompt: Prompt | None = None, params: SamplingParams | None = None, *,
+        messages: Sequence[Message] | None = None, request_id: str | None = None, priority: int = 0,
+        prefix: PrefixHandle | None = None, cache_salt: str | None = None, adapter: str | None = None,
+        timeout: float | None = None,
     ) -> AsyncIterator[StreamChunk]:
-        """Submit a request and stream its chunks. Bad input raises here, before queueing.
+        """Submit a request and stream its chunks. Bad input raises here, before queueing
+        (for a prompt over ``INLINE_CHARS``, tokenized in a worker thread, errors that need
+        its tokens raise at the first iteration; nothing is queued before).
 
         Leaving the ``async for`` early, cancelling the consuming task, or dropping the
         iterator aborts the request and frees its KV blocks within one step. ``adapter`` names
-        a loaded LoRA adapter (``load_adapter``); None runs the base model.
+        a loaded LoRA adapter; ``timeout`` (seconds from now) overrides ``request_timeout``:
+        past it the request is aborted and the stream raises ``RequestTimeoutError``.
         """
-        request_id = self._submit(prompt, params, messages, request_id, priority, prefix, cache_salt, adapter)
-        iterator = self._iterate(self._states[request_id])
-        weakref.finalize(iterator, self._abandon, request_id)
+        sub = self._check(params, request_id, priority, prefix, cache_salt, adapter, timeout)
+        if self._is_long(prompt, messages):
+            self._encoding.add(sub.request_id)
+            later = self._iterate(None, lambda: self._encode_later(sub, prompt, messages))
+            weakref.finalize(later, self._encoding.discard, sub.request_id)  # never iterated: free the id
+            return later
+        stream = self._enqueue(sub, *self._encode(self._encoder(), sub, prompt, messages))
+        iterator = self._iterate(stream)
+        weakref.finalize(iterator, self._require_loop().abort, sub.request_id, stream)
         return iterator
 
     async def generate(
-        self,
-        prompt: Prompt | None = None,
-        params: SamplingParams | None = None,
-        *,
-        messages: Sequence[Message] | None = None,
-        request_id: str | None = None,
-        priority: int = 0,
-        prefix: PrefixHandle | None = None,
-        cache_salt: str | None = None,
-        adapter: str | None = None,
+        self, prompt: Prompt | None = None, params: SamplingParams | None = None, *,
+        messages: Sequence[Message] | None = None, request_id: str | None = None, priority: int = 0,
+        prefix: PrefixHandle | None = None, cache_salt: str | None = None, adapter: str | None = None,
+        timeout: float | None = None,
     ) -> Completion:
-        """Run a request to the end; ``n > 1`` gives ``n`` choices."""
-        request_id = self._submit(prompt, params, messages, request_id, priority, prefix, cache_salt, adapter)
-        state = self._states[request_id]
-        async for _ in self._iterate(state):
+        """Run a request to the end; ``n > 1`` gives ``n`` choices. Same arguments as ``stream``."""
+        sub = self._check(params, request_id, priority, prefix, cache_salt, adapter, timeout)
+        stream = await self._submit_async(sub, prompt, messages)
+        async for _ in self._iterate(stream):
             pass
-        assert state.completion is not None
-        return state.completion
+        assert stream.completion is not None
+        return stream.completion
 
     def abort(self, request_id: str) -> None:
-        """End a request; its stream finishes with ``finish_reason="abort"``."""
-        state = self._states.get(request_id)
-        if state is None or state.finished:
-            return
-        self._aborts.append(request_id)
-        self._wake.set()
+        """End a request; its stream finishes with ``finish_reason="abort"``. Any thread may call it."""
+        if self._loop is not None:
+            self._loop.abort(request_id)
 
-    def _abandon(self, request_id: str) -> None:
-        """The stream was dropped unfinished (may run on any thread: only a deque append)."""
-        if request_id in self._states:
-            self._aborts.append(request_id)
+    # ---- the submit pipeline: check, tokenize (here or in a worker), enqueue ---------------
+    def _require_loop(self) -> EngineLoop:
+        if self._loop is not None and self._loop.error is not None:
+            raise EngineDeadError(f"the engine failed earlier: {self._loop.error!r}") from self._loop.error
+        if self._loop is None or not self._loop.is_running:
+            raise EngineClosedError(_NOT_RUNNING)
+        return self._loop
 
-    def _submit(
-        self, prompt: Prompt | None, params: SamplingParams | None, messages: Sequence[Message] | None,
-        request_id: str | None, priority: int, prefix: PrefixHandle | None = None, cache_salt: str | None = None,
-        adapter: str | None = None, pin_prefix: bool = False,
-    ) -> str:
-        if self._error is not None:
-            raise EngineDeadError(f"the engine failed earlier: {self._error!r}") from self._error
-        if self._inputs is None or self._closing:
-            raise EngineClosedError("the engine is not running: use `async with engine:` or `await engine.start()`")
-        params = params or SamplingParams()
+    def _encoder(self) -> PromptEncoder:
+        assert self._parts is not None
+        return self._parts.encoder
+
+    def _check(
+        self, params: SamplingParams | None, request_id: str | None, priority: int, prefix: PrefixHandle | None,
+        cache_salt: str | None, adapter: str | None, timeout: float | None,
+    ) -> _Submission:
+        """Everything that can be checked before tokenizing."""
+        loop = self._require_loop()
+        assert self._parts is not None and self._prefixes is not None
+        params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"params: expected SamplingParams, got {type(params).__name__}")
-        if prefix is not None:
-            if not prefix.owned_by(self) or prefix.handle_id not in self._prefixes:
-                raise InvalidRequestError("prefix: this handle was released, or belongs to another or a closed engine")
-            token_ids, cache_salt = prefix_token_ids(prefix, self._inputs, prompt, messages, cache_salt)
-        else:
-            token_ids = self._inputs.to_token_ids(prompt, messages, add_generation_prompt=not pin_prefix)
-            if messages is not None:
-                for handle in self._prefixes.values():
-                    if handle.matches_messages(messages) and handle.cache_salt == cache_salt:
-                        handle.hits += 1
-        self._inputs.validate(token_ids, params)
-        assert self._grammars is not None and self._adapters is not None
-        self._grammars.check(params)
-        lora = self._adapters.resolve(adapter)
+        if timeout is not None and not timeout > 0:
+            raise InvalidRequestError(f"timeout: must be > 0 seconds, got {timeout!r}")
+        if prefix is not None and not self._prefixes.is_live(prefix):
+            raise InvalidRequestError("prefix: this handle was released, or belongs to another or a closed engine")
+        self._parts.grammars.check(params)
+        lora = self._parts.adapters.resolve_for_request(adapter)
         if prefix is not None:
             check_prefix_adapter(prefix, adapter, lora.content_hash if lora is not None else None)
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
-        elif request_id in self._states:
+        elif request_id in loop.streams or request_id in self._encoding:
             raise InvalidRequestError(f"request_id: {request_id!r} is already in flight")
-        waiting = len(self._adds) + (self._last.num_waiting if self._last is not None else 0)
-        if waiting >= self.max_waiting:
-            raise EngineOverloadedError(f"{waiting} requests are waiting (max_waiting={self.max_waiting})")
-        self._states[request_id] = RequestState(request_id)
-        self._adds.append(
-            NewRequest(request_id, token_ids, params, priority, time.monotonic(), cache_salt, pin_prefix,
-                       grammar=self._grammars.submit(params), lora=lora)
-        )
-        self._wake.set()
-        return request_id
+        now = time.monotonic()
+        timeout = timeout if timeout is not None else self.config.request_timeout
+        return _Submission(request_id, params, priority, prefix, cache_salt, lora, now,
+                           now + timeout if timeout is not None else None)
 
-    async def _iterate(self, state: RequestState) -> AsyncIterator[StreamChunk]:
+    @staticmethod
+    def _is_long(prompt: Prompt | None, messages: Sequence[Message] | None) -> bool:
+        return PromptEncoder.is_long(prompt, messages)
+
+    @staticmethod
+    def _encode(
+        encoder: PromptEncoder, sub: _Submission, prompt: Prompt | None, messages: Sequence[Message] | None,
+        add_generation_prompt: bool = True,
+    ) -> tuple[list[int], str | None, Sequence[Message] | None]:
+        """Token ids and cache salt (touches only ``encoder``'s tokenizer: any one thread)."""
+        if sub.prefix is not None:
+            token_ids, salt = prefix_token_ids(sub.prefix, encoder, prompt, messages, sub.cache_salt)
+        else:
+            token_ids, salt = encoder.to_token_ids(prompt, messages, add_generation_prompt), sub.cache_salt
+        encoder.validate(token_ids, sub.params)
+        return token_ids, salt, messages
+
+    async def _encode_in_worker(
+        self, sub: _Submission, prompt: Prompt | None, messages: Sequence[Message] | None,
+        add_generation_prompt: bool = True,
+    ) -> tuple[list[int], str | None, Sequence[Message] | None]:
+        assert self._worker_encoder is not None and self._encode_limiter is not None
+        worker = self._worker_encoder
+        return await anyio.to_thread.run_sync(
+            lambda: self._encode(worker, sub, prompt, messages, add_generation_prompt), limiter=self._encode_limiter)
+
+    async def _encode_later(
+        self, sub: _Submission, prompt: Prompt | None, messages: Sequence[Message] | None,
+    ) -> RequestStream:
+        try:
+            encoded = await self._encode_in_worker(sub, prompt, messages)
+        finally:
+            self._encoding.discard(sub.request_id)
+        return self._enqueue(sub, *encoded)
+
+    async def _submit_async(
+        self, sub: _Submission, prompt: Prompt | None, messages: Sequence[Message] | None,
+        add_generation_prompt: bool = True, pin_prefix: bool = False,
+    ) -> RequestStream:
+        if not self._is_long(prompt, messages):
+            encoded = self._encode(self._encoder(), sub, prompt, messages, add_generation_prompt)
+            return self._enqueue(sub, *encoded, pin_prefix=pin_prefix)
+        self._encoding.add(sub.request_id)
+        try:
+            encoded = await self._encode_in_worker(sub, prompt, messages, add_generation_prompt)
+        finally:
+            self._encoding.discard(sub.request_id)
+        return self._enqueue(sub, *encoded, pin_prefix=pin_prefix)
+
+    def _enqueue(
+        self, sub: _Submission, token_ids: list[int], cache_salt: str | None, messages: Sequence[Message] | None,
+        *, pin_prefix: bool = False,
+    ) -> RequestStream:
+        """Admission control, then hand the request to the loop (no await: atomic on the loop)."""
+        loop = self._require_loop()  # again: a worker-thread tokenize may have outlived the engine
+        assert self._parts is not None and self._prefixes is not None
+        if sub.request_id in loop.streams:
+            raise InvalidRequestError(f"request_id: {sub.request_id!r} is already in flight")
+        waiting = loop.num_submitted + (loop.last.snapshot.num_waiting if loop.last is not None else 0)
+        if waiting >= self.max_waiting:
+            raise EngineOverloadedError(f"{waiting} sequences are waiting (max_waiting={self.max_waiting})")
+        if sub.prefix is not None:
+            sub.prefix.hits += 1
+        elif messages is not None:
+            self._prefixes.count_message_hits(messages, cache_salt)
+        return loop.submit(NewRequest(
+            sub.request_id, token_ids, sub.params, sub.priority, sub.arrival_time, sub.deadline, cache_salt,
+            pin_prefix, grammar=self._parts.grammars.submit(sub.params), lora=sub.lora,
+        ))
+
+    async def _iterate(
+        self, stream: RequestStream | None, setup: Callable[[], Awaitable[RequestStream]] | None = None,
+    ) -> AsyncIterator[StreamChunk]:
+        """Drain ``stream`` (or the one ``setup`` submits); an unfinished stream is aborted on exit."""
+        if stream is None:
+            assert setup is not None
+            stream = await setup()
         try:
             while True:
-                await state.wait()
-                for chunk in state.take():
+                await stream.wait()
+                for chunk in stream.take():
                     yield chunk
-                if state.finished and not state.pending:
-                    if state.error is not None:
-                        raise state.error
+                if stream.finished and not stream.pending:
+                    if stream.error is not None:
+                        raise stream.error
                     return
         finally:
-            if not state.finished:
-                self.abort(state.request_id)
-
-    # ---- the background loop -------------------------------------------------------------
-    async def _run(self) -> None:
-        assert self._done is not None and self._driver is not None
-        driver = self._driver
-        try:
-            while not self._closing:
-                idle = self._last is None or not self._last.has_unfinished
-                if not self._adds and not self._aborts and not self._unpins and not self._pinned_loras_changed and idle:
-                    self._wake = anyio.Event()
-                    await self._wake.wait()
-                    continue
-                adds, self._adds = self._adds, []
-                aborts = [self._aborts.popleft() for _ in range(len(self._aborts))]
-                unpins, self._unpins = self._unpins, []
-                pinned_loras = None
-                if self._pinned_loras_changed and self._adapters is not None:
-                    pinned_loras, self._pinned_loras_changed = self._adapters.pinned(), False
-                try:
-                    result = await anyio.to_thread.run_sync(driver.run, adds, aborts, unpins, pinned_loras)
-                except Exception as exc:  # a failed step fails its requests, never hangs them
-                    self._fail_all(exc)
-                    return
-                self._last = result
-                self._dispatch(result)
-        finally:
-            self._done.set()
-
-    def _dispatch(self, result: StepResult) -> None:
-        self._pinned.update(result.pinned)
-        for request_id, error in result.failed:
-            state = self._states.pop(request_id, None)
-            if state is not None:
-                state.fail(error)
-        for partial in result.aborted:
-            state = self._states.pop(partial.request_id, None)
-            if state is not None:
-                state.push(StreamChunk(partial.request_id, 0, "", [], None, "abort"))
-                state.finish(partial, partial.usage)
-        num_tokens = 0
-        for delta in result.deltas:
-            num_tokens += len(delta.token_ids)
-            state = self._states.get(delta.parent_id)
-            if state is not None:
-                state.push(StreamChunk(delta.parent_id, delta.index, delta.text, delta.token_ids,
-                                       delta.logprobs, delta.finish_reason))
-        self._stats.record_tokens(num_tokens)
-        for completion in result.finished:
-            u = completion.usage
-            self._stats.record_finished(u.time_to_first_token, u.total_time, u.completion_tokens)
-            state = self._states.pop(completion.request_id, None)
-            if state is not None:
-                state.finish(completion, completion.usage)
-
-    def _fail_all(self, exc: Exception) -> None:
-        self._error = exc
-        error = EngineError(f"engine step failed: {exc!r}")
-        error.__cause__ = exc
-        for state in self._states.values():
-            state.fail(error)
-        self._states.clear()
+            if not stream.finished and self._loop is not None:
+                self._loop.abort(stream.request_id, stream)
 
     # ---- observability -------------------------------------------------------------------
-    def assert_idle(self) -> None:
-        """Raise ``AssertionError`` unless the engine holds nothing: no request queued or
-        running, every KV block free or only cached, every refcount zero, nothing pinned."""
-        assert self._driver is not None, "the engine is not running"
-        self._driver.core.assert_idle()
-
     def stats(self) -> EngineStats:
-        healthy = self._error is None and self._done is not None and not self._done.is_set()
-        return build_stats(self._last, len(self._adds), self._stats, healthy, self._error)
+        loop = self._loop
+        last = loop.last.snapshot if loop is not None and loop.last is not None else None
+        healthy = loop is not None and loop.is_running
+        return build_stats(last, loop.num_submitted if loop else 0, self._stats, healthy,
+                           loop.error if loop else None)
 
     def prefix_cache_stats(self) -> KVCacheStats | None:
         """Hit rate, cached / pinned / used blocks and evictions, as of the last step."""
-        return self._last.kv_stats if self._last is not None else None
+        loop = self._loop
+        return loop.last.snapshot.kv_stats if loop is not None and loop.last is not None else None
 
-    # ---- prefix handles ------------------------------------------------------------------
-    async def cache_prefix(
-        self, prompt: Prompt | None = None, *, messages: Sequence[Message] | None = None,
-        cache_salt: str | None = None, adapter: str | None = None,
-    ) -> PrefixHandle:
-        """Prefill ``prompt`` (or ``messages``, without a generation prompt) once and pin its
-        whole KV blocks. Raises ``PrefixBudgetError`` past ``prefix_pin_fraction`` of the pool."""
-        if self._inputs is None:
-            raise EngineClosedError("the engine is not running: use `async with engine:` or `await engine.start()`")
-        token_ids = self._inputs.to_token_ids(prompt, messages, add_generation_prompt=False)
-        block_size = self.config.cache.block_size
-        num_blocks = len(token_ids) // block_size
-        if num_blocks == 0:
-            raise InvalidRequestError(f"prompt: a prefix of {len(token_ids)} tokens fills no block of {block_size}")
-        assert self._last is not None or self._driver is not None
-        total = self._driver.core.kv.num_blocks if self._driver is not None else 0
-        budget = int(self.config.cache.prefix_pin_fraction * total)
-        if self._num_pinned_blocks + num_blocks > budget:
-            raise PrefixBudgetError(
-                f"pinning {num_blocks} more blocks would exceed the pin budget ({self._num_pinned_blocks} pinned of "
-                f"{budget} = prefix_pin_fraction {self.config.cache.prefix_pin_fraction} x {total} blocks)"
-            )
-        self._num_pinned_blocks += num_blocks  # reserved now, so concurrent calls see it
-        params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-        try:
-            # Resolved with no await before the submit: the handle records the weights it ran with.
-            lora = self._adapters.resolve(adapter) if self._adapters is not None else None
-            rid = self._submit(token_ids, params, None, None, 0, None, cache_salt, adapter, pin_prefix=True)
-            state = self._states[rid]
-            async for _ in self._iterate(state):
-                pass
-        except BaseException:
-            self._num_pinned_blocks -= num_blocks
-            raise
-        block_ids = self._pinned.pop(rid, [])
-        self._num_pinned_blocks += len(block_ids) - num_blocks
-        handle = PrefixHandle(
-            f"prefix-{rid}", tuple(token_ids), block_ids, block_size, cache_salt,
-            tuple(messages) if messages is not None else None, adapter=adapter,
-            adapter_hash=lora.content_hash if lora is not None else None, _engine=weakref.ref(self),
-        )
-        self._prefixes[handle.handle_id] = handle
-        return handle
-
-    def prefixes(self) -> list[PrefixHandle]:
-        """The live (unreleased) prefix handles."""
-        return list(self._prefixes.values())
-
-    def _release_prefix(self, handle: PrefixHandle) -> None:
-        if self._prefixes.pop(handle.handle_id, None) is None:
-            return
-        self._num_pinned_blocks -= handle.num_blocks
-        self._unpins.append(list(handle.block_ids))
-        self._wake.set()
-
-    # ---- LoRA adapters ---------------------------------------------------------------------
-    async def load_adapter(self, name: str, path: str | Path, *, pinned: bool = False) -> AdapterInfo:
-        """Load a PEFT LoRA directory under ``name`` (replacing any adapter of that name).
-
-        The files are read and checked in a worker thread: serving goes on meanwhile. A pinned
-        adapter keeps its device slot. Requests already submitted keep the adapter they named.
-        """
-        if self._adapters is None or self._closing:
-            raise EngineClosedError("the engine is not running: use `async with engine:` or `await engine.start()`")
-        adapter = await anyio.to_thread.run_sync(self._adapters.read, path)
-        info = self._adapters.add(name, adapter, pinned)
-        self._pinned_loras_changed = True
-        self._wake.set()
-        return info
-
-    async def unload_adapter(self, name: str) -> None:
-        """Forget ``name``: new requests can no longer use it; those in flight finish with it."""
-        if self._adapters is None:
-            raise EngineClosedError("the engine is not running: use `async with engine:` or `await engine.start()`")
-        self._adapters.remove(name)
-        self._pinned_loras_changed = True
-        self._wake.set()
-
-    def adapters(self) -> list[AdapterInfo]:
-        """The loaded adapters, by name."""
-        return self._adapters.infos() if self._adapters is not None else []
+    def assert_idle(self) -> None:
+        """Raise ``AssertionError`` unless the engine holds nothing: no request queued or
+        running, every KV block free or only cached, every refcount zero, nothing pinned.
+        Call it when no request is in flight."""
+        assert self._loop is not None and self._parts is not None, "the engine is not running"
+        assert not self._loop.streams, f"streams still open: {sorted(self._loop.streams)}"
+        self._parts.core.assert_idle()
 
     def register_prometheus(self, registry: Any = None, prefix: str = "kvloom") -> Any:
         """Export ``stats()`` as Prometheus gauges (needs the ``prometheus`` extra)."""
         from kvloom.engine.prometheus import register_prometheus
 
         return register_prometheus(self.stats, registry, prefix)
+
+    # ---- prefix handles ------------------------------------------------------------------
+    async def cache_prefix(
+        self, prompt: Prompt | None = None, *, messages: Sequence[Message] | None = None,
+        cache_salt: str | None = None, adapter: str | None = None, timeout: float | None = None,
+    ) -> PrefixHandle:
+        """Prefill ``prompt`` (or ``messages``, without a generation prompt) once and pin its
+        whole KV blocks. Raises ``PrefixBudgetError`` past ``prefix_pin_fraction`` of the pool.
+        Cancelling it (or a timeout) at any point leaves nothing pinned."""
+        sub = self._check(_PIN_PARAMS, None, 0, None, cache_salt, adapter, timeout)
+        assert self._prefixes is not None
+        if self._is_long(prompt, messages):
+            token_ids, _, _ = await self._encode_in_worker(sub, prompt, messages, add_generation_prompt=False)
+        else:
+            token_ids, _, _ = self._encode(self._encoder(), sub, prompt, messages, add_generation_prompt=False)
+        block_size = self.config.cache.block_size
+        if len(token_ids) < block_size:
+            raise InvalidRequestError(f"prompt: a prefix of {len(token_ids)} tokens fills no block of {block_size}")
+        self._prefixes.begin(sub.request_id, len(token_ids) // block_size)
+        try:
+            stream = self._enqueue(sub, token_ids, cache_salt, None, pin_prefix=True)
+            async for _ in self._iterate(stream):
+                pass
+            block_ids = self._prefixes.claim(sub.request_id)
+        except BaseException:
+            self._prefixes.abandon(sub.request_id)
+            raise
+        if stream.completion is None or stream.completion.finish_reason == "abort":
+            if block_ids and self._loop is not None:
+                self._loop.unpin(block_ids)
+            raise InvalidRequestError(f"prompt: the prefix request {sub.request_id!r} was aborted before it finished")
+        return self._prefixes.add(
+            f"prefix-{sub.request_id}", token_ids, block_ids, block_size, cache_salt, messages, adapter,
+            sub.lora.content_hash if sub.lora is not None else None,
+        )
+
+    def prefixes(self) -> list[PrefixHandle]:
+        """The live (unreleased) prefix handles."""
+        return self._prefixes.handles() if self._prefixes is not None else []
+
+    # ---- LoRA adapters ---------------------------------------------------------------------
+    async def load_adapter(self, name: str, path: str | Path, *, pinned: bool = False) -> AdapterInfo:
+        """Load a PEFT LoRA directory under ``name`` (replacing any adapter of that name).
+
+        The files are read and checked in a worker thread: serving goes on meanwhile. A pinned
+        adapter keeps a device slot (a request already running on another adapter keeps its
+        slot until it ends). Requests already submitted keep the adapter they named.
+        """
+        loop = self._require_loop()
+        assert self._parts is not None
+        registry = self._parts.adapters
+        adapter = await anyio.to_thread.run_sync(registry.read, path)
+        info = registry.add(name, adapter, pinned)
+        loop.set_pinned_adapters(registry.pinned())
+        return info
+
+    async def unload_adapter(self, name: str) -> None:
+        """Forget ``name``: new requests can no longer use it; those in flight finish with it."""
+        loop = self._require_loop()
+        assert self._parts is not None
+        self._parts.adapters.remove(name)
+        loop.set_pinned_adapters(self._parts.adapters.pinned())
+
+    def adapters(self) -> list[AdapterInfo]:
+        """The loaded adapters, by name."""
+        return self._parts.adapters.infos() if self._parts is not None else []

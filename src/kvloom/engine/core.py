@@ -1,9 +1,18 @@
-"""The synchronous engine core: one step = schedule, execute, sample, update."""
+"""The synchronous engine core: one step = schedule, execute, sample, update.
+
+``EngineCore`` is the only door to the scheduler, the KV cache manager and the model runner:
+everything above it (the driver, the facades) adds, aborts, pins and steps through the
+methods below and never touches their internals. Not thread-safe: one thread drives it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 from kvloom.config import EngineConfig
-from kvloom.errors import ConfigError
+from kvloom.errors import ConfigError, InvalidRequestError
+from kvloom.kv_cache.block_pool import BlockId
 from kvloom.kv_cache.manager import KVCacheManager, KVCacheStats
 from kvloom.models.config import ModelConfig, load_model_config
 from kvloom.outputs import FinishReason
@@ -11,6 +20,9 @@ from kvloom.runner.model_runner import ModelRunner
 from kvloom.scheduler.output import EngineCoreOutput
 from kvloom.scheduler.request import Request
 from kvloom.scheduler.scheduler import Scheduler
+
+if TYPE_CHECKING:
+    from kvloom.lora.adapter import LoRAAdapter
 
 
 def resolve_max_model_len(config: EngineConfig, model: ModelConfig) -> int:
@@ -29,40 +41,101 @@ class EngineCore:
         self.config = config
         self.model_config = load_model_config(config.model)
         self.max_model_len = resolve_max_model_len(config, self.model_config)
-        self.runner = ModelRunner(config, self.max_model_len)
-        self.kv = KVCacheManager(
-            self.runner.num_blocks, config.cache.block_size, enable_caching=config.cache.enable_prefix_caching
+        self._runner = ModelRunner(config, self.max_model_len)
+        self._kv = KVCacheManager(
+            self._runner.num_blocks, config.cache.block_size, enable_caching=config.cache.enable_prefix_caching
         )
-        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, config.lora.max_loras)
+        self._scheduler = Scheduler(config.scheduler, self._kv, self.max_model_len, config.lora.max_loras)
+
+    # ---- sizes -----------------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return self._kv.num_blocks
 
     @property
     def max_tokens_in_pool(self) -> int:
-        return self.kv.num_blocks * self.kv.block_size
+        return self._kv.num_blocks * self._kv.block_size
 
+    # ---- requests --------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
-        self.scheduler.add_request(req)
+        """Queue one sequence. Raises ``InvalidRequestError`` for one that could never run."""
+        lora_hash = req.lora.content_hash if req.lora is not None else None
+        if not self._scheduler.can_serve_lora(lora_hash):
+            raise InvalidRequestError(self.unservable_adapter_message(req))
+        self._scheduler.add_request(req)
 
-    def finish_requests(self, req_ids: list[str], reason: FinishReason = "abort") -> None:
-        self.scheduler.finish_requests(req_ids, reason)
+    def unservable_adapter_message(self, req: Request) -> str:
+        path = req.lora.path if req.lora is not None else None
+        return (f"adapter: every one of the max_loras={self.config.lora.max_loras} adapter slots is pinned to "
+                f"another adapter, so a request on {path} could never run; unpin one or raise max_loras")
+
+    def finish_requests(self, req_ids: Sequence[str], reason: FinishReason = "abort") -> None:
+        """End sequences wherever they are (abort, stop string, deadline); frees their blocks at once."""
+        self._scheduler.finish_requests(list(req_ids), reason)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self._scheduler.has_unfinished()
 
+    # ---- prefix pins and adapter pins --------------------------------------------------------
+    def unpin_prefix(self, block_ids: Sequence[int]) -> None:
+        """Release blocks pinned for a prefix handle (``EngineCoreOutput.pinned_block_ids``)."""
+        self._kv.unpin([BlockId(b) for b in block_ids])
+
+    def set_pinned_adapters(self, adapters: Sequence[LoRAAdapter]) -> list[str]:
+        """Replace the pinned adapters. Returns the ids of waiting sequences that can now never
+        run (every slot pinned to another adapter): the caller ends them with an error."""
+        stuck = self._scheduler.set_pinned_loras({a.content_hash for a in adapters})
+        self._runner.set_pinned_loras(list(adapters))
+        return stuck
+
+    # ---- one step --------------------------------------------------------------------------
     def step(self) -> list[EngineCoreOutput]:
-        sched = self.scheduler.schedule()
-        logits = self.runner.execute(sched)
-        sampled = self.runner.sample(logits)
-        return self.scheduler.update(sched, sampled)
+        sched = self._scheduler.schedule()
+        logits = self._runner.execute(sched)
+        sampled = self._runner.sample(logits)
+        return self._scheduler.update(sched, sampled)
+
+    # ---- observability ---------------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return len(self._scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return self._scheduler.num_waiting
+
+    @property
+    def num_preemptions(self) -> int:
+        return self._scheduler.num_preemptions
+
+    @property
+    def processor_time_s(self) -> float:
+        return self._runner.processor_time_s
+
+    @property
+    def num_constrained_steps(self) -> int:
+        return self._runner.num_constrained_steps
+
+    @property
+    def num_lora_loads(self) -> int:
+        """Adapters copied into a device slot so far (0 before any adapter ran)."""
+        slots = self._runner.lora_slots
+        return slots.num_loads if slots is not None else 0
+
+    def resident_adapters(self) -> set[str]:
+        """Content hashes of the adapters now in a device slot."""
+        slots = self._runner.lora_slots
+        return slots.resident if slots is not None else set()
 
     def kv_cache_stats(self) -> KVCacheStats:
-        return self.kv.stats()
+        return self._kv.stats()
 
     def assert_idle(self) -> None:
         """Invariant once all work is done: no request queued or running, every block free,
         every refcount zero, and the runner holds state only for requests it will drop at the
         next step."""
-        assert not self.scheduler.requests, f"requests left: {sorted(self.scheduler.requests)}"
-        assert not self.scheduler.waiting and not self.scheduler.running
-        self.kv.check_all_free()
-        leftover = set(self.runner.states) - self.scheduler.pending_finished_ids
+        assert not self._scheduler.requests, f"requests left: {sorted(self._scheduler.requests)}"
+        assert not self._scheduler.waiting and not self._scheduler.running
+        self._kv.check_all_free()
+        leftover = set(self._runner.states) - self._scheduler.pending_finished_ids
         assert not leftover, f"runner still holds state for {sorted(leftover)}"

@@ -1,7 +1,10 @@
-"""The engine thread's side: apply new and aborted requests, step the core, detokenize.
+"""The engine thread's side: apply a ``StepInput`` through the core, step, detokenize.
 
 Everything here runs on the one thread that owns the core (``LLM``'s caller, or the
-``AsyncEngine``'s worker); requests cross over only as the plain data below.
+``AsyncEngine``'s worker); requests cross over only as the plain data of ``messages``.
+Besides the core, the driver owns what the core does not know about: requests waiting for
+their grammar to compile, per-request deadlines, and the output processor (detokenizer,
+stop strings, ``n`` choices).
 """
 
 from __future__ import annotations
@@ -9,89 +12,47 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import time
-from collections.abc import Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kvloom.engine.core import EngineCore
-from kvloom.engine.output_processor import OutputProcessor, SequenceDelta, child_request_ids
+from kvloom.engine.messages import EngineSnapshot, NewRequest, RequestFailure, StepInput, StepOutput
+from kvloom.engine.output_processor import OutputProcessor, child_request_ids
 from kvloom.errors import GrammarError, InvalidRequestError
-from kvloom.kv_cache.block_pool import BlockId
-from kvloom.kv_cache.hashing import extra_keys
-from kvloom.kv_cache.manager import KVCacheStats
 from kvloom.outputs import Completion
 from kvloom.params import SamplingParams
 from kvloom.scheduler.request import Request
-from kvloom.structured.processor import LogitsProcessor
+from kvloom.structured.logits_processor import LogitsProcessor
 
 if TYPE_CHECKING:
-    from kvloom.lora.adapter import LoRAAdapter
     from kvloom.structured.compiler import CompiledGrammar
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
-class NewRequest:
-    """A validated request on its way to the core."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    priority: int
-    arrival_time: float
-    cache_salt: str | None = None
-    pin_prefix: bool = False
-    """When it finishes, pin the whole cached blocks of its prompt (a prefix handle)."""
-    grammar: Future[CompiledGrammar] | None = None
-    """Its ``response_format``, compiling: the request waits in the driver until it is ready."""
-    lora: LoRAAdapter | None = None
-    """Its LoRA adapter (None: the base model)."""
-    submitted: float = field(default_factory=time.monotonic)
-
-
-@dataclass(slots=True)
-class StepResult:
-    deltas: list[SequenceDelta]
-    finished: list[Completion]
-    aborted: list[Completion]
-    """Partial results of the requests aborted this step."""
-    pinned: dict[str, list[int]]
-    """Request id -> blocks pinned for it (``pin_prefix`` requests that finished this step)."""
-    failed: list[tuple[str, InvalidRequestError]]
-    """Requests that failed before running (their grammar did not compile, a processor
-    factory raised), with the error for their caller."""
-    has_unfinished: bool
-    num_running: int
-    num_waiting: int
-    kv_blocks_used: int
-    kv_blocks_total: int
-    num_preemptions: int
-    kv_stats: KVCacheStats
-    processor_time_s: float = 0.0
-    """Total time in logits processors so far (grammar masks and accepts)."""
-    num_constrained_steps: int = 0
-    """Steps so far in which some sequence had a logits processor."""
-
-
 class EngineDriver:
-    """Owns the core and the output processor. Not thread-safe: one thread at a time."""
+    """Owns the core and the output processor. Not thread-safe: one thread at a time.
+
+    Invariant: a parent request id is known to the output processor from ``add`` until it
+    ends (finished, aborted, timed out or failed), and then appears in exactly one list of
+    the ``StepOutput`` that ends it.
+    """
 
     def __init__(self, core: EngineCore, tokenizer: Any | None, grammar_timeout: float = 60.0) -> None:
         self.core = core
         self.outputs = OutputProcessor(tokenizer)
         self.grammar_timeout = grammar_timeout
         self._eos = frozenset(core.model_config.eos_token_ids)
-        self._to_pin: dict[str, NewRequest] = {}
         self._awaiting_grammar: dict[str, NewRequest] = {}
-        self._failed: list[tuple[str, InvalidRequestError]] = []
+        self._deadlines: dict[str, float] = {}
+        self._failed: list[RequestFailure] = []
+        self._num_timeouts = 0
 
+    # ---- requests in -----------------------------------------------------------------------
     def add(self, req: NewRequest) -> None:
         """Register a request; it reaches the scheduler now, or once its grammar has compiled."""
         self.outputs.add_request(req.request_id, req.prompt_token_ids, req.params, req.arrival_time)
-        if req.pin_prefix:
-            self._to_pin[req.request_id] = req
+        if req.deadline is not None:
+            self._deadlines[req.request_id] = req.deadline
         if req.grammar is not None and not req.grammar.done():
             self._awaiting_grammar[req.request_id] = req
         else:
@@ -103,16 +64,15 @@ class EngineDriver:
             grammar = req.grammar.result() if req.grammar is not None else None
             # Each sequence gets its own processors (grammar state is per sequence).
             processors = [self._make_processors(req.params, grammar) for _ in seq_ids]
+            for i, seq_id in enumerate(seq_ids):
+                params = req.params.for_choice(i) if req.params.n > 1 else req.params
+                self.core.add_request(
+                    Request(seq_id, list(req.prompt_token_ids), params, self._eos, req.priority, req.arrival_time,
+                            cache_salt=req.cache_salt, fork_of=seq_ids[0] if i > 0 else None,
+                            processors=processors[i], lora=req.lora, pin_prefix=req.pin_prefix)
+                )
         except Exception as exc:
             self._fail(req.request_id, exc)
-            return
-        for i, seq_id in enumerate(seq_ids):
-            params = req.params.for_choice(i) if req.params.n > 1 else req.params
-            self.core.add_request(
-                Request(seq_id, list(req.prompt_token_ids), params, self._eos, req.priority, req.arrival_time,
-                        cache_salt=req.cache_salt, fork_of=seq_ids[0] if i > 0 else None,
-                        processors=processors[i], lora=req.lora)
-            )
 
     @staticmethod
     def _make_processors(params: SamplingParams, grammar: CompiledGrammar | None) -> list[LogitsProcessor]:
@@ -127,15 +87,28 @@ class EngineDriver:
         return processors
 
     def _fail(self, request_id: str, exc: BaseException) -> None:
-        self._to_pin.pop(request_id, None)
-        self.outputs.abort(request_id)
+        """End a request with an error: forget it everywhere (its blocks are freed at once)."""
+        self._forget(request_id)
         if isinstance(exc, InvalidRequestError):
             error = exc
         else:
             error = InvalidRequestError(f"logits_processors: creating a processor failed: {exc!r}")
             error.__cause__ = exc
-        self._failed.append((request_id, error))
+        self._failed.append(RequestFailure(request_id, error))
 
+    def _forget(self, request_id: str) -> Completion | None:
+        self._awaiting_grammar.pop(request_id, None)
+        self._deadlines.pop(request_id, None)
+        seq_ids, partial = self.outputs.abort(request_id)
+        self.core.finish_requests(seq_ids, "abort")
+        return partial
+
+    def abort(self, request_id: str) -> Completion | None:
+        """Forget a request wherever it is (its blocks are freed at once); returns what it had
+        produced, or None if it was unknown or already finished."""
+        return self._forget(request_id)
+
+    # ---- waiting rooms -----------------------------------------------------------------------
     def _poll_grammars(self) -> None:
         """Queue the requests whose grammar is ready, fail those that failed or timed out.
         With nothing else to run, wait briefly for a compile instead of spinning."""
@@ -150,72 +123,71 @@ class EngineDriver:
             if req.grammar.done():
                 del self._awaiting_grammar[rid]
                 self._enqueue(req)
-            elif now - req.submitted > self.grammar_timeout:
-                del self._awaiting_grammar[rid]
+            elif now - req.arrival_time > self.grammar_timeout:
                 self._fail(rid, GrammarError(
                     f"response_format: the grammar did not compile within grammar_compile_timeout="
                     f"{self.grammar_timeout:g}s"))
 
+    def _expire(self) -> list[Completion]:
+        """Abort every request whose deadline has passed (queued, compiling or running)."""
+        if not self._deadlines:
+            return []
+        now = time.monotonic()
+        expired = [rid for rid, deadline in self._deadlines.items() if now >= deadline]
+        timed_out = [c for c in (self._forget(rid) for rid in expired) if c is not None]
+        self._num_timeouts += len(timed_out)
+        return timed_out
+
+    def _set_pinned_adapters(self, step_input: StepInput) -> None:
+        assert step_input.pinned_adapters is not None
+        stuck = set(self.core.set_pinned_adapters(step_input.pinned_adapters))
+        for parent_id in list(self.outputs.parents):
+            seq_ids = child_request_ids(parent_id, len(self.outputs.parents[parent_id].seqs))
+            if stuck.intersection(seq_ids):
+                self._fail(parent_id, InvalidRequestError(
+                    f"adapter: every one of the max_loras={self.core.config.lora.max_loras} adapter slots was "
+                    "pinned to another adapter while this request waited, so it could never run; "
+                    "unpin one or raise max_loras"))
+
+    # ---- one hand-off ------------------------------------------------------------------------
     def has_unfinished(self) -> bool:
         return self.core.has_unfinished() or bool(self._awaiting_grammar)
 
-    def abort(self, request_id: str) -> Completion | None:
-        """Forget a request wherever it is (its blocks are freed at once); returns what it had
-        produced, or None if it was unknown or already finished."""
-        self._to_pin.pop(request_id, None)
-        self._awaiting_grammar.pop(request_id, None)
-        seq_ids, partial = self.outputs.abort(request_id)
-        self.core.finish_requests(seq_ids, "abort")
-        return partial
-
-    def run(
-        self, adds: list[NewRequest], aborts: list[str], unpins: Sequence[list[int]] = (),
-        pinned_loras: Sequence[LoRAAdapter] | None = None,
-    ) -> StepResult:
-        """Apply the hand-offs (adds first, so an abort can follow its add), then one step if
-        there is work. ``pinned_loras``, when given, replaces the set of pinned adapters."""
-        if pinned_loras is not None:
-            self.core.scheduler.pinned_loras = {a.content_hash for a in pinned_loras}
-            self.core.runner.set_pinned_loras(list(pinned_loras))
-        for block_ids in unpins:
-            self.core.kv.unpin([BlockId(b) for b in block_ids])
-        for req in adds:
+    def run(self, step_input: StepInput) -> StepOutput:
+        """Apply the hand-off (adapters, unpins, adds, aborts, deadlines), then one step if
+        there is work."""
+        if step_input.pinned_adapters is not None:
+            self._set_pinned_adapters(step_input)
+        for block_ids in step_input.unpins:
+            self.core.unpin_prefix(block_ids)
+        for req in step_input.adds:
             self.add(req)
-        aborted = [c for c in (self.abort(rid) for rid in aborts) if c is not None]
+        aborted = [c for c in (self.abort(rid) for rid in step_input.aborts) if c is not None]
+        timed_out = self._expire()
         self._poll_grammars()
-        deltas: list[SequenceDelta] = []
-        finished: list[Completion] = []
+        out = StepOutput(self._snapshot(), False, aborted=aborted, timed_out=timed_out)
         if self.core.has_unfinished():
-            processed = self.outputs.process(self.core.step())
+            core_outputs = self.core.step()
+            out.pinned = {o.req_id: o.pinned_block_ids for o in core_outputs if o.pinned_block_ids is not None}
+            processed = self.outputs.process(core_outputs)
             if processed.stop_string_hits:
                 self.core.finish_requests(processed.stop_string_hits, "stop")
-            deltas, finished = processed.deltas, processed.finished
-        pinned: dict[str, list[int]] = {}
-        for completion in finished:
-            pin = self._to_pin.pop(completion.request_id, None)
-            if pin is not None:  # same thread, no allocation since its blocks were freed: all still cached
-                lora_hash = pin.lora.content_hash if pin.lora is not None else None
-                blocks = self.core.kv.pin(pin.prompt_token_ids, extra_keys(pin.cache_salt, lora_hash))
-                pinned[pin.request_id] = [int(b) for b in blocks]
-        sched = self.core.scheduler
-        kv = self.core.kv
-        return StepResult(
-            deltas=deltas,
-            finished=finished,
-            aborted=aborted,
-            pinned=pinned,
-            failed=self._take_failed(),
-            has_unfinished=self.has_unfinished(),
-            num_running=len(sched.running),
-            num_waiting=len(sched.waiting),
-            kv_blocks_used=kv.num_blocks - kv.num_free_blocks,
-            kv_blocks_total=kv.num_blocks,
-            num_preemptions=sched.num_preemptions,
-            kv_stats=kv.stats(),
-            processor_time_s=self.core.runner.processor_time_s,
-            num_constrained_steps=self.core.runner.num_constrained_steps,
-        )
+            out.deltas, out.finished = processed.deltas, processed.finished
+            for completion in out.finished:
+                self._deadlines.pop(completion.request_id, None)
+            out.snapshot = self._snapshot()
+        out.failed, self._failed = self._failed, []
+        out.has_unfinished = self.has_unfinished()
+        return out
 
-    def _take_failed(self) -> list[tuple[str, InvalidRequestError]]:
-        failed, self._failed = self._failed, []
-        return failed
+    def _snapshot(self) -> EngineSnapshot:
+        waiting_grammar = sum(r.params.n for r in self._awaiting_grammar.values())
+        return EngineSnapshot(
+            num_running=self.core.num_running,
+            num_waiting=self.core.num_waiting + waiting_grammar,
+            num_preemptions=self.core.num_preemptions,
+            num_timeouts=self._num_timeouts,
+            kv_stats=self.core.kv_cache_stats(),
+            processor_time_s=self.core.processor_time_s,
+            num_constrained_steps=self.core.num_constrained_steps,
+        )

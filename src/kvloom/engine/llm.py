@@ -9,12 +9,11 @@ from pathlib import Path
 from typing import Any, cast
 
 from kvloom.config import EngineConfig
-from kvloom.engine.adapters import AdapterInfo, AdapterRegistry
-from kvloom.engine.core import EngineCore
-from kvloom.engine.driver import EngineDriver, NewRequest
-from kvloom.engine.grammar import GrammarService
-from kvloom.engine.processor import InputProcessor, Message, Prompt
-from kvloom.engine.tokenizer import load_tokenizer
+from kvloom.engine.adapters import AdapterInfo
+from kvloom.engine.build import build_engine
+from kvloom.engine.messages import NewRequest, StepInput
+from kvloom.engine.prompts import Message, Prompt
+from kvloom.errors import RequestTimeoutError
 from kvloom.kv_cache.manager import KVCacheStats
 from kvloom.outputs import Completion
 from kvloom.params import SamplingParams
@@ -38,28 +37,24 @@ class LLM:
 
     def __init__(self, model: str | Path, **config: Any) -> None:
         self.config = EngineConfig.from_kwargs(model, **config)
-        self.core = EngineCore(self.config)
-        self.tokenizer = load_tokenizer(self.config.model)
-        self.inputs = InputProcessor(
-            self.tokenizer, self.core.model_config.vocab_size, self.core.max_model_len, self.core.max_tokens_in_pool
-        )
-        self.driver = EngineDriver(self.core, self.tokenizer, self.config.grammar_compile_timeout)
-        self.grammars = GrammarService(
-            self.tokenizer, self.core.model_config.vocab_size, tuple(self.core.model_config.eos_token_ids),
-            self.config.grammar_backend, self.config.grammar_compile_timeout,
-        )
+        parts = build_engine(self.config)
+        self.core = parts.core
+        self.driver = parts.driver
+        self.inputs = parts.encoder
+        self.tokenizer = parts.encoder.tokenizer
+        self.grammars = parts.grammars
+        self.adapters = parts.adapters
         self._ids = itertools.count()
-        self.adapters = AdapterRegistry(self.core.model_config, self.config.lora.max_lora_rank, self.config.lora.max_loras)
 
     def load_adapter(self, name: str, path: str | Path, *, pinned: bool = False) -> AdapterInfo:
         """Load a PEFT LoRA directory under ``name``; ``generate(..., adapter=name)`` uses it."""
         info = self.adapters.add(name, self.adapters.read(path), pinned)
-        self.driver.run([], [], pinned_loras=self.adapters.pinned())
+        self.driver.run(StepInput(pinned_adapters=self.adapters.pinned()))
         return info
 
     def unload_adapter(self, name: str) -> None:
         self.adapters.remove(name)
-        self.driver.run([], [], pinned_loras=self.adapters.pinned())
+        self.driver.run(StepInput(pinned_adapters=self.adapters.pinned()))
 
     def generate(
         self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -98,7 +93,7 @@ class LLM:
         names = [adapter] * len(token_lists) if adapter is None or isinstance(adapter, str) else list(adapter)
         if len(names) != len(token_lists):
             raise ValueError(f"adapter: got {len(names)} adapter names for {len(token_lists)} prompts")
-        loras = [self.adapters.resolve(name) for name in names]
+        loras = [self.adapters.resolve_for_request(name) for name in names]
         for ids, p in zip(token_lists, per_prompt, strict=True):
             self.inputs.validate(ids, p)
             self.grammars.check(p)
@@ -107,20 +102,31 @@ class LLM:
             if future is not None:
                 future.result(timeout=self.config.grammar_compile_timeout)
 
-        order: list[str] = []
         now = time.monotonic()
-        for ids, p, grammar, lora in zip(token_lists, per_prompt, grammars, loras, strict=True):
-            order.append(f"llm-{next(self._ids)}")
-            self.driver.add(NewRequest(order[-1], ids, p, 0, now, grammar=grammar, lora=lora))
+        timeout = self.config.request_timeout
+        adds = [
+            NewRequest(f"llm-{next(self._ids)}", ids, p, 0, now, now + timeout if timeout is not None else None,
+                       grammar=grammar, lora=lora)
+            for ids, p, grammar, lora in zip(token_lists, per_prompt, grammars, loras, strict=True)
+        ]
+        order = [r.request_id for r in adds]
         done: dict[str, Completion] = {}
-        while self.driver.has_unfinished():
-            result = self.driver.run([], [])
+        step_input = StepInput(adds=adds)
+        while True:
+            result = self.driver.run(step_input)
+            step_input = StepInput()
             for completion in result.finished:
                 done[completion.request_id] = completion
-            if result.failed:  # a logits-processor factory raised: end the whole call cleanly
+            failure = result.failed[0].error if result.failed else None
+            if failure is None and result.timed_out:
+                failure = RequestTimeoutError(f"request {result.timed_out[0].request_id!r} passed request_timeout="
+                                              f"{timeout}s and was aborted")
+            if failure is not None:  # end the whole call cleanly: nothing stays queued
                 for rid in order:
                     self.driver.abort(rid)
-                raise result.failed[0][1]
+                raise failure
+            if not result.has_unfinished:
+                break
         return [done[rid] for rid in order]
 
     def close(self) -> None:

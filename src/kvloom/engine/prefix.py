@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 from kvloom.errors import InvalidRequestError
 
 if TYPE_CHECKING:
-    from kvloom.engine.async_engine import AsyncEngine
-    from kvloom.engine.processor import InputProcessor, Message, Prompt
+    from kvloom.engine.prefix_registry import PrefixRegistry
+    from kvloom.engine.prompts import Message, Prompt, PromptEncoder
 
 
 @dataclass(eq=False)
@@ -35,7 +35,8 @@ class PrefixHandle:
     hits: int = 0
     """Requests that have used this prefix."""
     released: bool = False
-    _engine: weakref.ref[AsyncEngine] | None = field(default=None, repr=False)
+    _registry: weakref.ref[PrefixRegistry] | None = field(default=None, repr=False)
+    """The registry that owns the pin (weak: a handle never keeps a closed engine alive)."""
 
     @property
     def num_tokens(self) -> int:
@@ -50,8 +51,8 @@ class PrefixHandle:
         """Tokens a request using this prefix finds in the cache: its whole blocks."""
         return self.num_blocks * self.block_size
 
-    def owned_by(self, engine: AsyncEngine) -> bool:
-        return self._engine is not None and self._engine() is engine
+    def owned_by(self, registry: PrefixRegistry) -> bool:
+        return self._registry is not None and self._registry() is registry
 
     def matches_messages(self, messages: Sequence[dict[str, Any]]) -> bool:
         """Whether a chat request's leading messages are this handle's."""
@@ -60,9 +61,9 @@ class PrefixHandle:
 
     def release(self) -> None:
         """Unpin (idempotent). Its blocks stay reusable until evicted."""
-        engine = self._engine() if self._engine is not None else None
-        if not self.released and engine is not None:
-            engine._release_prefix(self)
+        registry = self._registry() if self._registry is not None else None
+        if not self.released and registry is not None:
+            registry.release(self)
         self.released = True
 
     async def __aenter__(self) -> PrefixHandle:
@@ -89,14 +90,14 @@ def check_prefix_adapter(handle: PrefixHandle, adapter: str | None, adapter_hash
 
 
 def prefix_token_ids(
-    handle: PrefixHandle, inputs: InputProcessor, prompt: Prompt | None, messages: Sequence[Message] | None,
+    handle: PrefixHandle, inputs: PromptEncoder, prompt: Prompt | None, messages: Sequence[Message] | None,
     cache_salt: str | None,
 ) -> tuple[list[int], str | None]:
     """A request's tokens continuing ``handle`` (its prompt's tokens after the handle's, or the
-    handle's messages followed by the request's through the chat template), and its salt."""
+    handle's messages followed by the request's through the chat template), and its salt.
+    Reads only the handle's immutable fields: safe on the encoder's worker thread."""
     if cache_salt is not None and cache_salt != handle.cache_salt:
         raise InvalidRequestError("cache_salt: differs from the prefix handle's salt, so it could never hit")
-    handle.hits += 1
     if messages is not None:
         if handle.messages is None:
             raise InvalidRequestError("prefix: a handle made from a prompt continues with a prompt, not messages")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from kvloom.engine.driver import StepResult
+    from kvloom.engine.messages import EngineSnapshot
 
 
 @dataclass(slots=True, frozen=True)
@@ -19,6 +19,8 @@ class EngineStats:
     kv_blocks_used: int
     kv_blocks_total: int
     num_preemptions: int
+    num_timeouts: int
+    """Requests aborted at their deadline (``timeout=`` / ``request_timeout``)."""
     prefix_cache_hit_rate: float
     """Share of looked-up prompt tokens whose KV came from the prefix cache."""
     tokens_per_s: float
@@ -49,6 +51,10 @@ class StatsCollector:
         self.window_s = window_s
         self._tokens: deque[tuple[float, int]] = deque()
         self._started = time.monotonic()
+        self.num_timeouts = 0
+
+    def record_timeout(self) -> None:
+        self.num_timeouts += 1
 
     def record_tokens(self, n: int) -> None:
         now = time.monotonic()
@@ -70,18 +76,21 @@ class StatsCollector:
 
 
 def build_stats(
-    last: StepResult | None, num_submitted: int, collector: StatsCollector, healthy: bool, error: BaseException | None
+    last: EngineSnapshot | None, num_submitted: int, collector: StatsCollector, healthy: bool,
+    error: BaseException | None,
 ) -> EngineStats:
-    """``last`` is the latest step's snapshot; ``num_submitted`` requests are not yet handed over."""
+    """``last`` is the latest step's snapshot; ``num_submitted`` sequences are not yet handed over."""
     ttft, tpot = list(collector.ttft), list(collector.tpot)
+    kv = last.kv_stats if last else None
     return EngineStats(
         healthy=healthy,
         num_running=last.num_running if last else 0,
         num_waiting=(last.num_waiting if last else 0) + num_submitted,
-        kv_blocks_used=last.kv_blocks_used if last else 0,
-        kv_blocks_total=last.kv_blocks_total if last else 0,
+        kv_blocks_used=kv.used_blocks if kv else 0,
+        kv_blocks_total=kv.num_blocks if kv else 0,
         num_preemptions=last.num_preemptions if last else 0,
-        prefix_cache_hit_rate=last.kv_stats.hit_rate if last else 0.0,
+        num_timeouts=collector.num_timeouts,
+        prefix_cache_hit_rate=kv.hit_rate if kv else 0.0,
         tokens_per_s=collector.tokens_per_s(),
         ttft_p50=percentile(ttft, 0.5),
         ttft_p99=percentile(ttft, 0.99),

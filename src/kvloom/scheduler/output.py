@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from kvloom.outputs import FinishReason, TokenLogprob
 from kvloom.params import SamplingParams
-from kvloom.structured.processor import LogitsProcessor
+from kvloom.structured.logits_processor import LogitsProcessor
 
 if TYPE_CHECKING:
     from kvloom.lora.adapter import LoRAAdapter
@@ -86,3 +86,6 @@ class EngineCoreOutput:
     finish_reason: FinishReason | None
     num_prompt_tokens: int
     num_cached_tokens: int
+    pinned_block_ids: list[int] | None = None
+    """For a finished ``pin_prefix`` request: the blocks now pinned for its prompt (the caller
+    owns the pin and must unpin them)."""

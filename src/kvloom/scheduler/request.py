@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from kvloom.kv_cache.hashing import extra_keys
 from kvloom.outputs import FinishReason
 from kvloom.params import SamplingParams
-from kvloom.structured.processor import LogitsProcessor
+from kvloom.structured.logits_processor import LogitsProcessor
 
 if TYPE_CHECKING:
     from kvloom.lora.adapter import LoRAAdapter
@@ -54,6 +54,9 @@ class Request:
     never changes a request in flight)."""
     lora_skips: int = 0
     """Steps it waited because ``max_loras`` other adapters were running (see the scheduler)."""
+    pin_prefix: bool = False
+    """When it finishes, pin the whole cached blocks of its prompt before freeing its own
+    (a prefix handle's request; see ``Scheduler.update``)."""
 
     @property
     def cache_keys(self) -> tuple[object, ...]:

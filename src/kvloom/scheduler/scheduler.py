@@ -7,10 +7,19 @@ When a running request cannot get a block, the least important running request (
 ``priority`` value, then latest arrival) is preempted: its blocks are freed and it goes back
 to the waiting queue in importance order, to be recomputed from its prompt and outputs so far.
 
-LoRA: the running requests use at most ``max_loras`` distinct adapters (pinned adapters
-count too: they hold a slot). A waiting request whose adapter would exceed that is skipped
+LoRA: newly admitted requests keep the running adapters plus the pinned ones within
+``max_loras`` distinct adapters. A waiting request whose adapter would exceed that is skipped
 so requests behind it for resident adapters (or the base model) can go; once it has been
-skipped ``MAX_LORA_SKIPS`` times it blocks the queue instead, so it cannot starve.
+skipped ``MAX_LORA_SKIPS`` times it blocks the queue instead, so it cannot starve. Pinning
+never preempts: a request already running on an unpinned adapter keeps its slot until it
+ends (the runner makes the pinned adapters resident as slots allow). A request on an
+unpinned adapter while every slot is pinned to others could never run: ``set_pinned_loras``
+returns those so the engine fails them instead of letting them block the queue.
+
+Chunked prefill off: a prompt is prefilled in one step, so it must fit in
+``max_num_batched_tokens`` (the engine refuses longer prompts at submit). A preempted request
+recomputes its prompt and outputs, which may no longer fit: that recompute is chunked anyway,
+since refusing it would hang the request.
 """
 
 from __future__ import annotations
@@ -46,7 +55,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.max_loras = max_loras
         self.pinned_loras: set[str] = set()
-        """Content hashes of pinned adapters (they keep a slot; the driver maintains this)."""
+        """Content hashes of pinned adapters (they keep a slot; see ``set_pinned_loras``)."""
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -135,8 +144,23 @@ class Scheduler:
         return self._finished_since_last_step
 
     @property
-    def num_unfinished(self) -> int:
-        return len(self.requests)
+    def num_waiting(self) -> int:
+        """Sequences without a slot: queued or preempted, and forks waiting for their source."""
+        return len(self.waiting) + sum(len(children) for children in self._forks.values())
+
+    def can_serve_lora(self, content_hash: str | None) -> bool:
+        """Whether a request on this adapter (None: the base model) can ever get a slot with
+        the current pins."""
+        return (content_hash is None or content_hash in self.pinned_loras
+                or len(self.pinned_loras) < self.max_loras)
+
+    def set_pinned_loras(self, content_hashes: set[str]) -> list[str]:
+        """Replace the pinned adapters; returns the ids of waiting requests that can no longer
+        ever run (their adapter is unpinned and every slot is pinned to another)."""
+        self.pinned_loras = set(content_hashes)
+        stuck = [*self.waiting, *(c for children in self._forks.values() for c in children)]
+        return [r.request_id for r in stuck
+                if not self.can_serve_lora(r.lora.content_hash if r.lora is not None else None)]
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -189,7 +213,7 @@ class Scheduler:
             hits = self.kv.find_cached_prefix(req.request_id, req.token_ids, req.cache_keys)
             num_hit = len(hits) * self.kv.block_size
             num_new = req.num_tokens - num_hit
-            if num_new > budget and not self.config.enable_chunked_prefill:
+            if num_new > budget and not self.config.enable_chunked_prefill and req.num_preemptions == 0:
                 break
             num_new = min(num_new, budget)
             new_blocks = self.kv.allocate_slots(req.request_id, num_hit + num_new, new_request=True, cached=hits)
@@ -261,13 +285,18 @@ class Scheduler:
             req.token_ids.append(token)
             reason = sampled.finish_reasons.get(rid) or req.stop_reason_after(token, self.max_model_len)
             lp: TokenLogprob | None = logprobs[i] if logprobs is not None else None
+            pinned: list[int] | None = None
             if reason is not None:
+                if req.pin_prefix:
+                    # Pinned while the request still holds its blocks: nothing can evict them
+                    # between its free and the pin (forks allocate in this same update).
+                    pinned = [int(b) for b in self.kv.pin(req.prompt_token_ids, req.cache_keys)]
                 self.running.remove(req)
                 self._finish(req, reason)
             outputs.append(
                 EngineCoreOutput(
                     rid, [token], [lp] if lp is not None else None, reason,
-                    req.num_prompt_tokens, req.num_cached_tokens,
+                    req.num_prompt_tokens, req.num_cached_tokens, pinned,
                 )
             )
         self._start_forks()

@@ -1,8 +1,9 @@
-"""Event-loop side of one request: a buffer the engine fills and the consumer drains.
+"""Event-loop side of one request: a buffer the engine loop fills and the consumer drains.
 
-The engine never waits on a consumer: it appends deltas and sets an event. A slow consumer
-finds several deltas waiting and gets them merged into one chunk (per choice), so its buffer
-holds at most the request's own tokens and never holds anyone else up.
+The engine never waits on a consumer: the loop appends deltas and sets an event. A slow
+consumer finds several deltas waiting and gets them merged into one chunk (per choice), so its
+buffer holds at most the request's own tokens and never holds anyone else up. Loop-thread
+only: nothing here is touched from another thread.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from kvloom.outputs import Completion, StreamChunk, Usage
 
 
 @dataclass(slots=True, eq=False)
-class RequestState:
+class RequestStream:
+    """One request's buffer. Once ``finished``, nothing more is pushed; the consumer drains
+    ``pending`` and then raises ``error`` if set (chunks delivered before an error are kept)."""
+
     request_id: str
     pending: list[StreamChunk] = field(default_factory=list)
     event: anyio.Event = field(default_factory=anyio.Event)
@@ -38,8 +42,10 @@ class RequestState:
         self.finished = True
         self.event.set()
 
-    def fail(self, error: BaseException) -> None:
+    def fail(self, error: BaseException, partial: Completion | None = None) -> None:
+        """End with ``error``, after the chunks already pending (``partial``: what it produced)."""
         if not self.finished:
+            self.completion = partial
             self.error = error
             self.finished = True
             self.event.set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,14 +13,43 @@ Prompt = str | Sequence[int]
 Message = dict[str, Any]
 
 
-class InputProcessor:
-    """Tokenizes and validates requests before anything is queued. Frontend-side, stateless."""
+INLINE_CHARS = 8192
+"""Prompts (or chat messages) up to this many characters are tokenized on the caller's thread;
+longer ones in a worker thread, so the event loop never stalls on a long document."""
 
-    def __init__(self, tokenizer: Any | None, vocab_size: int, max_model_len: int, max_tokens_in_pool: int) -> None:
+
+class PromptEncoder:
+    """Tokenizes and validates requests before anything is queued. Frontend-side, stateless
+    apart from its tokenizer, which only one thread may use: ``clone()`` gives another thread
+    its own (HF fast tokenizers raise "Already borrowed" when two threads share one).
+
+    ``max_prefill_tokens``: with chunked prefill off, the most prompt tokens one step can
+    take (``max_num_batched_tokens``); None when prompts may be prefilled in chunks.
+    """
+
+    def __init__(
+        self, tokenizer: Any | None, vocab_size: int, max_model_len: int, max_tokens_in_pool: int,
+        max_prefill_tokens: int | None = None,
+    ) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.max_tokens_in_pool = max_tokens_in_pool
+        self.max_prefill_tokens = max_prefill_tokens
+
+    def clone(self) -> PromptEncoder:
+        """The same encoder with its own copy of the tokenizer (for another thread)."""
+        return PromptEncoder(copy.deepcopy(self.tokenizer), self.vocab_size, self.max_model_len,
+                             self.max_tokens_in_pool, self.max_prefill_tokens)
+
+    @staticmethod
+    def is_long(prompt: Prompt | None, messages: Sequence[Message] | None) -> bool:
+        """Whether tokenizing this is worth a worker thread (see ``INLINE_CHARS``)."""
+        if isinstance(prompt, str):
+            return len(prompt) > INLINE_CHARS
+        if messages is not None:
+            return sum(len(str(m.get("content") or "")) for m in messages if isinstance(m, dict)) > INLINE_CHARS
+        return False
 
     def to_token_ids(
         self, prompt: Prompt | None, messages: Sequence[Message] | None, add_generation_prompt: bool = True
@@ -58,6 +88,12 @@ class InputProcessor:
             raise InvalidRequestError(
                 f"max_tokens: prompt + max_tokens = {total} tokens cannot fit in the KV cache "
                 f"({self.max_tokens_in_pool} tokens) even alone; raise kv_cache_memory or num_kv_blocks"
+            )
+        if self.max_prefill_tokens is not None and len(token_ids) > self.max_prefill_tokens:
+            raise InvalidRequestError(
+                f"prompt: {len(token_ids)} tokens exceed max_num_batched_tokens={self.max_prefill_tokens}, and with "
+                "enable_chunked_prefill=False a prompt must be prefilled in one step; raise max_num_batched_tokens "
+                "or set enable_chunked_prefill=True"
             )
 
     def _need_tokenizer(self, field: str) -> Any:

@@ -1,0 +1,186 @@
+"""The background loop: hand what the app did to the engine thread, route what comes back.
+
+One task per engine. Each turn it gathers the submitted requests, aborts, unpins and adapter
+pins into a ``StepInput``, runs ``EngineDriver.run`` on a worker thread (the engine thread:
+one at a time), and routes the ``StepOutput`` to the request streams, the prefix registry
+and the stats. Whatever fails inside a turn (the step or the routing) fails every stream in
+flight with ``EngineError`` and marks the engine dead: nothing is left waiting.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING
+
+import anyio
+
+from kvloom.engine.background import Waker
+from kvloom.engine.messages import NewRequest, StepInput, StepOutput
+from kvloom.engine.streams import RequestStream
+from kvloom.errors import EngineClosedError, EngineError, RequestTimeoutError
+from kvloom.outputs import StreamChunk
+
+if TYPE_CHECKING:
+    from kvloom.engine.driver import EngineDriver
+    from kvloom.engine.prefix_registry import PrefixRegistry
+    from kvloom.engine.stats import StatsCollector
+    from kvloom.lora.adapter import LoRAAdapter
+
+
+class EngineLoop:
+    """Owns the request streams and the queues to the engine thread. Create it on the loop.
+
+    Thread safety: ``abort`` and ``unpin`` may be called from any thread (they only append to
+    a deque and wake the loop thread-safely); everything else is loop-thread only.
+    """
+
+    def __init__(self, driver: EngineDriver, prefixes: PrefixRegistry | None, stats: StatsCollector) -> None:
+        self._driver = driver
+        self.prefixes = prefixes
+        self._stats = stats
+        self.streams: dict[str, RequestStream] = {}
+        self._adds: list[NewRequest] = []
+        self._aborts: deque[tuple[str, RequestStream | None]] = deque()
+        self._unpins: deque[list[int]] = deque()
+        self._pinned_adapters: list[LoRAAdapter] | None = None
+        self._waker = Waker()
+        self._closing = False
+        self.done = anyio.Event()
+        self.error: BaseException | None = None
+        self.last: StepOutput | None = None
+        self._in_step = False
+
+    # ---- from the application --------------------------------------------------------------
+    def submit(self, req: NewRequest) -> RequestStream:
+        """Queue ``req`` for the next step; the caller has checked its id is not in flight."""
+        assert req.request_id not in self.streams
+        stream = RequestStream(req.request_id)
+        self.streams[req.request_id] = stream
+        self._adds.append(req)
+        self._waker.wake()
+        return stream
+
+    def abort(self, request_id: str, stream: RequestStream | None = None) -> None:
+        """End a request (any thread). With ``stream``, only if that very stream is still the
+        one in flight under ``request_id``: a finished stream's finalizer never aborts a later
+        request that reuses its id."""
+        self._aborts.append((request_id, stream))
+        self._waker.wake_threadsafe()
+
+    def unpin(self, block_ids: list[int]) -> None:
+        """Release pinned prefix blocks at the next step (any thread)."""
+        self._unpins.append(block_ids)
+        self._waker.wake_threadsafe()
+
+    def set_pinned_adapters(self, adapters: list[LoRAAdapter]) -> None:
+        self._pinned_adapters = adapters
+        self._waker.wake()
+
+    @property
+    def num_submitted(self) -> int:
+        """Sequences submitted and not yet handed to the engine thread."""
+        return sum(r.params.n for r in self._adds)
+
+    @property
+    def is_idle(self) -> bool:
+        """Nothing queued for the engine thread, no step in flight, and the last step left no work."""
+        return (not self._has_input() and not self._in_step
+                and (self.last is None or not self.last.has_unfinished))
+
+    @property
+    def is_running(self) -> bool:
+        return not self._closing and not self.done.is_set() and self.error is None
+
+    async def close(self) -> None:
+        """Stop after the current step; streams still open end with ``EngineClosedError``."""
+        self._closing = True
+        self._waker.wake()
+        await self.done.wait()
+        for stream in self.streams.values():
+            stream.fail(EngineClosedError("the engine was closed while this request was in flight"))
+        self.streams.clear()
+
+    # ---- the task ----------------------------------------------------------------------------
+    def _has_input(self) -> bool:
+        return bool(self._adds or self._aborts or self._unpins or self._pinned_adapters is not None)
+
+    def _take_input(self) -> StepInput:
+        adds, self._adds = self._adds, []
+        aborts: list[str] = []
+        while self._aborts:
+            request_id, stream = self._aborts.popleft()
+            current = self.streams.get(request_id)
+            if current is not None and not current.finished and (stream is None or stream is current):
+                aborts.append(request_id)
+        unpins = [self._unpins.popleft() for _ in range(len(self._unpins))]
+        pinned, self._pinned_adapters = self._pinned_adapters, None
+        return StepInput(adds, aborts, unpins, pinned)
+
+    async def run(self) -> None:
+        """The background task. Never raises: a failure is recorded in ``error`` and fails
+        every stream in flight."""
+        try:
+            while not self._closing:
+                busy = self.last is not None and self.last.has_unfinished
+                if not busy:
+                    await self._waker.wait(lambda: self._closing or self._has_input())
+                    if self._closing:
+                        break
+                step_input = self._take_input()
+                self._in_step = True
+                try:
+                    result = await anyio.to_thread.run_sync(self._driver.run, step_input)
+                finally:
+                    self._in_step = False
+                self.last = result
+                self._dispatch(result)
+        except Exception as exc:  # a failed step or routing fails its requests, never hangs them
+            self._fail_all(exc)
+        finally:
+            self.done.set()
+
+    def _dispatch(self, result: StepOutput) -> None:
+        for request_id, block_ids in result.pinned.items():
+            if self.prefixes is not None:
+                self.prefixes.on_pinned(request_id, block_ids)
+            else:  # no registry to own the pin: give it back
+                self.unpin(block_ids)
+        for failure in result.failed:
+            stream = self.streams.pop(failure.request_id, None)
+            if stream is not None:
+                stream.fail(failure.error)
+        for partial in result.aborted:
+            stream = self.streams.pop(partial.request_id, None)
+            if stream is not None:
+                stream.push(StreamChunk(partial.request_id, 0, "", [], None, "abort"))
+                stream.finish(partial, partial.usage)
+        for partial in result.timed_out:
+            self._stats.record_timeout()
+            stream = self.streams.pop(partial.request_id, None)
+            if stream is not None:
+                stream.fail(RequestTimeoutError(
+                    f"request {partial.request_id!r} passed its deadline after {partial.usage.total_time or 0.0:.3f}s "
+                    f"and was aborted ({partial.usage.completion_tokens} tokens generated)"), partial)
+        num_tokens = 0
+        for delta in result.deltas:
+            num_tokens += len(delta.token_ids)
+            stream = self.streams.get(delta.parent_id)
+            if stream is not None:
+                stream.push(StreamChunk(delta.parent_id, delta.index, delta.text, delta.token_ids,
+                                        delta.logprobs, delta.finish_reason))
+        self._stats.record_tokens(num_tokens)
+        for completion in result.finished:
+            u = completion.usage
+            self._stats.record_finished(u.time_to_first_token, u.total_time, u.completion_tokens)
+            stream = self.streams.pop(completion.request_id, None)
+            if stream is not None:
+                stream.finish(completion, completion.usage)
+
+    def _fail_all(self, exc: Exception) -> None:
+        self.error = exc
+        error = EngineError(f"engine step failed: {exc!r}")
+        error.__cause__ = exc
+        for stream in self.streams.values():
+            stream.fail(error)
+        self.streams.clear()
+
