@@ -38,7 +38,8 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff on everything, mypy --strict on src/."""
+    """ruff on everything, mypy --strict on src/, the package layering (import-linter, pyproject.toml)."""
     _install(session)
     session.run("ruff", "check", "src", "kernels", "tests", "examples", "noxfile.py")
     session.run("mypy")
+    session.run("lint-imports")

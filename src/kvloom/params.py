@@ -7,7 +7,7 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from kvloom.structured.processor import LogitsProcessorFactory
+from kvloom.structured.logits_processor import LogitsProcessorFactory
 from kvloom.structured.spec import ResponseFormat
 
 GrammarBackendName = Literal["xgrammar", "outlines"]
@@ -51,7 +51,7 @@ class SamplingParams(BaseModel):
     )
     logits_processors: list[LogitsProcessorFactory] = Field(
         default_factory=list,
-        description="Zero-argument factories; each sequence gets fresh processors (see kvloom.structured.processor).",
+        description="Zero-argument factories; each sequence gets fresh processors (see kvloom.structured.logits_processor).",
     )
 
     @field_validator("response_format", mode="before")
@@ -104,10 +104,6 @@ class SamplingParams(BaseModel):
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
         return self
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
 
     def for_choice(self, index: int) -> SamplingParams:
         """Params of choice ``index`` of an ``n > 1`` request: ``n = 1`` and ``seed + index``."""

@@ -10,7 +10,7 @@ import torch
 from kvloom import LLM, ConfigError
 from kvloom.config import CacheConfig
 from kvloom.models.config import load_model_config
-from kvloom.runner.kv_cache import bytes_per_block, choose_num_blocks
+from kvloom.runner.kv_tensors import bytes_per_block, choose_num_blocks
 
 
 def test_budget_in_bytes_gives_whole_blocks(llama_dir: Path) -> None:

@@ -30,6 +30,11 @@ class LoRACase:
         return m.token_ids, m.seg_starts, m.seg_lens, m.seg_slots
 
 
+def token_mapping(token_slots: Sequence[int]) -> LoRAMapping:
+    """The mapping of a step whose ``t``-th token uses slot ``token_slots[t]`` (-1: none): one token per request."""
+    return LoRAMapping.from_request_slots(list(token_slots), [1] * len(token_slots))
+
+
 def make_case(token_slots: Sequence[int], num_slots: int, in_features: int, output_sizes: Sequence[int],
               max_rank: int, ranks: Sequence[int], dtype: torch.dtype = torch.float32, seed: int = 0) -> LoRACase:
     gen = torch.Generator().manual_seed(seed)
@@ -42,7 +47,7 @@ def make_case(token_slots: Sequence[int], num_slots: int, in_features: int, outp
         b[slot, :, rank:] = 0
     for slot in set(range(num_slots)) - set(token_slots):
         a[slot], b[slot] = float("nan"), float("nan")
-    mapping = LoRAMapping.from_token_slots(list(token_slots))
+    mapping = token_mapping(token_slots)
     return LoRACase(x.to(dtype), a.to(dtype), b.to(dtype), tuple(output_sizes), list(token_slots), mapping)
 
 

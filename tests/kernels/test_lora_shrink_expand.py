@@ -16,7 +16,14 @@ import torch
 from kvloom.kernels.lora_expand import lora_expand, lora_expand_ref
 from kvloom.kernels.lora_shrink import lora_shrink, lora_shrink_ref
 from kvloom.lora.mapping import LoRAMapping
-from tests.kernels.lora_cases import LoRACase, make_case, oracle_delta, oracle_shrink, shuffled_slots
+from tests.kernels.lora_cases import (
+    LoRACase,
+    make_case,
+    oracle_delta,
+    oracle_shrink,
+    shuffled_slots,
+    token_mapping,
+)
 
 
 @dataclass(frozen=True)
@@ -59,7 +66,7 @@ def _run(case: LoRACase, triton: bool, out: torch.Tensor | None = None) -> tuple
     m = case.mapping
     if out is None:
         out = _base_out(case)
-    y = torch.full((m.num_lora_tokens, case.a.shape[1], case.a.shape[2]), float("nan"))
+    y = torch.full((len(m.token_ids), case.a.shape[1], case.a.shape[2]), float("nan"))
     shrink(case.x, case.a, *case.args(), m.max_seg_len, out=y)
     expand(y, case.b, out, *case.args(), case.output_sizes, m.max_seg_len)
     return y, out
@@ -126,13 +133,13 @@ def test_no_adapter_tokens_is_a_no_op(triton: bool, request: pytest.FixtureReque
     if triton:
         request.getfixturevalue("triton_interpret")
     case = make_case([-1] * 5, 2, 16, (8, 8), 4, (4, 4))
-    assert not case.mapping.has_lora and case.mapping.num_lora_tokens == 0
+    assert not case.mapping.has_lora and len(case.mapping.token_ids) == 0
     y, out = _run(case, triton=triton)
     assert y.shape == (0, 2, 4) and torch.isnan(out).all()
 
 
 def test_mapping_groups_tokens_by_slot() -> None:
-    mapping = LoRAMapping.from_token_slots([2, -1, 0, 2, 0, -1, 2])
+    mapping = token_mapping([2, -1, 0, 2, 0, -1, 2])
     assert mapping.token_ids.tolist() == [2, 4, 0, 3, 6]
     assert (mapping.seg_slots_cpu, mapping.seg_starts_cpu, mapping.seg_lens_cpu) == ((0, 2), (0, 2), (2, 3))
     assert mapping.seg_slots.tolist() == [0, 2] and mapping.max_seg_len == 3 and mapping.num_tokens == 7

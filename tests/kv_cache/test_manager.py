@@ -20,7 +20,7 @@ def test_allocation_that_does_not_fit_allocates_nothing() -> None:
     assert kv.allocate_slots("a", 12) is not None
     assert kv.allocate_slots("b", 8) is None
     assert kv.get_block_ids("b") == []
-    assert kv.num_free_blocks == 1
+    assert kv.pool.num_free_blocks == 1
 
 
 def test_new_requests_leave_the_watermark_free() -> None:

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from kvloom.errors import CheckpointError, UnsupportedModelError
-from kvloom.models.config import RopeScaling, load_model_config
+from kvloom.layers.rotary import RopeScaling
+from kvloom.models.config import load_model_config
 
 BASE: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"],

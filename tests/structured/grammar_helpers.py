@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from kvloom.structured.bitmask import allocate_bitmask, unpack_bitmask
-from kvloom.structured.processor import LogitsProcessor
+from kvloom.structured.logits_processor import LogitsProcessor
 from kvloom.structured.vocab import TokenizerVocab
 
 
@@ -34,7 +34,7 @@ def random_walk(
     for _ in range(max_steps):
         allowed = allowed_tokens(processor, vocab.vocab_width)
         assert allowed, "the grammar allows no token at all"
-        assert all(t < vocab.tokenizer_size for t in allowed), "a padded id is allowed"
+        assert all(t < len(vocab.token_bytes) for t in allowed), "a padded id is allowed"
         assert all(vocab.token_bytes[t] is not None or t in eos_ids for t in allowed), "a special token is allowed"
         eos = [t for t in allowed if t in eos_ids]
         preferred = [t for t in allowed if t in prefer]

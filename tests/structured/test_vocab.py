@@ -81,10 +81,10 @@ def test_metaspace_vocab_maps_the_visible_space_and_byte_tokens() -> None:
 def test_padded_width_and_eos(tiny_tokenizer: Any) -> None:
     size = len(tiny_tokenizer)
     vocab = TokenizerVocab.from_tokenizer(tiny_tokenizer, size + 50, (1, 4))
-    assert vocab.tokenizer_size == size and vocab.vocab_width == size + 50
+    assert len(vocab.token_bytes) == size and vocab.vocab_width == size + 50
     assert vocab.eos_token_ids == (1, 4)
     narrow = TokenizerVocab.from_tokenizer(tiny_tokenizer, size - 10, (1, 4))  # ids past the logits are dropped
-    assert narrow.tokenizer_size == size - 10
+    assert len(narrow.token_bytes) == size - 10
 
 
 def test_fingerprint_is_stable_and_tracks_the_content(tiny_tokenizer: Any) -> None:

@@ -70,16 +70,8 @@ class KVCacheManager:
     def num_blocks(self) -> int:
         return self.pool.num_blocks
 
-    @property
-    def num_free_blocks(self) -> int:
-        return self.pool.num_free_blocks
-
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
-
-    def can_fit_alone(self, num_tokens: int) -> bool:
-        """Whether a request of ``num_tokens`` total tokens fits in an empty pool."""
-        return self.blocks_needed(num_tokens) <= self.pool.num_blocks
 
     def _hashes(self, request_id: str, token_ids: Sequence[int], extra_keys: tuple[object, ...]) -> list[BlockHash]:
         """The request's full-block hashes, extended to cover ``token_ids``."""

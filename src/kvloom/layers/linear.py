@@ -4,22 +4,33 @@ Parameters are allocated with ``torch.empty`` in the model dtype on the default 
 loader constructs the model under ``with torch.device(...)``), so building a model costs
 no random init and no dtype conversion; the checkpoint fills every parameter.
 
-LoRA: a projection built with ``lora_names`` (the HF projections it holds, e.g. q/k/v) can be
-given slot-stacked adapter weights (``lora``, attached by ``kvloom.lora.slots.LoRASlots``).
-Its forward adds the adapters' delta only while the shared context holds a step mapping;
-otherwise it is the plain GEMM, with one attribute check more.
+A ``Linear`` can be given a ``LinearDelta`` (``delta``): a hook that adds to the GEMM's output,
+e.g. per-token LoRA adapters (``kvloom.lora`` attaches its slot stacks to the projections built
+with ``lora_names``, the HF projections they hold, e.g. q/k/v). Without one, the forward is the
+plain GEMM, with one attribute check more. This module knows nothing of LoRA beyond those names:
+``kvloom.lora`` imports ``kvloom.layers``, never the reverse.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvloom.lora.context import LoRAStack
-from kvloom.lora.ops import add_lora
+
+class LinearDelta(Protocol):
+    """Something added to a ``Linear``'s output (e.g. LoRA adapters), attached as ``Linear.delta``."""
+
+    def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """x ``[T, in_features]``; out ``[T, out_features]``, the layer's GEMM of ``x``.
+
+        Returns the layer's output: ``out`` plus the delta (in place or not), or ``out`` itself
+        when there is nothing to add for this step.
+        """
+        ...
 
 
 class Linear(nn.Module):
@@ -37,20 +48,20 @@ class Linear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.lora_names = tuple(lora_names)
-        # Slot-stacked adapter weights: None until ``LoRASlots`` attaches them.
-        self.lora: LoRAStack | None = None
+        # Added to the output when set (``kvloom.lora.slots.LoRASlots`` attaches its stacks here).
+        self.delta: LinearDelta | None = None
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
         self.bias = (
             nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x ``[T, in_features]`` -> ``[T, out_features]`` (+ each token's adapter delta, if any)."""
+        """x ``[T, in_features]`` -> ``[T, out_features]`` (+ the ``delta``, if any)."""
         out = F.linear(x, self.weight, self.bias)
-        lora = self.lora
-        if lora is None or lora.context.mapping is None:
+        delta = self.delta
+        if delta is None:
             return out
-        return add_lora(x, out, lora, lora.context.mapping)
+        return delta.apply(x, out)
 
     @property
     def lora_output_sizes(self) -> tuple[int, ...]:

@@ -8,13 +8,25 @@ bit; the cos/sin tables are precomputed once for every position and gathered by 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from kvloom.models.config import RopeScaling
+
+@dataclass(frozen=True, slots=True)
+class RopeScaling:
+    """Normalized RoPE scaling (``kvloom.models.config`` reads it); ``None`` means plain (``default``) RoPE."""
+
+    rope_type: str
+    """``linear`` or ``llama3``."""
+    factor: float
+    low_freq_factor: float = 1.0
+    """llama3 only."""
+    high_freq_factor: float = 4.0
+    """llama3 only."""
+    original_max_position_embeddings: int = 0
+    """llama3 only: the pretraining context length."""
 
 
 def compute_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:

@@ -59,11 +59,6 @@ class LoRAAdapter:
     weights: LoRAWeights = field(repr=False)
     """(layer, HF projection name in ``LORA_MODULES``) -> (A ``[r, in]``, B ``[out, r]``) float32, CPU."""
 
-    @property
-    def num_bytes(self) -> int:
-        """Host memory held by the weights."""
-        return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
-
 
 def projection_shape(config: ModelConfig, module: str) -> tuple[int, int]:
     """(in_features, out_features) of HF projection ``module`` in the base model."""

@@ -1,4 +1,8 @@
-"""What a LoRA-able layer holds: its slot-stacked weights and the model's shared per-step routing."""
+"""What a LoRA-able layer holds: its slot-stacked weights and the model's shared per-step routing.
+
+``LoRAStack`` is the ``kvloom.layers.linear.LinearDelta`` that ``LoRASlots`` attaches to each
+LoRA-able projection (``Linear.delta``).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from kvloom.lora.mapping import LoRAMapping
+from kvloom.lora.ops import add_lora
 
 
 @dataclass(slots=True)
@@ -37,3 +42,13 @@ class LoRAStack:
     hf_names: tuple[str, ...]
     """The HF projection of each slice (e.g. ``q_proj``, ``k_proj``, ``v_proj``)."""
     context: LoRAContext
+
+    def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out`` plus each token's adapter delta under the context's mapping (``LinearDelta``).
+
+        Returns ``out`` untouched, running no LoRA op, while the context holds no mapping.
+        """
+        mapping = self.context.mapping
+        if mapping is None:
+            return out
+        return add_lora(x, out, self, mapping)

@@ -1,6 +1,6 @@
 """Which LoRA slot each token of a step uses, in the grouped form the shrink/expand ops want.
 
-Built once per step on the host (from a per-token or per-request slot list) and shared by
+Built once per step on the host (from each request's slot and token count) and shared by
 every LoRA layer of the forward. Tokens are grouped by slot: adapter tokens, stably sorted
 by slot, form ``num_segments`` contiguous segments, one per slot that has tokens this step.
 No-adapter tokens (slot -1) belong to no segment; the ops never touch their rows.
@@ -16,7 +16,7 @@ import torch
 
 @dataclass(frozen=True, slots=True, eq=False)
 class LoRAMapping:
-    """A step's token -> slot routing. Build with ``from_token_slots`` or ``from_request_slots``.
+    """A step's token -> slot routing. Build with ``from_request_slots``.
 
     Invariants: segment ``s`` is grouped rows ``[seg_starts[s], seg_starts[s] + seg_lens[s])``;
     its tokens (``token_ids`` at those rows, ascending) all use slot ``seg_slots[s]``; segments
@@ -40,11 +40,6 @@ class LoRAMapping:
     seg_slots_cpu: tuple[int, ...]
 
     @property
-    def num_lora_tokens(self) -> int:
-        """Tokens that use an adapter."""
-        return sum(self.seg_lens_cpu)
-
-    @property
     def num_segments(self) -> int:
         return len(self.seg_slots_cpu)
 
@@ -57,20 +52,6 @@ class LoRAMapping:
     def has_lora(self) -> bool:
         """Does any token use an adapter? When not, a forward should do no LoRA work."""
         return bool(self.seg_slots_cpu)
-
-    @classmethod
-    def from_token_slots(cls, token_slots: Sequence[int] | torch.Tensor,
-                         device: torch.device | str = "cpu") -> LoRAMapping:
-        """From each token's slot (``-1``: no adapter), in the step's token order."""
-        slots = torch.as_tensor(token_slots, dtype=torch.int64, device="cpu").reshape(-1)
-        order = torch.argsort(slots, stable=True)
-        sorted_slots = slots[order]
-        first = int(torch.searchsorted(sorted_slots, 0))  # -1s sort first
-        token_ids, sorted_slots = order[first:], sorted_slots[first:]
-        seg_slots, seg_lens = torch.unique_consecutive(sorted_slots, return_counts=True)
-        seg_starts = torch.cumsum(seg_lens, 0) - seg_lens
-        return cls._build(len(slots), token_ids, seg_starts.tolist(), seg_lens.tolist(), seg_slots.tolist(),
-                          torch.device(device))
 
     @classmethod
     def from_request_slots(cls, request_slots: Sequence[int], query_lens: Sequence[int],

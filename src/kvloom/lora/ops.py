@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from kvloom.kernels.lora_expand import lora_expand as _expand_triton
 from kvloom.kernels.lora_expand import lora_expand_ref
 from kvloom.kernels.lora_shrink import lora_shrink as _shrink_triton
 from kvloom.kernels.lora_shrink import lora_shrink_ref
-from kvloom.lora.context import LoRAStack
 from kvloom.lora.mapping import LoRAMapping
+
+if TYPE_CHECKING:
+    from kvloom.lora.context import LoRAStack
 
 
 def lora_shrink(x: torch.Tensor, a: torch.Tensor, mapping: LoRAMapping) -> torch.Tensor:

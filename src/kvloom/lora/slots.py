@@ -60,7 +60,7 @@ class LoRASlots:
             match = _LAYER.search(f".{name}.")
             if match is None:
                 raise ValueError(f"LoRA-able module '{name}' is not inside a numbered decoder layer")
-            if module.lora is not None:
+            if module.delta is not None:
                 raise ValueError(f"module '{name}' already has LoRA slots attached")
             weight = module.weight
             sizes = module.lora_output_sizes
@@ -72,7 +72,7 @@ class LoRASlots:
                 b = torch.zeros(max_loras, sum(sizes), max_lora_rank, dtype=weight.dtype, device=weight.device)
             stack = LoRAStack(a=a, b=b, output_sizes=sizes, hf_names=module.lora_names, context=self.context)
             self.stacks.setdefault(int(match.group(1)), []).append(stack)
-            module.lora = stack
+            module.delta = stack
             self._layers.append(module)
         if not self._layers:
             raise ValueError(f"{type(model).__name__} has no LoRA-able projections")
@@ -84,11 +84,6 @@ class LoRASlots:
         self._pinned: dict[str, LoRAAdapter] = {}
         self.num_loads = 0
         """Adapters copied into a slot so far (a measure of slot thrashing)."""
-
-    @property
-    def num_bytes(self) -> int:
-        """Device memory held by the slot stacks."""
-        return sum(s.a.nbytes + s.b.nbytes for stacks in self.stacks.values() for s in stacks)
 
     def slot_of(self, name: str) -> int | None:
         """The slot holding ``name``, if resident."""
@@ -141,12 +136,6 @@ class LoRASlots:
         self._pinned = dict(adapters)
         for name, adapter in adapters.items():
             self._ensure(name, adapter, protected=set(adapters))
-
-    def detach(self) -> None:
-        """Remove the slots from the model's layers (the model runs as if never given LoRA)."""
-        for module in self._layers:
-            module.lora = None
-        self.context.mapping = None
 
     def _ensure(self, name: str, adapter: LoRAAdapter, protected: set[str]) -> int:
         slot = self._name_to_slot.get(name)

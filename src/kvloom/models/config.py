@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from kvloom.errors import CheckpointError, UnsupportedModelError
-from kvloom.models.registry import supported_architectures
+from kvloom.layers.rotary import RopeScaling
+from kvloom.models.architectures import supported_architectures
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _MODEL_TYPE_TO_ARCH = {
@@ -29,26 +30,11 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 @dataclass(frozen=True, slots=True)
-class RopeScaling:
-    """Normalized RoPE scaling; ``None`` on ``ModelConfig`` means plain (``default``) RoPE."""
-
-    rope_type: str
-    """``linear`` or ``llama3``."""
-    factor: float
-    low_freq_factor: float = 1.0
-    """llama3 only."""
-    high_freq_factor: float = 4.0
-    """llama3 only."""
-    original_max_position_embeddings: int = 0
-    """llama3 only: the pretraining context length."""
-
-
-@dataclass(frozen=True, slots=True)
 class ModelConfig:
     """A decoder-only Llama-family model, as kvloom runs it. Immutable; built by ``load_model_config``."""
 
     architecture: str
-    """One of ``registry.supported_architectures()``."""
+    """One of ``architectures.supported_architectures()``."""
     vocab_size: int
     hidden_size: int
     num_layers: int

@@ -1,6 +1,7 @@
 """The model interface and the registry: architecture name -> model class, imported lazily.
 
-The architecture name is ``config.json``'s ``architectures[0]``.
+The architecture name is ``config.json``'s ``architectures[0]``; the table is
+``architectures.MODEL_CLASSES``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from kvloom.errors import UnsupportedModelError
+from kvloom.models.architectures import MODEL_CLASSES
 
 if TYPE_CHECKING:
     from kvloom.layers.attention import AttentionBackend
@@ -55,26 +57,13 @@ class CausalLM(nn.Module, ABC):
         """Every HF name ``load_weights`` must see for the model to be complete."""
 
 
-# architecture -> (module, class name); all four share one implementation.
-_MODELS: dict[str, tuple[str, str]] = {
-    "LlamaForCausalLM": ("kvloom.models.llama", "LlamaForCausalLM"),
-    "MistralForCausalLM": ("kvloom.models.llama", "LlamaForCausalLM"),
-    "Qwen2ForCausalLM": ("kvloom.models.llama", "LlamaForCausalLM"),
-    "Qwen3ForCausalLM": ("kvloom.models.llama", "LlamaForCausalLM"),
-}
-
-
-def supported_architectures() -> tuple[str, ...]:
-    return tuple(_MODELS)
-
-
 def get_model_class(architecture: str) -> type[CausalLM]:
     """The class implementing ``architecture``; ``UnsupportedModelError`` lists the supported ones."""
-    if architecture not in _MODELS:
+    if architecture not in MODEL_CLASSES:
         raise UnsupportedModelError(
-            f"architecture {architecture!r} is not supported; supported: {', '.join(_MODELS)}"
+            f"architecture {architecture!r} is not supported; supported: {', '.join(MODEL_CLASSES)}"
         )
-    module_name, class_name = _MODELS[architecture]
+    module_name, class_name = MODEL_CLASSES[architecture]
     cls = getattr(importlib.import_module(module_name), class_name)
     if not (isinstance(cls, type) and issubclass(cls, CausalLM)):
         raise TypeError(f"{module_name}.{class_name} is not a CausalLM")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from kvloom.layers.attention_metadata import AttentionMetadata
-from kvloom.runner.state import RequestState
+from kvloom.runner.state import CachedRequestState
 
 
 @dataclass(slots=True)
@@ -17,7 +17,7 @@ class ModelInputs:
     positions: torch.Tensor
     """``[T]`` int64: absolute position of each token in its sequence."""
     attn: AttentionMetadata
-    req_order: list[RequestState]
+    req_order: list[CachedRequestState]
     """Sequences in batch order: decodes (one token) first, then prefills."""
     sample_rows: list[int]
     """Indices into ``req_order`` of the sequences that sample a token this step."""
@@ -26,7 +26,7 @@ class ModelInputs:
 
 
 def build_inputs(
-    states: list[RequestState], num_scheduled: dict[str, int], block_size: int, device: torch.device
+    states: list[CachedRequestState], num_scheduled: dict[str, int], block_size: int, device: torch.device
 ) -> ModelInputs:
     """Order sequences decodes-first and build every per-token and per-sequence tensor.
 

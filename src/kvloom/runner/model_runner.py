@@ -15,10 +15,10 @@ from kvloom.layers.sampler import Sampler
 from kvloom.models.loader import load_model
 from kvloom.outputs import FinishReason
 from kvloom.runner.inputs import ModelInputs, build_inputs
-from kvloom.runner.kv_cache import KVCaches, allocate_kv_caches, choose_num_blocks
-from kvloom.runner.processors import accept_tokens, apply_processors
+from kvloom.runner.kv_tensors import KVCaches, allocate_kv_caches, choose_num_blocks
+from kvloom.runner.logits_processing import accept_tokens, apply_processors
 from kvloom.runner.sampling import build_sampling_metadata, to_token_logprobs
-from kvloom.runner.state import RequestState, make_generator
+from kvloom.runner.state import CachedRequestState, make_generator
 from kvloom.scheduler.output import SampledTokens, SchedulerOutput
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ class StepLogits:
 
     logits: torch.Tensor
     """``[num_sampling, vocab]`` float32."""
-    states: list[RequestState]
+    states: list[CachedRequestState]
 
 
 class ModelRunner:
@@ -71,7 +71,7 @@ class ModelRunner:
         # Unseeded sampling draws from the engine's own RNG, never torch's global one.
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)
-        self.states: dict[str, RequestState] = {}
+        self.states: dict[str, CachedRequestState] = {}
         self.processor_time_s = 0.0
         """Time spent in logits processors (masks, accepts) over all steps; with
         ``num_constrained_steps``, the cost of grammars per step."""
@@ -85,7 +85,7 @@ class ModelRunner:
         for rid in sched.finished_req_ids:
             self.states.pop(rid, None)
         for new in sched.new_reqs:
-            self.states[new.req_id] = RequestState(
+            self.states[new.req_id] = CachedRequestState(
                 req_id=new.req_id, token_ids=list(new.token_ids), num_prompt_tokens=new.num_prompt_tokens,
                 params=new.params, block_ids=list(new.block_ids), num_computed_tokens=new.num_computed_tokens,
                 generator=make_generator(new.params.seed, self.device), processors=new.processors,
@@ -161,7 +161,7 @@ class ModelRunner:
         if adapters or self.lora_slots is not None:
             self._slots().set_pinned({a.content_hash: a for a in adapters})
 
-    def _route_lora(self, order: list[RequestState], num_scheduled: dict[str, int]) -> None:
+    def _route_lora(self, order: list[CachedRequestState], num_scheduled: dict[str, int]) -> None:
         """Put this step's adapters in slots and route each token to its request's slot.
         A step without adapter requests sets no mapping: the forward does no LoRA work."""
         adapters = {s.lora.content_hash: s.lora for s in order if s.lora is not None}
@@ -202,7 +202,7 @@ class ModelRunner:
             self.model_config, num_seqs * blocks_per_seq, self.block_size, self.dtype, self.device
         )
         states = [
-            RequestState(
+            CachedRequestState(
                 f"profile-{i}", [0] * seq_len, seq_len, SamplingParams(),
                 list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)), 0, None,
             )

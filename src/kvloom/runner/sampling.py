@@ -6,11 +6,11 @@ import torch
 
 from kvloom.layers.sampler import GREEDY_TEMPERATURE, SamplerOutput, SamplingMetadata
 from kvloom.outputs import TokenLogprob
-from kvloom.runner.state import RequestState
+from kvloom.runner.state import CachedRequestState
 
 
 def build_sampling_metadata(
-    states: list[RequestState], eos_token_ids: frozenset[int], device: torch.device,
+    states: list[CachedRequestState], eos_token_ids: frozenset[int], device: torch.device,
     default_generator: torch.Generator | None,
 ) -> SamplingMetadata:
     """One row per sampling request, in batch order. Optional tensors are None when no row uses them."""
@@ -57,7 +57,7 @@ def build_sampling_metadata(
     )
 
 
-def to_token_logprobs(states: list[RequestState], out: SamplerOutput) -> list[TokenLogprob | None] | None:
+def to_token_logprobs(states: list[CachedRequestState], out: SamplerOutput) -> list[TokenLogprob | None] | None:
     """Cut the batch's top-N logprobs down to each request's own N."""
     if out.logprobs is None or out.logprob_token_ids is None:
         return None

@@ -12,14 +12,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvloom.params import SamplingParams
-from kvloom.structured.processor import LogitsProcessor
+from kvloom.structured.logits_processor import LogitsProcessor
 
 if TYPE_CHECKING:
     from kvloom.lora.adapter import LoRAAdapter
 
 
 @dataclass(slots=True, eq=False)
-class RequestState:
+class CachedRequestState:
     req_id: str
     token_ids: list[int]
     """Prompt then outputs; the runner appends each token it samples."""

@@ -3,7 +3,7 @@
 Import cost is light: the xgrammar and outlines backends load only when a request needs them.
 """
 
-from kvloom.structured.processor import LogitsProcessor, LogitsProcessorFactory
+from kvloom.structured.logits_processor import LogitsProcessor, LogitsProcessorFactory
 from kvloom.structured.spec import GrammarSpec, ResponseFormat
 
 __all__ = ["GrammarSpec", "LogitsProcessor", "LogitsProcessorFactory", "ResponseFormat"]

@@ -35,7 +35,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from kvloom.errors import GrammarError
-from kvloom.structured.processor import LogitsProcessor
+from kvloom.structured.logits_processor import LogitsProcessor
 from kvloom.structured.spec import GrammarSpec
 from kvloom.structured.vocab import TokenizerVocab
 

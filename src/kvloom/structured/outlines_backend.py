@@ -17,8 +17,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar
 
 from kvloom.structured.bitmask import fill_row_from_token_ids, token_bit
+from kvloom.structured.logits_processor import LogitsProcessor
 from kvloom.structured.outlines_worker import EBNF_ERROR
-from kvloom.structured.processor import LogitsProcessor
 from kvloom.structured.spec import GrammarSpec
 from kvloom.structured.vocab import TokenizerVocab
 

@@ -137,11 +137,6 @@ class TokenizerVocab:
             digest.update(b"\xff" if b is None else len(b).to_bytes(4, "little") + b)
         object.__setattr__(self, "fingerprint", digest.hexdigest())
 
-    @property
-    def tokenizer_size(self) -> int:
-        """Ids below this exist in the tokenizer; ids from here to ``vocab_width`` are padding."""
-        return len(self.token_bytes)
-
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, vocab_width: int, eos_token_ids: tuple[int, ...]) -> TokenizerVocab:
         """Build from a fast HF tokenizer (or a ``tokenizers.Tokenizer``), reading its raw vocabulary.

@@ -18,7 +18,7 @@ import re
 from typing import TYPE_CHECKING, ClassVar
 
 from kvloom.structured.bitmask import fill_row_from_token_ids
-from kvloom.structured.processor import LogitsProcessor
+from kvloom.structured.logits_processor import LogitsProcessor
 from kvloom.structured.spec import GrammarSpec
 from kvloom.structured.vocab import TokenizerVocab
 

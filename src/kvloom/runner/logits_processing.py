@@ -18,13 +18,13 @@ import logging
 import torch
 
 from kvloom.outputs import FinishReason
-from kvloom.runner.state import RequestState
+from kvloom.runner.state import CachedRequestState
 from kvloom.structured.bitmask import allocate_bitmask, apply_bitmask
 
 logger = logging.getLogger(__name__)
 
 
-def apply_processors(logits: torch.Tensor, states: list[RequestState]) -> dict[str, FinishReason]:
+def apply_processors(logits: torch.Tensor, states: list[CachedRequestState]) -> dict[str, FinishReason]:
     """Mask and edit ``logits`` ``[B, V]`` (row ``i`` belongs to ``states[i]``) in place.
 
     Returns the sequences whose processors failed (``"error"``): they still sample this step
@@ -62,7 +62,7 @@ def apply_processors(logits: torch.Tensor, states: list[RequestState]) -> dict[s
 
 
 def accept_tokens(
-    states: list[RequestState], token_ids: list[int], reasons: dict[str, FinishReason]
+    states: list[CachedRequestState], token_ids: list[int], reasons: dict[str, FinishReason]
 ) -> dict[str, FinishReason]:
     """Feed each row's sampled token to its processors; add ``stop``/``error`` ends to ``reasons``."""
     for s, token in zip(states, token_ids, strict=True):
