@@ -16,7 +16,9 @@ MAX_LOGPROBS = 20
 
 
 class SamplingParams(BaseModel):
-    """How to sample one request. Unknown fields are rejected.
+    """How to sample one request. Unknown fields are rejected. Immutable, sequences included
+    (``stop``, ``stop_token_ids`` and ``logits_processors`` are tuples; lists are accepted):
+    the engine thread reads them while the caller goes on.
 
     Defaults follow vLLM, except ``max_tokens`` (256 instead of 16: an embedded engine's
     users call ``generate`` expecting an answer, not a fragment).
@@ -33,8 +35,8 @@ class SamplingParams(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     seed: int | None = Field(None, ge=0, lt=2**63, description="Same seed, same tokens, whatever the batch.")
-    stop: list[str] = Field(default_factory=list, description="Stop strings (not included in the output).")
-    stop_token_ids: list[int] = Field(default_factory=list)
+    stop: tuple[str, ...] = Field((), description="Stop strings (not included in the output).")
+    stop_token_ids: tuple[int, ...] = ()
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0, description="EOS and stop tokens are masked until this many are generated.")
@@ -49,8 +51,8 @@ class SamplingParams(BaseModel):
     grammar_backend: GrammarBackendName | None = Field(
         None, description="Compile response_format with this backend (default: the engine's grammar_backend)."
     )
-    logits_processors: list[LogitsProcessorFactory] = Field(
-        default_factory=list,
+    logits_processors: tuple[LogitsProcessorFactory, ...] = Field(
+        (),
         description="Zero-argument factories; each sequence gets fresh processors (see kvloom.structured.logits_processor).",
     )
 
@@ -63,33 +65,33 @@ class SamplingParams(BaseModel):
     @classmethod
     def _factories_callable(cls, value: Any) -> Any:
         if value is None:
-            return []
+            return ()
         if not isinstance(value, list | tuple):
             raise ValueError("must be a list of zero-argument callables returning a LogitsProcessor")
         for i, factory in enumerate(value):
             if not callable(factory):
                 raise ValueError(f"item {i} ({type(factory).__name__}) is not callable: pass a class or a factory")
-        return list(value)
+        return tuple(value)
 
     @field_validator("stop", mode="before")
     @classmethod
     def _stop_as_list(cls, value: object) -> object:
         if value is None:
-            return []
+            return ()
         if isinstance(value, str):
-            return [value]
+            return (value,)
         return value
 
     @field_validator("stop")
     @classmethod
-    def _stop_not_empty(cls, value: list[str]) -> list[str]:
+    def _stop_not_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         if any(s == "" for s in value):
             raise ValueError("stop strings must not be empty")
         return value
 
     @field_validator("stop_token_ids")
     @classmethod
-    def _ids_non_negative(cls, value: list[int]) -> list[int]:
+    def _ids_non_negative(cls, value: tuple[int, ...]) -> tuple[int, ...]:
         if any(t < 0 for t in value):
             raise ValueError("token ids must be >= 0")
         return value

@@ -12,8 +12,8 @@ from kvloom.scheduler.scheduler import Scheduler
 EOS = 0
 
 
-def make(num_blocks: int = 64, block_size: int = 4, **cfg: int | bool) -> Scheduler:
-    kv = KVCacheManager(num_blocks, block_size, watermark=0.0)
+def make(num_blocks: int = 64, block_size: int = 4, caching: bool = True, **cfg: int | bool) -> Scheduler:
+    kv = KVCacheManager(num_blocks, block_size, watermark=0.0, enable_caching=caching)
     return Scheduler(SchedulerConfig(**cfg), kv, max_model_len=1024)  # type: ignore[arg-type]
 
 
@@ -64,15 +64,58 @@ def test_preemption_frees_the_least_important_and_recomputes_it_later() -> None:
     s = make(num_blocks=6, block_size=4)
     s.add_request(req("first", 8, max_tokens=8, t=0.0))
     s.add_request(req("second", 8, max_tokens=8, t=1.0))
-    preempted = False
-    for _ in range(100):
+    first, second = s.requests["first"], s.requests["second"]
+    readmitted_at = None
+    for step in range(100):
+        if not s.has_unfinished():
+            break
+        out = fake_step(s)
+        if second.num_preemptions and readmitted_at is None and "second" in out.num_scheduled_tokens:
+            readmitted_at = step  # recomputed from its cached prefix
+    assert first.num_preemptions == 0 and second.num_preemptions >= 1, "the later arrival is the victim"
+    assert readmitted_at is not None
+    assert first.num_output_tokens == second.num_output_tokens == 8
+    assert not s.has_unfinished()
+    s.kv.check_all_free()
+
+
+def test_a_preempted_request_waits_behind_more_important_waiting_ones() -> None:
+    """Defect 5: the preempted request used to go to the head of the queue (``appendleft``),
+    ahead of a more important request already waiting."""
+    s = make(num_blocks=6, block_size=4, max_num_seqs=2)
+    s.add_request(req("a", 8, max_tokens=12, priority=0, t=0.0))
+    s.add_request(req("b", 8, max_tokens=12, priority=5, t=1.0))
+    assert list(fake_step(s).num_scheduled_tokens) == ["a", "b"]
+    s.add_request(req("c", 8, max_tokens=12, priority=0, t=2.0))  # no seat: max_num_seqs=2
+    for _ in range(50):
+        if s.requests["b"].num_preemptions:
+            break
+        out = fake_step(s)
+        assert "c" not in out.num_scheduled_tokens
+    assert s.requests["a"].num_preemptions == 0, "KV pressure evicts the low-priority request"
+    assert [r.request_id for r in s.waiting] == ["c", "b"]
+    out = fake_step(s)
+    assert "c" in out.num_scheduled_tokens and "b" not in out.num_scheduled_tokens, "c takes the freed seat"
+    for _ in range(200):
         if not s.has_unfinished():
             break
         fake_step(s)
-        if "second" in s.requests and s.requests["second"].num_preemptions:
-            preempted = True
-    assert preempted
     assert not s.has_unfinished()
+    s.kv.check_all_free()
+
+
+def test_chunked_prefill_off_still_recomputes_a_preempted_request_longer_than_the_budget() -> None:
+    """A prompt must fit one step with chunked prefill off, but a preempted request recomputes
+    its prompt and outputs: refusing to chunk that would wait forever."""
+    # No prefix caching: the recompute must cover the whole request, not a cached tail.
+    s = make(num_blocks=6, block_size=4, caching=False, max_num_batched_tokens=8, enable_chunked_prefill=False)
+    s.add_request(req("first", 6, max_tokens=10, t=0.0))
+    s.add_request(req("second", 6, max_tokens=10, t=1.0))
+    for _ in range(200):
+        if not s.has_unfinished():
+            break
+        fake_step(s)
+    assert not s.has_unfinished(), "a preempted request longer than max_num_batched_tokens never resumed"
     s.kv.check_all_free()
 
 

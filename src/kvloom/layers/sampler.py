@@ -50,12 +50,17 @@ _NEG_INF = float("-inf")
 class Sampler:
     """Stateless; one instance serves every step."""
 
-    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+    def __call__(
+        self, logits: torch.Tensor, meta: SamplingMetadata, raw_logprobs: torch.Tensor | None = None,
+    ) -> SamplerOutput:
         """Sample one token per row.
 
         Args:
             logits: ``[B, V]`` float32, consumed (modified in place).
             meta: one row per row of ``logits``.
+            raw_logprobs: ``[B, V]`` float32 ``log_softmax`` of the logits as the model produced
+                them, when the caller has changed ``logits`` already (grammar masks, user
+                logits processors run before the sampler); else taken here.
 
         Returns:
             ``token_ids`` ``[B]`` int64, plus logprobs/ranks unless ``meta.max_num_logprobs is None``.
@@ -63,7 +68,8 @@ class Sampler:
         if logits.dtype != torch.float32:
             logits = logits.float()
         # Taken before any processing mutates the logits in place.
-        raw_logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs is not None else None
+        if raw_logprobs is None and meta.max_num_logprobs is not None:
+            raw_logprobs = logits.log_softmax(dim=-1)
 
         apply_banned_tokens(logits, meta.banned_token_ids)
         apply_penalties(logits, meta)
