@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -85,6 +85,11 @@ class LoRASlots:
         self.num_loads = 0
         """Adapters copied into a slot so far (a measure of slot thrashing)."""
 
+    @property
+    def resident(self) -> set[str]:
+        """The names now in a slot."""
+        return set(self._name_to_slot)
+
     def slot_of(self, name: str) -> int | None:
         """The slot holding ``name``, if resident."""
         return self._name_to_slot.get(name)
@@ -99,15 +104,17 @@ class LoRASlots:
         """Make ``names`` resident (their adapters from ``adapters``, else the pinned ones); name -> slot.
 
         Copies each adapter that is not resident (or whose content hash changed) from host memory
-        into a free slot, else the least recently used slot that is neither pinned nor needed
-        here. Raises ``ValueError`` when the names and the pinned adapters exceed ``max_loras``
-        or a name has no adapter.
+        into a free slot, else the least recently used slot that is not needed here. Pinned
+        adapters keep their slots whenever they fit beside ``names``; when they don't (an adapter
+        that was already running when the pins changed), a pinned one not needed by this step
+        may give up its slot until the pins fit again, when it is loaded back. Raises
+        ``ValueError`` when ``names`` alone exceed ``max_loras`` or a name has no adapter.
         """
         needed = list(dict.fromkeys(names))
-        occupied = set(needed) | set(self._pinned)
-        if len(occupied) > self.max_loras:
-            raise ValueError(f"{len(needed)} adapters requested with {len(self._pinned)} pinned: "
-                             f"{len(occupied)} distinct exceed max_loras={self.max_loras}")
+        if len(needed) > self.max_loras:
+            raise ValueError(f"{len(needed)} adapters in one step exceed max_loras={self.max_loras}")
+        pins_fit = len(set(needed) | set(self._pinned)) <= self.max_loras
+        protected = set(needed) | (set(self._pinned) if pins_fit else set())
         slots: dict[str, int] = {}
         for name in needed:
             adapter = adapters.get(name, self._pinned.get(name))
@@ -115,33 +122,32 @@ class LoRASlots:
                 raise ValueError(f"no adapter given for {name!r}")
             if name in self._pinned:
                 self._pinned[name] = adapter
-            slots[name] = self._ensure(name, adapter, protected=occupied)
+            slots[name] = self._ensure(name, adapter, protected=protected)
+        if pins_fit:
+            for name, adapter in self._pinned.items():
+                if name not in slots:
+                    self._ensure(name, adapter, protected=protected)
         return slots
 
-    def pin(self, name: str, adapter: LoRAAdapter) -> int:
-        """Load ``adapter`` under ``name`` now and keep it resident until ``unpin``; returns its slot."""
-        if name not in self._pinned and len(self._pinned) >= self.max_loras:
-            raise ValueError(f"{len(self._pinned)} adapters are pinned already (max_loras={self.max_loras})")
-        self._pinned[name] = adapter
-        return self._ensure(name, adapter, protected=set(self._pinned))
-
-    def unpin(self, name: str) -> None:
-        """Let ``name`` be evicted again (it stays resident until its slot is needed)."""
-        self._pinned.pop(name, None)
-
-    def set_pinned(self, adapters: Mapping[str, LoRAAdapter]) -> None:
-        """Replace the pinned set with ``adapters`` (name -> adapter), loading any not resident."""
+    def set_pinned(self, adapters: Mapping[str, LoRAAdapter], in_use: Collection[str] = ()) -> None:
+        """Replace the pinned set with ``adapters`` (name -> adapter) and load those that find a
+        slot now; never evicts ``in_use`` (adapters of requests already running), so a pinned
+        adapter that finds no slot is loaded by a later ``activate``, once those have ended."""
         if len(adapters) > self.max_loras:
             raise ValueError(f"{len(adapters)} pinned adapters exceed max_loras={self.max_loras}")
         self._pinned = dict(adapters)
+        protected = set(adapters) | set(in_use)
         for name, adapter in adapters.items():
-            self._ensure(name, adapter, protected=set(adapters))
+            if name in self._name_to_slot or self._has_room(protected):
+                self._ensure(name, adapter, protected=protected)
+
+    def _has_room(self, protected: set[str]) -> bool:
+        return any(n is None or n not in protected for n in self._slot_names)
 
     def _ensure(self, name: str, adapter: LoRAAdapter, protected: set[str]) -> int:
         slot = self._name_to_slot.get(name)
         if slot is None:
-            slot = next(s for s in self._lru if self._slot_names[s] is None or (
-                self._slot_names[s] not in protected and self._slot_names[s] not in self._pinned))
+            slot = next(s for s in self._lru if self._slot_names[s] is None or self._slot_names[s] not in protected)
             evicted = self._slot_names[slot]
             if evicted is not None:
                 del self._name_to_slot[evicted]

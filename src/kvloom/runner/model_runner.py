@@ -127,11 +127,15 @@ class ModelRunner:
         meta = build_sampling_metadata(step.states, self.eos_token_ids, self.device, self.generator)
         constrained = any(s.processors for s in step.states)
         reasons: dict[str, FinishReason] = {}
+        raw_logprobs = None
         if constrained:
+            # Logprobs are of the model's own distribution, before masks and user processors.
+            if meta.max_num_logprobs is not None:
+                raw_logprobs = step.logits.float().log_softmax(dim=-1)
             start = time.perf_counter()
             reasons = apply_processors(step.logits, step.states)
             self.processor_time_s += time.perf_counter() - start
-        out = self.sampler(step.logits, meta)
+        out = self.sampler(step.logits, meta, raw_logprobs)
         token_ids: list[int] = out.token_ids.tolist()
         for s, tok in zip(step.states, token_ids, strict=True):
             s.token_ids.append(tok)
@@ -157,9 +161,11 @@ class ModelRunner:
         return self.lora_slots
 
     def set_pinned_loras(self, adapters: list[LoRAAdapter]) -> None:
-        """Keep exactly these adapters resident (loaded into slots now)."""
+        """Keep these adapters resident: loaded now where a slot is free, never evicting an
+        adapter a request in flight runs with (those keep their slot until they end)."""
         if adapters or self.lora_slots is not None:
-            self._slots().set_pinned({a.content_hash: a for a in adapters})
+            in_use = {s.lora.content_hash for s in self.states.values() if s.lora is not None}
+            self._slots().set_pinned({a.content_hash: a for a in adapters}, in_use)
 
     def _route_lora(self, order: list[CachedRequestState], num_scheduled: dict[str, int]) -> None:
         """Put this step's adapters in slots and route each token to its request's slot.
