@@ -280,7 +280,7 @@ async def test_max_waiting_counts_fork_children_and_requests_waiting_for_a_gramm
         import concurrent.futures
 
         blocked: concurrent.futures.Future[object] = concurrent.futures.Future()
-        engine._parts.grammars.submit = lambda params: blocked  # type: ignore[assignment,method-assign,return-value]
+        engine._parts.grammars.submit = lambda p: blocked if p.response_format else None  # type: ignore[assignment,method-assign,return-value]
         fmt = SamplingParams(response_format={"choice": ["yes", "no"]})
         held = [engine.stream([1, 2, 3], fmt) for _ in range(4)]
         with anyio.fail_after(30):  # handed over: they wait for the grammar in the engine thread
