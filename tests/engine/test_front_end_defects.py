@@ -150,7 +150,7 @@ async def test_pinning_every_slot_while_an_unpinned_adapter_runs(lora_dirs: tupl
         async for chunk in free_stream:
             got.extend(chunk.token_ids)
         assert got == expected["free"]
-        with pytest.raises(InvalidRequestError, match="max_loras=2.*pinned"):
+        with pytest.raises(InvalidRequestError, match=r"max_loras=2.*pinned"):
             async for _ in waiting_c:
                 pass
         assert [t async for c in waiting_base for t in c.token_ids] == expected[None]
@@ -353,12 +353,12 @@ async def test_long_prompts_are_tokenized_off_the_event_loop(
 ) -> None:
     import kvloom.engine.prompts
 
-    INLINE_CHARS = 200  # noqa: N806  (a small model's context holds no 8k-character prompt)
+    INLINE_CHARS = 200
     monkeypatch.setattr(kvloom.engine.prompts, "INLINE_CHARS", INLINE_CHARS)
     async with AsyncEngine.from_pretrained(llama_dir) as engine:
-        assert engine._worker_encoder is not None and engine._parts is not None
+        assert engine._submitter is not None and engine._parts is not None
         threads: dict[str, int] = {}
-        for name, encoder in (("loop", engine._parts.encoder), ("worker", engine._worker_encoder)):
+        for name, encoder in (("loop", engine._parts.encoder), ("worker", engine._submitter._worker_encoder)):
             original = encoder.to_token_ids
 
             def record(*args: object, _name: str = name, _orig: object = original, **kw: object) -> list[int]:
@@ -377,7 +377,7 @@ async def test_long_prompts_are_tokenized_off_the_event_loop(
         chunks = [c async for c in engine.stream(long_text[: INLINE_CHARS + 50], greedy(2))]
         assert [t for c in chunks for t in c.token_ids] == out.token_ids
         # The three tokenizers (loop, worker, engine thread) are distinct objects.
-        tokenizers = {id(engine.tokenizer), id(engine._worker_encoder.tokenizer), id(engine._parts.driver.outputs.tokenizer)}
+        tokenizers = {id(engine.tokenizer), id(engine._submitter._worker_encoder.tokenizer), id(engine._parts.driver.outputs.tokenizer)}
         assert len(tokenizers) == 3
         await assert_settles_idle(engine)
 

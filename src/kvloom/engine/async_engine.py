@@ -1,20 +1,17 @@
 """``AsyncEngine``: the public async facade.
 
-It validates and tokenizes requests and hands them to the ``EngineLoop`` (the background
-task, ``loop.py``), which alone talks to the engine thread. Prefix handles live in the
-``PrefixRegistry`` and adapters in the ``AdapterRegistry``; this class holds no scheduling or
-bookkeeping logic of its own. Works under asyncio (uvloop too) and trio.
+It only wires the parts together: the ``Submitter`` (``submit.py``) checks, tokenizes and
+queues requests; the ``EngineLoop`` (``loop.py``, the background task) alone talks to the
+engine thread; prefix handles live in the ``PrefixRegistry`` and adapters in the
+``AdapterRegistry``. Works under asyncio (uvloop too) and trio.
 """
 
 from __future__ import annotations
 
-import itertools
-import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 
@@ -23,37 +20,19 @@ from kvloom.engine.adapters import AdapterInfo
 from kvloom.engine.background import spawn_background
 from kvloom.engine.build import EngineParts, build_engine
 from kvloom.engine.core import EngineCore
-from kvloom.engine.loop import EngineLoop
-from kvloom.engine.messages import NewRequest
-from kvloom.engine.prefix import PrefixHandle, check_prefix_adapter, prefix_token_ids
+from kvloom.engine.loop import NOT_RUNNING, EngineLoop
+from kvloom.engine.prefix import PrefixHandle
 from kvloom.engine.prefix_registry import PrefixRegistry
 from kvloom.engine.prompts import Message, Prompt, PromptEncoder
 from kvloom.engine.stats import EngineStats, StatsCollector, build_stats
-from kvloom.engine.streams import RequestStream
-from kvloom.errors import EngineClosedError, EngineDeadError, EngineOverloadedError, InvalidRequestError
+from kvloom.engine.streams import RequestStream, iterate
+from kvloom.engine.submit import Submitter
+from kvloom.errors import EngineClosedError, InvalidRequestError
 from kvloom.kv_cache.manager import KVCacheStats
 from kvloom.outputs import Completion, StreamChunk
 from kvloom.params import SamplingParams
 
-if TYPE_CHECKING:
-    from kvloom.lora.adapter import LoRAAdapter
-
-_NOT_RUNNING = "the engine is not running: use `async with engine:` or `await engine.start()`"
 _PIN_PARAMS = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-
-
-@dataclass(slots=True)
-class _Submission:
-    """A request checked before tokenizing (everything but its prompt)."""
-
-    request_id: str
-    params: SamplingParams
-    priority: int
-    prefix: PrefixHandle | None
-    cache_salt: str | None
-    lora: LoRAAdapter | None
-    arrival_time: float
-    deadline: float | None
 
 
 class AsyncEngine:
@@ -72,14 +51,10 @@ class AsyncEngine:
         self._parts: EngineParts | None = None
         self._loop: EngineLoop | None = None
         self._prefixes: PrefixRegistry | None = None
-        self._worker_encoder: PromptEncoder | None = None
-        self._encode_limiter: anyio.CapacityLimiter | None = None
-        self._encoding: set[str] = set()
-        """Request ids reserved while their prompt is tokenized off the loop."""
+        self._submitter: Submitter | None = None
         self._starting = False
         self._task: object = None
         self._stats = StatsCollector()
-        self._ids = itertools.count()
 
     @classmethod
     def from_pretrained(cls, model: str | Path, *, max_waiting: int = 1024, **config: Any) -> AsyncEngine:
@@ -93,17 +68,18 @@ class AsyncEngine:
             return
         self._starting = True
         try:
-            parts, worker = await anyio.to_thread.run_sync(self._load)
+            parts, worker_encoder = await anyio.to_thread.run_sync(self._load)
         finally:
             self._starting = False
-        self._parts, self._worker_encoder = parts, worker
-        self._encode_limiter = anyio.CapacityLimiter(1)
-        self._loop = EngineLoop(parts.driver, None, self._stats)
+        loop = EngineLoop(parts.driver, None, self._stats)
         cache = self.config.cache
-        self._prefixes = PrefixRegistry(int(cache.prefix_pin_fraction * parts.core.num_blocks),
-                                        cache.prefix_pin_fraction, parts.core.num_blocks, self._loop.unpin)
-        self._loop.prefixes = self._prefixes
-        self._task = spawn_background(self._loop.run)
+        prefixes = PrefixRegistry(int(cache.prefix_pin_fraction * parts.core.num_blocks),
+                                  cache.prefix_pin_fraction, parts.core.num_blocks, loop.unpin)
+        loop.prefixes = prefixes
+        self._parts, self._loop, self._prefixes = parts, loop, prefixes
+        self._submitter = Submitter(parts, loop, prefixes, worker_encoder, self.max_waiting,
+                                    self.config.request_timeout)
+        self._task = spawn_background(loop.run)
 
     def _load(self) -> tuple[EngineParts, PromptEncoder]:
         parts = build_engine(self.config)
@@ -137,10 +113,17 @@ class AsyncEngine:
     @property
     def core(self) -> EngineCore:
         """The engine core, for inspection in tests and tools. The engine thread owns it: read
-        it only while no step runs (e.g. after ``assert_idle``-style waits)."""
+        it only while no step runs."""
         if self._parts is None:
-            raise EngineClosedError(_NOT_RUNNING)
+            raise EngineClosedError(NOT_RUNNING)
         return self._parts.core
+
+    def _running(self) -> tuple[Submitter, EngineLoop]:
+        if self._loop is not None:
+            self._loop.check_accepting()
+        if self._submitter is None or self._loop is None:
+            raise EngineClosedError(NOT_RUNNING)
+        return self._submitter, self._loop
 
     # ---- requests ------------------------------------------------------------------------
     def stream(
@@ -150,23 +133,31 @@ class AsyncEngine:
         timeout: float | None = None,
     ) -> AsyncIterator[StreamChunk]:
         """Submit a request and stream its chunks. Bad input raises here, before queueing
-        (for a prompt over ``INLINE_CHARS``, tokenized in a worker thread, errors that need
-        its tokens raise at the first iteration; nothing is queued before).
+        (a prompt over ``INLINE_CHARS`` is tokenized in a worker thread at the first iteration,
+        and errors that need its tokens raise there; nothing is queued before).
 
         Leaving the ``async for`` early, cancelling the consuming task, or dropping the
         iterator aborts the request and frees its KV blocks within one step. ``adapter`` names
         a loaded LoRA adapter; ``timeout`` (seconds from now) overrides ``request_timeout``:
         past it the request is aborted and the stream raises ``RequestTimeoutError``.
         """
-        sub = self._check(params, request_id, priority, prefix, cache_salt, adapter, timeout)
-        if self._is_long(prompt, messages):
-            self._encoding.add(sub.request_id)
-            later = self._iterate(None, lambda: self._encode_later(sub, prompt, messages))
-            weakref.finalize(later, self._encoding.discard, sub.request_id)  # never iterated: free the id
+        submitter, loop = self._running()
+        sub = submitter.check(params, request_id, priority, prefix, cache_salt, adapter, timeout)
+        if submitter.is_long(prompt, messages):
+            submitter.reserve(sub.request_id)
+
+            async def submit_later() -> RequestStream:
+                submitter.release(sub.request_id)
+                return await submitter.encode_and_enqueue(sub, prompt, messages)
+
+            later = iterate(None, self._abort_stream, submit_later)
+            weakref.finalize(later, submitter.release, sub.request_id)  # never iterated: free the id
             return later
-        stream = self._enqueue(sub, *self._encode(self._encoder(), sub, prompt, messages))
-        iterator = self._iterate(stream)
-        weakref.finalize(iterator, self._require_loop().abort, sub.request_id, stream)
+        encoded = submitter.encode_with(submitter.encoder, sub, prompt, messages)
+        stream = submitter.enqueue(sub, *encoded)
+        iterator = iterate(stream, self._abort_stream)
+        # Dropped without being iterated (no ``finally`` runs then): abort this very stream.
+        weakref.finalize(iterator, loop.abort, sub.request_id, stream)
         return iterator
 
     async def generate(
@@ -176,9 +167,10 @@ class AsyncEngine:
         timeout: float | None = None,
     ) -> Completion:
         """Run a request to the end; ``n > 1`` gives ``n`` choices. Same arguments as ``stream``."""
-        sub = self._check(params, request_id, priority, prefix, cache_salt, adapter, timeout)
-        stream = await self._submit_async(sub, prompt, messages)
-        async for _ in self._iterate(stream):
+        submitter, _ = self._running()
+        sub = submitter.check(params, request_id, priority, prefix, cache_salt, adapter, timeout)
+        stream = await submitter.encode_and_enqueue(sub, prompt, messages)
+        async for _ in iterate(stream, self._abort_stream):
             pass
         assert stream.completion is not None
         return stream.completion
@@ -188,134 +180,9 @@ class AsyncEngine:
         if self._loop is not None:
             self._loop.abort(request_id)
 
-    # ---- the submit pipeline: check, tokenize (here or in a worker), enqueue ---------------
-    def _require_loop(self) -> EngineLoop:
-        if self._loop is not None and self._loop.error is not None:
-            raise EngineDeadError(f"the engine failed earlier: {self._loop.error!r}") from self._loop.error
-        if self._loop is None or not self._loop.is_running:
-            raise EngineClosedError(_NOT_RUNNING)
-        return self._loop
-
-    def _encoder(self) -> PromptEncoder:
-        assert self._parts is not None
-        return self._parts.encoder
-
-    def _check(
-        self, params: SamplingParams | None, request_id: str | None, priority: int, prefix: PrefixHandle | None,
-        cache_salt: str | None, adapter: str | None, timeout: float | None,
-    ) -> _Submission:
-        """Everything that can be checked before tokenizing."""
-        loop = self._require_loop()
-        assert self._parts is not None and self._prefixes is not None
-        params = params if params is not None else SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequestError(f"params: expected SamplingParams, got {type(params).__name__}")
-        if timeout is not None and not timeout > 0:
-            raise InvalidRequestError(f"timeout: must be > 0 seconds, got {timeout!r}")
-        if prefix is not None and not self._prefixes.is_live(prefix):
-            raise InvalidRequestError("prefix: this handle was released, or belongs to another or a closed engine")
-        self._parts.grammars.check(params)
-        lora = self._parts.adapters.resolve_for_request(adapter)
-        if prefix is not None:
-            check_prefix_adapter(prefix, adapter, lora.content_hash if lora is not None else None)
-        if request_id is None:
-            request_id = f"req-{next(self._ids)}"
-        elif request_id in loop.streams or request_id in self._encoding:
-            raise InvalidRequestError(f"request_id: {request_id!r} is already in flight")
-        now = time.monotonic()
-        timeout = timeout if timeout is not None else self.config.request_timeout
-        return _Submission(request_id, params, priority, prefix, cache_salt, lora, now,
-                           now + timeout if timeout is not None else None)
-
-    @staticmethod
-    def _is_long(prompt: Prompt | None, messages: Sequence[Message] | None) -> bool:
-        return PromptEncoder.is_long(prompt, messages)
-
-    @staticmethod
-    def _encode(
-        encoder: PromptEncoder, sub: _Submission, prompt: Prompt | None, messages: Sequence[Message] | None,
-        add_generation_prompt: bool = True,
-    ) -> tuple[list[int], str | None, Sequence[Message] | None]:
-        """Token ids and cache salt (touches only ``encoder``'s tokenizer: any one thread)."""
-        if sub.prefix is not None:
-            token_ids, salt = prefix_token_ids(sub.prefix, encoder, prompt, messages, sub.cache_salt)
-        else:
-            token_ids, salt = encoder.to_token_ids(prompt, messages, add_generation_prompt), sub.cache_salt
-        encoder.validate(token_ids, sub.params)
-        return token_ids, salt, messages
-
-    async def _encode_in_worker(
-        self, sub: _Submission, prompt: Prompt | None, messages: Sequence[Message] | None,
-        add_generation_prompt: bool = True,
-    ) -> tuple[list[int], str | None, Sequence[Message] | None]:
-        assert self._worker_encoder is not None and self._encode_limiter is not None
-        worker = self._worker_encoder
-        return await anyio.to_thread.run_sync(
-            lambda: self._encode(worker, sub, prompt, messages, add_generation_prompt), limiter=self._encode_limiter)
-
-    async def _encode_later(
-        self, sub: _Submission, prompt: Prompt | None, messages: Sequence[Message] | None,
-    ) -> RequestStream:
-        try:
-            encoded = await self._encode_in_worker(sub, prompt, messages)
-        finally:
-            self._encoding.discard(sub.request_id)
-        return self._enqueue(sub, *encoded)
-
-    async def _submit_async(
-        self, sub: _Submission, prompt: Prompt | None, messages: Sequence[Message] | None,
-        add_generation_prompt: bool = True, pin_prefix: bool = False,
-    ) -> RequestStream:
-        if not self._is_long(prompt, messages):
-            encoded = self._encode(self._encoder(), sub, prompt, messages, add_generation_prompt)
-            return self._enqueue(sub, *encoded, pin_prefix=pin_prefix)
-        self._encoding.add(sub.request_id)
-        try:
-            encoded = await self._encode_in_worker(sub, prompt, messages, add_generation_prompt)
-        finally:
-            self._encoding.discard(sub.request_id)
-        return self._enqueue(sub, *encoded, pin_prefix=pin_prefix)
-
-    def _enqueue(
-        self, sub: _Submission, token_ids: list[int], cache_salt: str | None, messages: Sequence[Message] | None,
-        *, pin_prefix: bool = False,
-    ) -> RequestStream:
-        """Admission control, then hand the request to the loop (no await: atomic on the loop)."""
-        loop = self._require_loop()  # again: a worker-thread tokenize may have outlived the engine
-        assert self._parts is not None and self._prefixes is not None
-        if sub.request_id in loop.streams:
-            raise InvalidRequestError(f"request_id: {sub.request_id!r} is already in flight")
-        waiting = loop.num_submitted + (loop.last.snapshot.num_waiting if loop.last is not None else 0)
-        if waiting >= self.max_waiting:
-            raise EngineOverloadedError(f"{waiting} sequences are waiting (max_waiting={self.max_waiting})")
-        if sub.prefix is not None:
-            sub.prefix.hits += 1
-        elif messages is not None:
-            self._prefixes.count_message_hits(messages, cache_salt)
-        return loop.submit(NewRequest(
-            sub.request_id, token_ids, sub.params, sub.priority, sub.arrival_time, sub.deadline, cache_salt,
-            pin_prefix, grammar=self._parts.grammars.submit(sub.params), lora=sub.lora,
-        ))
-
-    async def _iterate(
-        self, stream: RequestStream | None, setup: Callable[[], Awaitable[RequestStream]] | None = None,
-    ) -> AsyncIterator[StreamChunk]:
-        """Drain ``stream`` (or the one ``setup`` submits); an unfinished stream is aborted on exit."""
-        if stream is None:
-            assert setup is not None
-            stream = await setup()
-        try:
-            while True:
-                await stream.wait()
-                for chunk in stream.take():
-                    yield chunk
-                if stream.finished and not stream.pending:
-                    if stream.error is not None:
-                        raise stream.error
-                    return
-        finally:
-            if not stream.finished and self._loop is not None:
-                self._loop.abort(stream.request_id, stream)
+    def _abort_stream(self, stream: RequestStream) -> None:
+        if self._loop is not None:
+            self._loop.abort(stream.request_id, stream)
 
     # ---- observability -------------------------------------------------------------------
     def stats(self) -> EngineStats:
@@ -352,28 +219,24 @@ class AsyncEngine:
         """Prefill ``prompt`` (or ``messages``, without a generation prompt) once and pin its
         whole KV blocks. Raises ``PrefixBudgetError`` past ``prefix_pin_fraction`` of the pool.
         Cancelling it (or a timeout) at any point leaves nothing pinned."""
-        sub = self._check(_PIN_PARAMS, None, 0, None, cache_salt, adapter, timeout)
+        submitter, _ = self._running()
         assert self._prefixes is not None
-        if self._is_long(prompt, messages):
-            token_ids, _, _ = await self._encode_in_worker(sub, prompt, messages, add_generation_prompt=False)
-        else:
-            token_ids, _, _ = self._encode(self._encoder(), sub, prompt, messages, add_generation_prompt=False)
+        sub = submitter.check(_PIN_PARAMS, None, 0, None, cache_salt, adapter, timeout)
+        token_ids, _, _ = await submitter.encode(sub, prompt, messages, add_generation_prompt=False)
         block_size = self.config.cache.block_size
         if len(token_ids) < block_size:
             raise InvalidRequestError(f"prompt: a prefix of {len(token_ids)} tokens fills no block of {block_size}")
         self._prefixes.begin(sub.request_id, len(token_ids) // block_size)
         try:
-            stream = self._enqueue(sub, token_ids, cache_salt, None, pin_prefix=True)
-            async for _ in self._iterate(stream):
+            stream = submitter.enqueue(sub, token_ids, cache_salt, None, pin_prefix=True)
+            async for _ in iterate(stream, self._abort_stream):
                 pass
+            if stream.completion is None or stream.completion.finish_reason == "abort":
+                raise InvalidRequestError(f"prompt: the prefix request {sub.request_id!r} was aborted")
             block_ids = self._prefixes.claim(sub.request_id)
         except BaseException:
             self._prefixes.abandon(sub.request_id)
             raise
-        if stream.completion is None or stream.completion.finish_reason == "abort":
-            if block_ids and self._loop is not None:
-                self._loop.unpin(block_ids)
-            raise InvalidRequestError(f"prompt: the prefix request {sub.request_id!r} was aborted before it finished")
         return self._prefixes.add(
             f"prefix-{sub.request_id}", token_ids, block_ids, block_size, cache_salt, messages, adapter,
             sub.lora.content_hash if sub.lora is not None else None,
@@ -391,7 +254,7 @@ class AsyncEngine:
         adapter keeps a device slot (a request already running on another adapter keeps its
         slot until it ends). Requests already submitted keep the adapter they named.
         """
-        loop = self._require_loop()
+        _, loop = self._running()
         assert self._parts is not None
         registry = self._parts.adapters
         adapter = await anyio.to_thread.run_sync(registry.read, path)
@@ -401,7 +264,7 @@ class AsyncEngine:
 
     async def unload_adapter(self, name: str) -> None:
         """Forget ``name``: new requests can no longer use it; those in flight finish with it."""
-        loop = self._require_loop()
+        _, loop = self._running()
         assert self._parts is not None
         self._parts.adapters.remove(name)
         loop.set_pinned_adapters(self._parts.adapters.pinned())

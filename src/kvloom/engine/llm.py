@@ -117,7 +117,7 @@ class LLM:
             step_input = StepInput()
             for completion in result.finished:
                 done[completion.request_id] = completion
-            failure = result.failed[0].error if result.failed else None
+            failure: Exception | None = result.failed[0].error if result.failed else None
             if failure is None and result.timed_out:
                 failure = RequestTimeoutError(f"request {result.timed_out[0].request_id!r} passed request_timeout="
                                               f"{timeout}s and was aborted")

@@ -17,7 +17,7 @@ import anyio
 from kvloom.engine.background import Waker
 from kvloom.engine.messages import NewRequest, StepInput, StepOutput
 from kvloom.engine.streams import RequestStream
-from kvloom.errors import EngineClosedError, EngineError, RequestTimeoutError
+from kvloom.errors import EngineClosedError, EngineDeadError, EngineError, RequestTimeoutError
 from kvloom.outputs import StreamChunk
 
 if TYPE_CHECKING:
@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from kvloom.engine.prefix_registry import PrefixRegistry
     from kvloom.engine.stats import StatsCollector
     from kvloom.lora.adapter import LoRAAdapter
+
+
+NOT_RUNNING = "the engine is not running: use `async with engine:` or `await engine.start()`"
 
 
 class EngineLoop:
@@ -90,6 +93,14 @@ class EngineLoop:
     @property
     def is_running(self) -> bool:
         return not self._closing and not self.done.is_set() and self.error is None
+
+    def check_accepting(self) -> None:
+        """Raise unless new requests are accepted: ``EngineDeadError`` after a failed step,
+        ``EngineClosedError`` once closing."""
+        if self.error is not None:
+            raise EngineDeadError(f"the engine failed earlier: {self.error!r}") from self.error
+        if not self.is_running:
+            raise EngineClosedError(NOT_RUNNING)
 
     async def close(self) -> None:
         """Stop after the current step; streams still open end with ``EngineClosedError``."""

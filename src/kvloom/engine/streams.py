@@ -8,6 +8,7 @@ only: nothing here is touched from another thread.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import anyio
@@ -74,3 +75,27 @@ class RequestStream:
             return
         self.event = anyio.Event()
         await self.event.wait()
+
+
+async def iterate(
+    stream: RequestStream | None, abort: Callable[[RequestStream], None],
+    setup: Callable[[], Awaitable[RequestStream]] | None = None,
+) -> AsyncIterator[StreamChunk]:
+    """Drain ``stream`` (or the one ``setup`` submits, on the first iteration): its chunks,
+    then its error if it failed. Leaving early (break, cancellation, ``aclose``) calls
+    ``abort`` on a stream that has not finished."""
+    if stream is None:
+        assert setup is not None
+        stream = await setup()
+    try:
+        while True:
+            await stream.wait()
+            for chunk in stream.take():
+                yield chunk
+            if stream.finished and not stream.pending:
+                if stream.error is not None:
+                    raise stream.error
+                return
+    finally:
+        if not stream.finished:
+            abort(stream)

@@ -1,0 +1,170 @@
+"""The submit pipeline on the event loop: check, tokenize (here or in a worker), admit, queue.
+
+Everything that can be checked without tokens is checked first (``check``), so bad input
+raises before anything is queued. Short prompts are tokenized on the loop; prompts over
+``INLINE_CHARS`` in a worker thread with its own tokenizer (one at a time), so a long
+document never stalls the loop and no tokenizer is shared between threads. ``enqueue``
+then applies admission control and hands the request to the ``EngineLoop`` with no await in
+between, so it is atomic with respect to other submits.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import anyio
+
+from kvloom.engine.messages import NewRequest
+from kvloom.engine.prefix import PrefixHandle, check_prefix_adapter, prefix_token_ids
+from kvloom.engine.prompts import Message, Prompt, PromptEncoder
+from kvloom.errors import EngineOverloadedError, InvalidRequestError
+from kvloom.params import SamplingParams
+
+if TYPE_CHECKING:
+    from kvloom.engine.build import EngineParts
+    from kvloom.engine.loop import EngineLoop
+    from kvloom.engine.prefix_registry import PrefixRegistry
+    from kvloom.engine.streams import RequestStream
+    from kvloom.lora.adapter import LoRAAdapter
+
+Encoded = tuple[list[int], str | None, Sequence[Message] | None]
+"""A request's prompt token ids, its cache salt, and its chat messages (if any)."""
+
+
+@dataclass(slots=True)
+class Submission:
+    """A request checked before tokenizing: everything but its prompt."""
+
+    request_id: str
+    params: SamplingParams
+    priority: int
+    prefix: PrefixHandle | None
+    cache_salt: str | None
+    lora: LoRAAdapter | None
+    arrival_time: float
+    deadline: float | None
+
+
+class Submitter:
+    """Event-loop only (its worker encoder runs in one worker thread at a time)."""
+
+    def __init__(
+        self, parts: EngineParts, loop: EngineLoop, prefixes: PrefixRegistry, worker_encoder: PromptEncoder,
+        max_waiting: int, request_timeout: float | None,
+    ) -> None:
+        self._parts = parts
+        self._loop = loop
+        self._prefixes = prefixes
+        self._worker_encoder = worker_encoder
+        self._worker_limiter = anyio.CapacityLimiter(1)
+        self.max_waiting = max_waiting
+        self.request_timeout = request_timeout
+        self._encoding: set[str] = set()
+        """Request ids reserved while their prompt is tokenized in the worker."""
+        self._ids = itertools.count()
+
+    @property
+    def encoder(self) -> PromptEncoder:
+        """The event loop's encoder."""
+        return self._parts.encoder
+
+    def check(
+        self, params: SamplingParams | None, request_id: str | None, priority: int, prefix: PrefixHandle | None,
+        cache_salt: str | None, adapter: str | None, timeout: float | None,
+    ) -> Submission:
+        """Everything that can be checked before tokenizing; the deadline starts now."""
+        self._loop.check_accepting()
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"params: expected SamplingParams, got {type(params).__name__}")
+        if timeout is not None and not timeout > 0:
+            raise InvalidRequestError(f"timeout: must be > 0 seconds, got {timeout!r}")
+        if prefix is not None and not self._prefixes.is_live(prefix):
+            raise InvalidRequestError("prefix: this handle was released, or belongs to another or a closed engine")
+        self._parts.grammars.check(params)
+        lora = self._parts.adapters.resolve_for_request(adapter)
+        if prefix is not None:
+            check_prefix_adapter(prefix, adapter, lora.content_hash if lora is not None else None)
+        if request_id is None:
+            request_id = f"req-{next(self._ids)}"
+        elif request_id in self._loop.streams or request_id in self._encoding:
+            raise InvalidRequestError(f"request_id: {request_id!r} is already in flight")
+        now = time.monotonic()
+        timeout = timeout if timeout is not None else self.request_timeout
+        return Submission(request_id, params, priority, prefix, cache_salt, lora, now,
+                          now + timeout if timeout is not None else None)
+
+    # ---- tokenizing ------------------------------------------------------------------------
+    @staticmethod
+    def is_long(prompt: Prompt | None, messages: Sequence[Message] | None) -> bool:
+        return PromptEncoder.is_long(prompt, messages)
+
+    @staticmethod
+    def encode_with(
+        encoder: PromptEncoder, sub: Submission, prompt: Prompt | None, messages: Sequence[Message] | None,
+        add_generation_prompt: bool = True,
+    ) -> Encoded:
+        """Token ids, cache salt and messages, validated (touches only ``encoder``'s tokenizer)."""
+        if sub.prefix is not None:
+            token_ids, salt = prefix_token_ids(sub.prefix, encoder, prompt, messages, sub.cache_salt)
+        else:
+            token_ids, salt = encoder.to_token_ids(prompt, messages, add_generation_prompt), sub.cache_salt
+        encoder.validate(token_ids, sub.params)
+        return token_ids, salt, messages
+
+    def reserve(self, request_id: str) -> None:
+        """Hold ``request_id`` while its prompt is tokenized off the loop (see ``release``)."""
+        self._encoding.add(request_id)
+
+    def release(self, request_id: str) -> None:
+        self._encoding.discard(request_id)
+
+    async def encode(
+        self, sub: Submission, prompt: Prompt | None, messages: Sequence[Message] | None,
+        add_generation_prompt: bool = True,
+    ) -> Encoded:
+        """On the loop when short, else in the worker thread."""
+        if not self.is_long(prompt, messages):
+            return self.encode_with(self.encoder, sub, prompt, messages, add_generation_prompt)
+        worker = self._worker_encoder
+        return await anyio.to_thread.run_sync(
+            lambda: self.encode_with(worker, sub, prompt, messages, add_generation_prompt),
+            limiter=self._worker_limiter,
+        )
+
+    async def encode_and_enqueue(
+        self, sub: Submission, prompt: Prompt | None, messages: Sequence[Message] | None,
+        add_generation_prompt: bool = True, pin_prefix: bool = False,
+    ) -> RequestStream:
+        self.reserve(sub.request_id)
+        try:
+            encoded = await self.encode(sub, prompt, messages, add_generation_prompt)
+        finally:
+            self.release(sub.request_id)
+        return self.enqueue(sub, *encoded, pin_prefix=pin_prefix)
+
+    # ---- queueing --------------------------------------------------------------------------
+    def enqueue(
+        self, sub: Submission, token_ids: list[int], cache_salt: str | None, messages: Sequence[Message] | None,
+        *, pin_prefix: bool = False,
+    ) -> RequestStream:
+        """Admission control, then hand the request to the loop (no await: atomic on the loop)."""
+        loop = self._loop
+        loop.check_accepting()  # again: a worker-thread tokenize may have outlived the engine
+        if sub.request_id in loop.streams:
+            raise InvalidRequestError(f"request_id: {sub.request_id!r} is already in flight")
+        waiting = loop.num_submitted + (loop.last.snapshot.num_waiting if loop.last is not None else 0)
+        if waiting >= self.max_waiting:
+            raise EngineOverloadedError(f"{waiting} sequences are waiting (max_waiting={self.max_waiting})")
+        if sub.prefix is not None:
+            sub.prefix.hits += 1
+        elif messages is not None:
+            self._prefixes.count_message_hits(messages, cache_salt)
+        return loop.submit(NewRequest(
+            sub.request_id, token_ids, sub.params, sub.priority, sub.arrival_time, sub.deadline, cache_salt,
+            pin_prefix, grammar=self._parts.grammars.submit(sub.params), lora=sub.lora,
+        ))
