@@ -18,8 +18,7 @@ from kvloom import (
     InvalidRequestError,
     SamplingParams,
 )
-
-from tests.engine.idle import assert_settles_idle
+from tests.engine.helpers import assert_settles_idle
 
 pytestmark = pytest.mark.anyio
 

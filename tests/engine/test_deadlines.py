@@ -15,7 +15,7 @@ import anyio
 import pytest
 
 from kvloom import LLM, AsyncEngine, InvalidRequestError, RequestTimeoutError, SamplingParams
-from tests.engine.idle import assert_settles_idle
+from tests.engine.helpers import assert_settles_idle, greedy
 
 pytestmark = pytest.mark.anyio
 
@@ -27,10 +27,6 @@ LATE = 5.0
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-def greedy(n: int) -> SamplingParams:
-    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
 
 
 async def test_a_request_times_out_mid_decode_after_its_chunks_and_frees_its_blocks(llama_dir: Path) -> None:

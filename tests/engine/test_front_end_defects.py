@@ -7,7 +7,6 @@ redesign. They run on asyncio and trio, and end with the engine holding nothing.
 from __future__ import annotations
 
 import gc
-import random
 import threading
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from kvloom import (
     InvalidRequestError,
     SamplingParams,
 )
-from tests.engine.idle import assert_settles_idle, settle
+from tests.engine.helpers import assert_settles_idle, greedy, settle, tokens
 
 pytestmark = pytest.mark.anyio
 
@@ -32,15 +31,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-def greedy(n: int) -> SamplingParams:
-    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
-
-
-def tokens(n: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(5, 512) for _ in range(n)]
 
 
 # ---- defect 1 ------------------------------------------------------------------------------

@@ -1,10 +1,23 @@
-"""Waiting for an engine to settle, then checking it holds nothing."""
+"""Shared by the engine tests: requests, and waiting for an engine to settle."""
 
 from __future__ import annotations
 
+import random
+
 import anyio
 
-from kvloom import AsyncEngine
+from kvloom import AsyncEngine, SamplingParams
+
+
+def greedy(n: int) -> SamplingParams:
+    """Exactly ``n`` greedy tokens (EOS ignored)."""
+    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+
+
+def tokens(n: int, seed: int) -> list[int]:
+    """``n`` random token ids of the tiny vocabulary (no special tokens)."""
+    rng = random.Random(seed)
+    return [rng.randrange(5, 512) for _ in range(n)]
 
 
 async def settle(engine: AsyncEngine, timeout: float = 30.0) -> None:
