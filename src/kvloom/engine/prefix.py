@@ -9,14 +9,13 @@ begin with its messages) reuse them through the prefix cache. ``release()`` (or 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kvloom.errors import InvalidRequestError
 
 if TYPE_CHECKING:
-    from kvloom.engine.prefix_registry import PrefixRegistry
     from kvloom.engine.prompts import Message, Prompt, PromptEncoder
 
 
@@ -35,8 +34,8 @@ class PrefixHandle:
     hits: int = 0
     """Requests that have used this prefix."""
     released: bool = False
-    _registry: weakref.ref[PrefixRegistry] | None = field(default=None, repr=False)
-    """The registry that owns the pin (weak: a handle never keeps a closed engine alive)."""
+    _release: weakref.WeakMethod[Callable[[PrefixHandle], None]] | None = field(default=None, repr=False)
+    """The owner's release callback (weak: a handle never keeps a closed engine alive)."""
 
     @property
     def num_tokens(self) -> int:
@@ -51,9 +50,6 @@ class PrefixHandle:
         """Tokens a request using this prefix finds in the cache: its whole blocks."""
         return self.num_blocks * self.block_size
 
-    def owned_by(self, registry: PrefixRegistry) -> bool:
-        return self._registry is not None and self._registry() is registry
-
     def matches_messages(self, messages: Sequence[dict[str, Any]]) -> bool:
         """Whether a chat request's leading messages are this handle's."""
         n = len(self.messages or ())
@@ -61,9 +57,9 @@ class PrefixHandle:
 
     def release(self) -> None:
         """Unpin (idempotent). Its blocks stay reusable until evicted."""
-        registry = self._registry() if self._registry is not None else None
-        if not self.released and registry is not None:
-            registry.release(self)
+        release = self._release() if self._release is not None else None
+        if not self.released and release is not None:
+            release(self)
         self.released = True
 
     async def __aenter__(self) -> PrefixHandle:

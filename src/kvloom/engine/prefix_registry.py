@@ -80,13 +80,13 @@ class PrefixRegistry:
         handle = PrefixHandle(
             handle_id, tuple(token_ids), block_ids, block_size, cache_salt,
             tuple(messages) if messages is not None else None, adapter=adapter, adapter_hash=adapter_hash,
-            _registry=weakref.ref(self),
+            _release=weakref.WeakMethod(self.release),
         )
         self._handles[handle_id] = handle
         return handle
 
     def is_live(self, handle: PrefixHandle) -> bool:
-        return handle.owned_by(self) and self._handles.get(handle.handle_id) is handle
+        return self._handles.get(handle.handle_id) is handle
 
     def release(self, handle: PrefixHandle) -> None:
         """Unpin a live handle's blocks (called by ``PrefixHandle.release``)."""
