@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from kvloom.models.chat_templates import CHAT_TEMPLATES, CHATML, ChatTemplateName
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
@@ -29,14 +31,8 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, IM_START, IM_END)
 
-# ChatML-style: every turn is "<|im_start|>{role}\n{content}<|im_end|>\n"; generation starts an
-# assistant turn. Assistant turns end with <|im_end|>, which is why it is also an EOS id.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+CHAT_TEMPLATE = CHATML
+"""The default template (ChatML; ``chat_template="hermes"`` / ``"llama3"`` add tool support)."""
 
 _CORPUS = """\
 The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step.
@@ -72,7 +68,9 @@ def _corpus_lines(synthetic_words: int = 0) -> list[str]:
     return lines * 4 + extra + synthetic
 
 
-def train_tokenizer(vocab_size: int, synthetic_words: int = 0) -> PreTrainedTokenizerFast:
+def train_tokenizer(
+    vocab_size: int, synthetic_words: int = 0, chat_template: ChatTemplateName = "chatml",
+) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on the built-in corpus (deterministic).
 
     ``synthetic_words`` adds that many seeded pseudo-words to the corpus: the built-in text
@@ -80,8 +78,10 @@ def train_tokenizer(vocab_size: int, synthetic_words: int = 0) -> PreTrainedToke
 
     The result holds ``len(tokenizer) <= vocab_size`` tokens: 256 byte tokens, the special
     tokens ``<|bos|> <|eos|> <|pad|> <|im_start|> <|im_end|>`` (ids 0..4) and merges. Any
-    UTF-8 text round-trips through encode/decode. ``tokenizer.chat_template`` is a ChatML
-    template (roles system/user/assistant, ``add_generation_prompt`` opens an assistant turn).
+    UTF-8 text round-trips through encode/decode. ``tokenizer.chat_template`` is
+    ``CHAT_TEMPLATES[chat_template]``: ChatML (roles system/user/assistant,
+    ``add_generation_prompt`` opens an assistant turn), or a tool-capable one (see
+    ``kvloom.models.chat_templates``).
     Encoding adds no BOS.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -111,7 +111,7 @@ def train_tokenizer(vocab_size: int, synthetic_words: int = 0) -> PreTrainedToke
         additional_special_tokens=[IM_START, IM_END],
         clean_up_tokenization_spaces=False,
     )
-    hf_tok.chat_template = CHAT_TEMPLATE
+    hf_tok.chat_template = CHAT_TEMPLATES[chat_template]
     if len(hf_tok) > vocab_size:  # guards the invariant callers rely on (model vocab >= tokenizer)
         raise AssertionError(f"trained tokenizer has {len(hf_tok)} tokens > vocab_size {vocab_size}")
     return hf_tok
@@ -181,13 +181,14 @@ def build_checkpoint(
     max_shard_size: str | None = None,
     with_tokenizer: bool = True,
     tokenizer_words: int = 0,
+    chat_template: ChatTemplateName = "chatml",
 ) -> Path:
     """Write a random-weight HF checkpoint directory for ``arch`` and return its path.
 
     Files: ``config.json``, ``model.safetensors`` (or shards + ``model.safetensors.index.json``
     when ``max_shard_size`` is small enough), ``generation_config.json`` (EOS ids
     ``[<|eos|>, <|im_end|>]``) and, with ``with_tokenizer``, the tokenizer files (trained with
-    ``tokenizer_words`` extra pseudo-words: see ``train_tokenizer``). Qwen2 has qkv
+    ``tokenizer_words`` extra pseudo-words and ``chat_template``: see ``train_tokenizer``). Qwen2 has qkv
     biases; Qwen3 has q/k RMSNorm and an explicit ``head_dim``. ``rope_scaling`` is the legacy
     dict (e.g. ``{"rope_type": "llama3", "factor": 8.0, ...}``); transformers may rewrite it
     into ``rope_parameters`` when saving.
@@ -210,7 +211,7 @@ def build_checkpoint(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(vocab_size, tokenizer_words) if with_tokenizer else None
+    tokenizer = train_tokenizer(vocab_size, tokenizer_words, chat_template) if with_tokenizer else None
     bos_id, eos_id, pad_id = 0, 1, 2
     eos_ids = [eos_id, 4]  # <|eos|>, <|im_end|>: ids are fixed by SPECIAL_TOKENS' order
     if tokenizer is not None and tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS)) != [0, 1, 2, 3, 4]:
