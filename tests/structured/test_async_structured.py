@@ -12,6 +12,7 @@ import pytest
 
 from kvloom import AsyncEngine, SamplingParams
 from kvloom.errors import GrammarError, InvalidRequestError
+from tests.engine.helpers import assert_settles_idle
 from tests.structured.schemas import SCHEMAS
 
 pytestmark = pytest.mark.anyio
@@ -60,8 +61,7 @@ async def test_a_bad_schema_fails_only_its_own_request(llama_dir: Path) -> None:
             engine.stream("x", SamplingParams(response_format={"type": "grammar", "grammar": 'root ::= "a"'},
                                               grammar_backend="outlines"))
         assert engine.stats().healthy
-        assert engine._driver is not None
-        engine._driver.core.assert_idle()
+        engine.assert_idle()
 
 
 async def test_a_compile_past_the_timeout_fails_that_request(llama_dir: Path) -> None:
@@ -148,11 +148,6 @@ async def test_cancelling_constrained_streams_frees_everything(llama_dir: Path) 
                 assert reason == "stop" and re.fullmatch(f"id{i}-[a-z]{{2,5}}", text), text
             elif i % 3 == 1 and reason == "stop":
                 jsonschema.validate(json.loads(text), SCHEMAS["enums"])
-        assert engine._driver is not None
-        for _ in range(100):  # the last aborts land at the next step boundary
-            if not engine._driver.has_unfinished():
-                break
-            await anyio.sleep(0.02)
-        assert not engine._driver._awaiting_grammar
-        engine._driver.core.assert_idle()
+        await assert_settles_idle(engine)  # the last aborts land at the next step boundary
+        assert engine.stats().num_waiting == 0  # none left waiting for a grammar
         assert engine.stats().healthy
