@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import random
+import threading
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import anyio
 import pytest
@@ -18,6 +20,7 @@ from kvloom import (
     InvalidRequestError,
     SamplingParams,
 )
+from kvloom.structured import LogitsProcessor
 from tests.engine.helpers import assert_settles_idle
 
 pytestmark = pytest.mark.anyio
@@ -80,14 +83,18 @@ async def test_200_concurrent_streams_equal_each_request_alone_even_with_preempt
 async def test_short_request_submitted_after_a_long_one_finishes_first(llama_dir: Path) -> None:
     async with AsyncEngine.from_pretrained(llama_dir) as engine:
         order: list[str] = []
+        long_started = anyio.Event()
 
         async def run(name: str, n: int) -> None:
-            await engine.generate([7, 8, 9], greedy(n))
+            async for _ in engine.stream([7, 8, 9], greedy(n)):
+                long_started.set()
             order.append(name)
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(run, "long", 200)
-            await anyio.sleep(0.05)
+            # Submitted once the long one decodes (its first chunk), not after a fixed sleep,
+            # which a loaded machine can stretch past the long request's end.
+            await long_started.wait()
             tg.start_soon(run, "short", 3)
         assert order == ["short", "long"]
 
@@ -161,17 +168,20 @@ async def test_aclose_ends_open_streams_with_engine_closed(llama_dir: Path) -> N
     await engine.start()
     errors: list[BaseException] = []
 
+    decoding = anyio.Event()
+
     async def consume() -> None:
         try:
             async for _ in engine.stream([5, 6], greedy(400)):
-                pass
+                decoding.set()
         except EngineClosedError as exc:
             errors.append(exc)
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(consume)
-        await anyio.sleep(0.1)
-        await engine.aclose()
+    with anyio.fail_after(60):  # bounds a stream left hanging by aclose; the test takes well under a second
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(consume)
+            await decoding.wait()  # mid-decode for sure (a fixed sleep could land before or after it)
+            await engine.aclose()
     assert len(errors) == 1
     with pytest.raises(EngineClosedError):
         engine.stream([1, 2])
@@ -198,12 +208,23 @@ async def test_overload_is_refused_at_submit(llama_dir: Path) -> None:
             engine.stream([3], greedy(2))
 
 
+class RecordThread(LogitsProcessor):
+    """Records the thread each step's logits reach it on (changes nothing)."""
+
+    threads: ClassVar[set[int]] = set()
+
+    def process_logits(self, logits: object) -> None:
+        RecordThread.threads.add(threading.get_ident())
+
+
+@pytest.mark.timing
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_event_loop_stays_responsive_while_64_streams_decode(
     anyio_backend: str, checkpoint_factory: object
 ) -> None:
     model_dir = checkpoint_factory(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,  # type: ignore[operator]
                                    intermediate_size=512)
+    RecordThread.threads = set()
     async with AsyncEngine.from_pretrained(model_dir) as engine:
         lags: list[float] = []
         done = anyio.Event()
@@ -215,7 +236,10 @@ async def test_event_loop_stays_responsive_while_64_streams_decode(
                 lags.append(time.perf_counter() - start - 0.005)
 
         async def run(i: int) -> None:
-            async for _ in engine.stream(prompt_set(64, seed=3)[i], greedy(32)):
+            params = greedy(32)
+            if i == 0:  # one stream also reports which thread the model step runs on
+                params = params.model_copy(update={"logits_processors": (RecordThread,)})
+            async for _ in engine.stream(prompt_set(64, seed=3)[i], params):
                 pass
 
         async with anyio.create_task_group() as tg:
@@ -224,33 +248,47 @@ async def test_event_loop_stays_responsive_while_64_streams_decode(
                 for i in range(64):
                     streams.start_soon(run, i)
             done.set()
+        # Whatever the machine's speed: the model step never runs on the event loop's thread.
+        assert RecordThread.threads and threading.get_ident() not in RecordThread.threads
         lags.sort()
         p99 = lags[int(0.99 * len(lags))]
         print(f"ticker lag over {len(lags)} ticks: p50 {lags[len(lags) // 2] * 1e3:.2f} ms, p99 {p99 * 1e3:.2f} ms")
-        assert p99 < 0.020
+        # Margin: on a 2-core machine p99 was 3-12 ms (other test runs sharing it) and at most
+        # 17 ms with four busy processes competing for both cores; 50 ms holds there. A loop
+        # that is actually blocked fails it by far: a step run on the loop lags every tick by
+        # the whole step (2 ticks in the whole run, ~2 s each), and a 100 ms stall on more than
+        # 1 % of the ticks (every 5th step, say) puts p99 at ~100 ms. A single isolated stall is
+        # not asserted: under that load the OS alone delays a tick by up to ~300 ms now and then.
+        assert p99 < 0.050, f"the event loop lagged {p99 * 1e3:.1f} ms at p99"
 
 
 async def test_a_slow_consumer_gets_coalesced_chunks_and_holds_nobody_up(llama_dir: Path) -> None:
+    """The slow consumer takes one chunk, then stops reading until the fast request has
+    finished: no wall-clock bound, so a loaded machine cannot fail it, but an engine that
+    waited for consumers would never finish the fast one (the 60 s bound turns that hang
+    into a failure; the test takes well under a second)."""
     async with AsyncEngine.from_pretrained(llama_dir) as engine:
-        fast_done_at: list[float] = []
+        fast_done = anyio.Event()
         slow_chunks: list[int] = []
 
         async def slow() -> None:
             async for chunk in engine.stream([3, 4, 5], greedy(40)):
                 slow_chunks.append(len(chunk.token_ids))
-                await anyio.sleep(0.2)
+                await fast_done.wait()  # a no-op after the first chunk
 
         async def fast() -> None:
             await engine.generate([6, 7, 8], greedy(40))
-            fast_done_at.append(time.perf_counter())
+            fast_done.set()
 
-        start = time.perf_counter()
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(slow)
-            tg.start_soon(fast)
-        assert fast_done_at[0] - start < 2.0, "the fast stream did not wait for the slow consumer"
+        with anyio.move_on_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(slow)
+                tg.start_soon(fast)
+        assert fast_done.is_set(), f"the fast stream waited for the slow consumer (which read {slow_chunks})"
         assert sum(slow_chunks) == 40
-        assert max(slow_chunks) > 1, "deltas waiting for the slow consumer were merged"
+        # All that arrived while it was not reading comes merged: one chunk, or two if the slow
+        # request's last step came after the fast one's.
+        assert len(slow_chunks) <= 3, f"deltas waiting for the slow consumer were not merged: {slow_chunks}"
 
 
 async def test_messages_need_a_chat_template(llama_dir: Path, tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from kvloom import LLM, AsyncEngine, InvalidRequestError, SamplingParams
 from kvloom.errors import AdapterError
 from tests.lora.conftest import ALL_MODULES
 from tests.lora.peft_helpers import load_hf, load_hf_with_adapter
+from tests.structured.grammar_helpers import assert_valid_or_prefix
 
 NEW_TOKENS = 12
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
@@ -210,11 +211,8 @@ async def test_streams_with_adapters_and_pinned_slots(
 
 
 def test_grammars_and_adapters_in_one_batch(base_dir: Callable[[str], Path], adapter_dir: Callable[..., Path]) -> None:
-    """Constrained requests on adapters validate; their unconstrained neighbours still equal PEFT."""
-    import re
-
-    import jsonschema
-
+    """Constrained requests on adapters validate (or, cut at max_tokens, are a prefix of a valid
+    output); their unconstrained neighbours still equal PEFT."""
     base = base_dir("llama")
     dirs = {name: adapter_dir("llama", **SPECS[name]) for name in ("A", "B")}
     llm = LLM(base, max_loras=2, max_lora_rank=16)
@@ -236,10 +234,10 @@ def test_grammars_and_adapters_in_one_batch(base_dir: Callable[[str], Path], ada
     for i, (name, result) in enumerate(zip(routing, results, strict=True)):
         if i % 4 == 0:
             assert result.finish_reason in ("stop", "length")
-            if result.finish_reason == "stop":
-                jsonschema.validate(json.loads(result.text), schema)
+            assert_valid_or_prefix(result.text, result.finish_reason, schema)
         elif i % 4 == 1:
-            assert result.finish_reason == "stop" and re.fullmatch(pattern, result.text), result.text
+            assert result.finish_reason == "stop", result.text
+            assert_valid_or_prefix(result.text, result.finish_reason, {"regex": pattern})
         else:
             assert result.token_ids == hf_greedy(base, dirs[name] if name else None, batch[i]), (i, name)
     assert sum(r.finish_reason == "stop" for r in results[::4]) >= 1  # at least one JSON object completed
@@ -247,12 +245,20 @@ def test_grammars_and_adapters_in_one_batch(base_dir: Callable[[str], Path], ada
     constrained = [i for i in range(8) if i % 4 in (0, 1)]
     on_base = llm.generate([batch[i] for i in constrained], [params[i] for i in constrained])
     assert any(b.token_ids != results[i].token_ids for i, b in zip(constrained, on_base, strict=True))
+    for i, b in zip(constrained, on_base, strict=True):
+        assert_valid_or_prefix(b.text, b.finish_reason, params[i].response_format)
+    # Cut halfway through, on their adapters: each output is the start of a valid one.
+    halfway = [params[i].model_copy(update={"max_tokens": max(1, len(results[i].token_ids) // 2)}) for i in constrained]
+    cut = llm.generate([batch[i] for i in constrained], halfway, adapter=[routing[i] for i in constrained])
+    for i, c in zip(constrained, cut, strict=True):
+        assert_valid_or_prefix(c.text, c.finish_reason, params[i].response_format)
     again = llm.generate([batch[1]], [params[1]], adapter="B")
     assert again[0].token_ids == results[1].token_ids  # seeded: reproducible
     llm.core.assert_idle()
     llm.close()
 
 
+@pytest.mark.timing
 @pytest.mark.anyio
 async def test_loading_an_adapter_never_stalls_the_streams(
     base_dir: Callable[[str], Path], adapter_dir: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
@@ -302,6 +308,10 @@ async def test_loading_an_adapter_never_stalls_the_streams(
         assert end - begin >= 1.0
         during = [t for t in stamps if begin <= t <= end]
         assert len(during) >= 3, f"{len(during)} chunks arrived during a 1 s adapter load"
+        # Margin: a read on the event loop would show as one lag of the whole simulated read
+        # (>= 1 s). Without it, the worst lag measured here was 14 ms on an idle 2-core machine
+        # and 26 ms with four busy processes competing for both cores: 0.25 s is 4x under the
+        # one and ~10x over the other.
         assert max(lags) < 0.25, f"the event loop stalled {max(lags) * 1000:.0f} ms during the load"
         assert [a.name for a in engine.adapters()] == ["A"]
 

@@ -1,22 +1,22 @@
 """Constrained decoding end to end on a tiny random model: outputs always validate.
 
 A random model never produces JSON unaided, so every valid output here is the grammar's doing.
+Outputs cut at ``max_tokens`` are checked too: each must be a prefix of some valid output.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
-import jsonschema
 import pytest
 import torch
 
-from kvloom import LLM, SamplingParams
+from kvloom import LLM, Completion, SamplingParams
 from kvloom.errors import GrammarError, InvalidRequestError
 from kvloom.structured import LogitsProcessor
+from tests.structured.grammar_helpers import assert_valid, assert_valid_or_prefix, assert_valid_prefix
 from tests.structured.schemas import CHOICES, REGEXES, SCHEMAS, Person
 
 BACKENDS = ("xgrammar", "outlines")
@@ -35,6 +35,12 @@ def _sampled(backend: str, fmt: object, seed: int, **kw: object) -> SamplingPara
     return SamplingParams(seed=seed, response_format=fmt, grammar_backend=backend, **settings)  # type: ignore[arg-type]
 
 
+def halfway(params: list[SamplingParams], results: list[Completion]) -> list[SamplingParams]:
+    """The same requests stopped at half the tokens each produced: cut mid-output ("length")."""
+    return [p.model_copy(update={"max_tokens": max(1, len(c.token_ids) // 2)})
+            for p, c in zip(params, results, strict=True)]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_json_schema_output_that_stops_validates(llm: LLM, backend: str) -> None:
     names = list(SCHEMAS)
@@ -44,17 +50,22 @@ def test_every_json_schema_output_that_stops_validates(llm: LLM, backend: str) -
             prompts.append(PROMPTS[(i + seed) % len(PROMPTS)])
             params.append(_sampled(backend, SCHEMAS[name], seed=100 * i + seed))
     results = llm.generate(prompts, params)
+    request_schemas = [name for name in names for _ in range(3)]
     stopped = 0
-    for (name, _seed), completion in zip(((n, s) for n in names for s in range(3)), results, strict=True):
-        if completion.finish_reason != "stop":
-            assert completion.finish_reason == "length"
-            continue
-        stopped += 1
-        value = json.loads(completion.text)  # raises if not JSON
-        jsonschema.validate(value, SCHEMAS[name])
-        if name == "pydantic_person":
+    for name, completion in zip(request_schemas, results, strict=True):
+        assert completion.finish_reason in ("stop", "length")
+        stopped += completion.finish_reason == "stop"
+        # Whole outputs validate (jsonschema); outputs cut at max_tokens are a prefix of a valid one.
+        assert_valid_or_prefix(completion.text, completion.finish_reason, SCHEMAS[name])
+        if name == "pydantic_person" and completion.finish_reason == "stop":
             Person.model_validate_json(completion.text)
     assert stopped >= 0.8 * len(results), f"only {stopped}/{len(results)} outputs completed"
+    # Nearly every output above stops: cut the same requests halfway through, mid-document, so
+    # that outputs ending at max_tokens are checked on every schema (a prefix of a valid document).
+    cut = llm.generate(prompts, halfway(params, results))
+    for name, completion, full in zip(request_schemas, cut, results, strict=True):
+        assert completion.finish_reason == ("length" if len(full.token_ids) > 1 else full.finish_reason)
+        assert_valid_or_prefix(completion.text, completion.finish_reason, SCHEMAS[name])
     llm.core.assert_idle()
 
 
@@ -63,20 +74,20 @@ def test_regex_and_choice_outputs_match(llm: LLM, backend: str) -> None:
     fmts: list[object] = [{"type": "regex", "regex": r} for r in REGEXES] + [{"type": "choice", "choice": CHOICES}]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(fmts) * 2)]
     params = [_sampled(backend, fmts[i // 2], seed=i) for i in range(len(fmts) * 2)]
-    for i, completion in enumerate(llm.generate(prompts, params)):
+    results = llm.generate(prompts, params)
+    for i, completion in enumerate(results):
         assert completion.finish_reason == "stop", completion
-        if i // 2 < len(REGEXES):
-            assert re.fullmatch(REGEXES[i // 2], completion.text), (REGEXES[i // 2], completion.text)
-        else:
-            assert completion.text in CHOICES
+        assert_valid(completion.text, fmts[i // 2])  # re.fullmatch, or one of the choices
+    # The same requests cut halfway: a partial match of the regex, the start of a choice.
+    for i, completion in enumerate(llm.generate(prompts, halfway(params, results))):
+        assert_valid_or_prefix(completion.text, completion.finish_reason, fmts[i // 2])
 
 
 def test_pydantic_model_as_response_format_and_json_object(llm: LLM) -> None:
     out = llm.generate(PROMPTS[:2], [_sampled("xgrammar", Person, seed=3), _sampled("xgrammar", {"type": "json_object"}, seed=4, max_tokens=300)])
     assert out[0].finish_reason == "stop"
-    Person.model_validate_json(out[0].text)
-    if out[1].finish_reason == "stop":
-        assert isinstance(json.loads(out[1].text), dict)
+    assert_valid(out[0].text, Person)  # Person.model_validate_json too
+    assert_valid_or_prefix(out[1].text, out[1].finish_reason, {"type": "json_object"})
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -85,6 +96,8 @@ def test_properties_come_out_in_the_schema_order(llm: LLM, backend: str) -> None
     schema = {"type": "object", "additionalProperties": False, "required": ["zeta", "alpha", "mid"],
               "properties": {"zeta": {"type": "integer"}, "alpha": {"enum": ["a", "b"]}, "mid": {"type": "boolean"}}}
     outs = llm.generate(PROMPTS, [_sampled(backend, schema, seed=i) for i in range(len(PROMPTS))])
+    for o in outs:  # a prefix in another order would fail here: the schema's grammar fixes the order
+        assert_valid_or_prefix(o.text, o.finish_reason, schema)
     done = [json.loads(o.text) for o in outs if o.finish_reason == "stop"]
     assert done, "no output completed"
     assert all(list(obj) == ["zeta", "alpha", "mid"] for obj in done), done
@@ -100,6 +113,8 @@ def test_unconstrained_greedy_outputs_are_unchanged_by_constrained_neighbours(ll
         mixed_params += [greedy, _sampled(BACKENDS[i % 2], SCHEMAS["nested_object"], seed=i)]
     mixed = llm.generate(mixed_prompts, mixed_params)
     assert [c.token_ids for c in mixed[::2]] == alone
+    for c in mixed[1::2]:  # and the constrained neighbours stay constrained
+        assert_valid_or_prefix(c.text, c.finish_reason, SCHEMAS["nested_object"])
 
 
 def test_grammar_state_survives_preemption(llama_dir: Path) -> None:
@@ -114,8 +129,7 @@ def test_grammar_state_survives_preemption(llama_dir: Path) -> None:
         assert tight.core.num_preemptions > 0
         for prompt, p, got in zip(prompts, params, batched, strict=True):
             assert roomy.generate([prompt], p)[0].token_ids == got.token_ids
-            if got.finish_reason == "stop":
-                jsonschema.validate(json.loads(got.text), SCHEMAS["refs"])
+            assert_valid_or_prefix(got.text, got.finish_reason, SCHEMAS["refs"])
         tight.core.assert_idle()
     finally:
         roomy.close()
@@ -127,12 +141,14 @@ def test_n_choices_stop_strings_and_max_tokens(llm: LLM) -> None:
     assert len(many.choices) == 4
     for choice in many.choices:
         assert choice.finish_reason == "stop"
-        jsonschema.validate(json.loads(choice.text), SCHEMAS["enums"])
+        assert_valid(choice.text, SCHEMAS["enums"])
     truncated = llm.generate(["x"], _sampled("xgrammar", SCHEMAS["pydantic_person"], seed=1, max_tokens=3))[0]
     assert truncated.finish_reason == "length" and len(truncated.token_ids) == 3
+    assert_valid_or_prefix(truncated.text, truncated.finish_reason, SCHEMAS["pydantic_person"])
     # A stop string that every output of this schema contains ends the request early.
     cut = llm.generate(["x"], _sampled("outlines", SCHEMAS["flat_object"], seed=2, stop=['"ok"']))[0]
     assert cut.finish_reason == "stop" and cut.text.startswith('{"id":') and '"ok"' not in cut.text
+    assert_valid_prefix(cut.text, SCHEMAS["flat_object"])  # "stop" here is the stop string: a cut document
 
 
 class BanTokens(LogitsProcessor):
