@@ -63,6 +63,8 @@ class EngineConfig(BaseModel):
     grammar_compile_timeout: float = Field(
         60.0, gt=0.0, description="Seconds a request may wait for its grammar to compile before it fails."
     )
+    tool_call_format: Literal["hermes", "llama"] | None = Field(
+        None, description="The checkpoint's tool-call syntax; default: read from its chat template and config.")
     request_timeout: float | None = Field(
         None, gt=0.0, description="Default deadline of every request in seconds from submit (None: none). "
         "A request past it is aborted, its blocks freed, and it raises RequestTimeoutError.")

@@ -2,11 +2,34 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
-FinishReason = Literal["stop", "length", "abort", "error"]
-"""``error``: a logits processor rejected the sampled token or raised (see the engine log)."""
+FinishReason = Literal["stop", "length", "abort", "error", "tool_calls"]
+"""``error``: a logits processor rejected the sampled token or raised (see the engine log);
+``tool_calls``: the choice ended with one or more tool calls (see ``Choice.tool_calls``)."""
+
+
+@dataclass(slots=True, frozen=True)
+class ToolCall:
+    """One function call the model made (OpenAI's ``tool_calls[i]``)."""
+
+    id: str
+    """Unique per call (``call_`` + 24 hex digits)."""
+    name: str
+    arguments: str
+    """The arguments as JSON text; with a constrained request it validates against the tool's schema."""
+
+    @property
+    def parsed(self) -> dict[str, Any]:
+        """The arguments as a dict."""
+        value: dict[str, Any] = json.loads(self.arguments)
+        return value
+
+    def to_openai(self) -> dict[str, Any]:
+        """``{"id", "type": "function", "function": {"name", "arguments"}}``: an assistant message's entry."""
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 
 @dataclass(slots=True, frozen=True)
@@ -40,6 +63,8 @@ class Choice:
     token_ids: list[int]
     finish_reason: FinishReason | None
     logprobs: list[TokenLogprob] | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    """Calls parsed from the output of a request with ``tools``; ``text`` is then what came before them."""
 
 
 @dataclass(slots=True)
@@ -66,6 +91,10 @@ class Completion:
     @property
     def logprobs(self) -> list[TokenLogprob] | None:
         return self.choices[0].logprobs
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        return self.choices[0].tool_calls
 
 
 @dataclass(slots=True)

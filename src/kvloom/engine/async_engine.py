@@ -130,7 +130,8 @@ class AsyncEngine:
         self, prompt: Prompt | None = None, params: SamplingParams | None = None, *,
         messages: Sequence[Message] | None = None, request_id: str | None = None, priority: int = 0,
         prefix: PrefixHandle | None = None, cache_salt: str | None = None, adapter: str | None = None,
-        timeout: float | None = None,
+        timeout: float | None = None, tools: Sequence[Any] | None = None, tool_choice: Any = None,
+        parallel_tool_calls: bool = True,
     ) -> AsyncIterator[StreamChunk]:
         """Submit a request and stream its chunks. Bad input raises here, before queueing
         (a prompt over ``INLINE_CHARS`` is tokenized in a worker thread at the first iteration,
@@ -140,9 +141,15 @@ class AsyncEngine:
         iterator aborts the request and frees its KV blocks within one step. ``adapter`` names
         a loaded LoRA adapter; ``timeout`` (seconds from now) overrides ``request_timeout``:
         past it the request is aborted and the stream raises ``RequestTimeoutError``.
+
+        ``tools`` (OpenAI tool dicts, pydantic models or typed functions; chat ``messages``
+        only) are rendered by the chat template; ``tool_choice`` is ``"auto"`` (default),
+        ``"none"``, ``"required"`` or ``{"type": "function", "function": {"name": ...}}``.
+        The completion's ``tool_calls`` hold the calls (``finish_reason="tool_calls"``).
         """
         submitter, loop = self._running()
-        sub = submitter.check(params, request_id, priority, prefix, cache_salt, adapter, timeout)
+        sub = submitter.check(params, request_id, priority, prefix, cache_salt, adapter, timeout, tools, tool_choice,
+                              parallel_tool_calls, messages is not None)
         if submitter.is_long(prompt, messages):
             submitter.reserve(sub.request_id)
 
@@ -164,11 +171,13 @@ class AsyncEngine:
         self, prompt: Prompt | None = None, params: SamplingParams | None = None, *,
         messages: Sequence[Message] | None = None, request_id: str | None = None, priority: int = 0,
         prefix: PrefixHandle | None = None, cache_salt: str | None = None, adapter: str | None = None,
-        timeout: float | None = None,
+        timeout: float | None = None, tools: Sequence[Any] | None = None, tool_choice: Any = None,
+        parallel_tool_calls: bool = True,
     ) -> Completion:
         """Run a request to the end; ``n > 1`` gives ``n`` choices. Same arguments as ``stream``."""
         submitter, _ = self._running()
-        sub = submitter.check(params, request_id, priority, prefix, cache_salt, adapter, timeout)
+        sub = submitter.check(params, request_id, priority, prefix, cache_salt, adapter, timeout, tools, tool_choice,
+                              parallel_tool_calls, messages is not None)
         stream = await submitter.encode_and_enqueue(sub, prompt, messages)
         async for _ in iterate(stream, self._abort_stream):
             pass

@@ -12,6 +12,7 @@ from kvloom.engine.driver import EngineDriver
 from kvloom.engine.grammar import GrammarService
 from kvloom.engine.prompts import PromptEncoder
 from kvloom.engine.tokenizer import load_tokenizer
+from kvloom.tools.formats import detect_format
 
 
 @dataclass(slots=True)
@@ -35,9 +36,10 @@ def build_engine(config: EngineConfig) -> EngineParts:
     tokenizer = load_tokenizer(config.model)
     model = core.model_config
     sched = config.scheduler
+    tool_format = detect_format(model.architecture, getattr(tokenizer, "chat_template", None), config.tool_call_format)
     encoder = PromptEncoder(
         tokenizer, model.vocab_size, core.max_model_len, core.max_tokens_in_pool,
-        None if sched.enable_chunked_prefill else sched.max_num_batched_tokens,
+        None if sched.enable_chunked_prefill else sched.max_num_batched_tokens, tool_format,
     )
     grammars = GrammarService(
         tokenizer, model.vocab_size, tuple(model.eos_token_ids), config.grammar_backend, config.grammar_compile_timeout,

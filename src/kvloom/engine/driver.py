@@ -50,7 +50,7 @@ class EngineDriver:
     # ---- requests in -----------------------------------------------------------------------
     def add(self, req: NewRequest) -> None:
         """Register a request; it reaches the scheduler now, or once its grammar has compiled."""
-        self.outputs.add_request(req.request_id, req.prompt_token_ids, req.params, req.arrival_time)
+        self.outputs.add_request(req.request_id, req.prompt_token_ids, req.params, req.arrival_time, req.tools)
         if req.deadline is not None:
             self._deadlines[req.request_id] = req.deadline
         if req.grammar is not None and not req.grammar.done():

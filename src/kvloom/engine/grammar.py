@@ -16,6 +16,7 @@ from kvloom.params import SamplingParams
 
 if TYPE_CHECKING:
     from kvloom.structured.compiler import CompiledGrammar, GrammarCompiler
+    from kvloom.structured.spec import GrammarSpec
 
 
 class GrammarService:
@@ -51,6 +52,18 @@ class GrammarService:
             return None
         assert self._compiler is not None, "check() first"
         return self._compiler.submit(params.response_format.to_spec(), params.grammar_backend or self.default_backend)
+
+    def check_spec(self, spec: GrammarSpec, backend: str | None) -> None:
+        """Like ``check`` for a grammar the engine built (tool calls)."""
+        if self._compiler is None:
+            raise InvalidRequestError("tools: this checkpoint has no tokenizer, so no grammar can be built")
+        from kvloom.structured.compiler import check_backend_supports
+
+        check_backend_supports(spec, backend or self.default_backend)
+
+    def submit_spec(self, spec: GrammarSpec, backend: str | None) -> Future[CompiledGrammar]:
+        assert self._compiler is not None, "check_spec() first"
+        return self._compiler.submit(spec, backend or self.default_backend)
 
     def timeout_error(self) -> GrammarError:
         return GrammarError(

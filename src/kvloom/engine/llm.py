@@ -13,10 +13,11 @@ from kvloom.engine.adapters import AdapterInfo
 from kvloom.engine.build import build_engine
 from kvloom.engine.messages import NewRequest, StepInput
 from kvloom.engine.prompts import Message, Prompt
-from kvloom.errors import RequestTimeoutError
+from kvloom.errors import InvalidRequestError, RequestTimeoutError
 from kvloom.kv_cache.manager import KVCacheStats
 from kvloom.outputs import Completion
 from kvloom.params import SamplingParams
+from kvloom.tools.request import ToolRequest
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
@@ -70,19 +71,31 @@ class LLM:
 
     def chat(
         self, conversations: Sequence[Message] | Sequence[Sequence[Message]],
-        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+        tools: Sequence[Any] | None = None, tool_choice: Any = None, parallel_tool_calls: bool = True,
     ) -> list[Completion]:
-        """Like ``generate`` for chat messages (the tokenizer's chat template applies)."""
+        """Like ``generate`` for chat messages (the tokenizer's chat template applies).
+
+        ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` as in ``AsyncEngine.generate``:
+        the same tools for every conversation; calls come back in ``Completion.tool_calls``.
+        """
         convs: list[Sequence[Message]]
         if conversations and isinstance(conversations[0], dict):
             convs = [conversations]  # type: ignore[list-item]
         else:
             convs = list(conversations)  # type: ignore[arg-type]
-        return self._run([self.inputs.to_token_ids(None, c) for c in convs], params)
+        if tools is None and tool_choice is not None:
+            raise InvalidRequestError("tool_choice: given without `tools`")
+        first = params if params is None or isinstance(params, SamplingParams) else (params[0] if params else None)
+        tool_request = None if tools is None else ToolRequest.build(
+            tools, tool_choice, parallel_tool_calls, self.inputs.tool_call_format, True,
+            first is not None and first.response_format is not None)
+        return self._run([self.inputs.to_token_ids(None, c, tools=tool_request) for c in convs], params,
+                         tools=tool_request)
 
     def _run(
         self, token_lists: list[list[int]], params: SamplingParams | Sequence[SamplingParams] | None,
-        adapter: str | Sequence[str | None] | None = None,
+        adapter: str | Sequence[str | None] | None = None, tools: ToolRequest | None = None,
     ) -> list[Completion]:
         if params is None or isinstance(params, SamplingParams):
             per_prompt = [params or SamplingParams()] * len(token_lists)
@@ -97,7 +110,14 @@ class LLM:
         for ids, p in zip(token_lists, per_prompt, strict=True):
             self.inputs.validate(ids, p)
             self.grammars.check(p)
-        grammars = [self.grammars.submit(p) for p in per_prompt]
+        spec = tools.grammar_spec() if tools is not None else None
+        if spec is not None:
+            if any(p.response_format is not None for p in per_prompt):
+                raise InvalidRequestError("tools: cannot be combined with `response_format` in one request")
+            self.grammars.check_spec(spec, per_prompt[0].grammar_backend if per_prompt else None)
+            grammars = [self.grammars.submit_spec(spec, p.grammar_backend) for p in per_prompt]
+        else:
+            grammars = [self.grammars.submit(p) for p in per_prompt]  # type: ignore[misc]
         for future in grammars:  # a grammar that does not compile raises here, before anything is queued
             if future is not None:
                 future.result(timeout=self.config.grammar_compile_timeout)
@@ -106,7 +126,7 @@ class LLM:
         timeout = self.config.request_timeout
         adds = [
             NewRequest(f"llm-{next(self._ids)}", ids, p, 0, now, now + timeout if timeout is not None else None,
-                       grammar=grammar, lora=lora)
+                       grammar=grammar, lora=lora, tools=tools)
             for ids, p, grammar, lora in zip(token_lists, per_prompt, grammars, loras, strict=True)
         ]
         order = [r.request_id for r in adds]

@@ -17,6 +17,7 @@ from kvloom.errors import InvalidRequestError
 from kvloom.kv_cache.manager import KVCacheStats
 from kvloom.outputs import Completion
 from kvloom.params import SamplingParams
+from kvloom.tools.request import ToolRequest
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -49,6 +50,8 @@ class NewRequest:
     lora: LoRAAdapter | None = None
     """Its LoRA adapter object (None: the base model). Captured at submit, so unloading or
     reloading the name never changes a request already submitted."""
+    tools: ToolRequest | None = None
+    """Its tools (``tools=``): the output's calls are parsed out when it finishes."""
 
 
 @dataclass(slots=True)

@@ -14,6 +14,7 @@ from kvloom.engine.detokenizer import IncrementalDetokenizer
 from kvloom.outputs import Choice, Completion, FinishReason, TokenLogprob, Usage
 from kvloom.params import SamplingParams
 from kvloom.scheduler.output import EngineCoreOutput
+from kvloom.tools.request import ToolRequest
 
 
 def child_request_ids(parent_id: str, n: int) -> list[str]:
@@ -45,6 +46,8 @@ class ParentState:
     prompt_token_ids: list[int]
     seqs: list[SequenceState]
     arrival_time: float
+    tools: ToolRequest | None = None
+    """Set for a request with ``tools=``: its choices' calls are parsed out when it finishes."""
 
     @property
     def finished(self) -> bool:
@@ -56,6 +59,13 @@ class ParentState:
                    finish_reason=s.finish_reason, logprobs=s.logprobs)
             for s in self.seqs
         ]
+        if self.tools is not None:
+            for choice in choices:
+                text, calls = self.tools.parse(choice.text)
+                if calls:
+                    choice.text, choice.tool_calls = text, calls
+                    if choice.finish_reason == "stop":
+                        choice.finish_reason = "tool_calls"
         return Completion(self.request_id, list(self.prompt_token_ids), choices, self.usage())
 
     def usage(self) -> Usage:
@@ -96,7 +106,10 @@ class OutputProcessor:
         self.parents: dict[str, ParentState] = {}
         self.seqs: dict[str, SequenceState] = {}
 
-    def add_request(self, parent_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival: float) -> list[str]:
+    def add_request(
+        self, parent_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival: float,
+        tools: ToolRequest | None = None,
+    ) -> list[str]:
         seq_ids = child_request_ids(parent_id, params.n)
         seqs = []
         for i, sid in enumerate(seq_ids):
@@ -107,7 +120,7 @@ class OutputProcessor:
             seq = SequenceState(parent_id, i, detok, logprobs=[] if params.logprobs is not None else None)
             self.seqs[sid] = seq
             seqs.append(seq)
-        self.parents[parent_id] = ParentState(parent_id, list(prompt_token_ids), seqs, arrival)
+        self.parents[parent_id] = ParentState(parent_id, list(prompt_token_ids), seqs, arrival, tools)
         return seq_ids
 
     def abort(self, parent_id: str) -> tuple[list[str], Completion | None]:

@@ -17,6 +17,7 @@ from kvloom.errors import InvalidRequestError
 
 if TYPE_CHECKING:
     from kvloom.engine.prompts import Message, Prompt, PromptEncoder
+    from kvloom.tools.request import ToolRequest
 
 
 @dataclass(eq=False)
@@ -87,7 +88,7 @@ def check_prefix_adapter(handle: PrefixHandle, adapter: str | None, adapter_hash
 
 def prefix_token_ids(
     handle: PrefixHandle, inputs: PromptEncoder, prompt: Prompt | None, messages: Sequence[Message] | None,
-    cache_salt: str | None,
+    cache_salt: str | None, tools: ToolRequest | None = None,
 ) -> tuple[list[int], str | None]:
     """A request's tokens continuing ``handle`` (its prompt's tokens after the handle's, or the
     handle's messages followed by the request's through the chat template), and its salt.
@@ -97,6 +98,6 @@ def prefix_token_ids(
     if messages is not None:
         if handle.messages is None:
             raise InvalidRequestError("prefix: a handle made from a prompt continues with a prompt, not messages")
-        return inputs.to_token_ids(None, [*handle.messages, *messages]), handle.cache_salt
+        return inputs.to_token_ids(None, [*handle.messages, *messages], tools=tools), handle.cache_salt
     own = inputs.to_token_ids(prompt, None) if prompt is not None else []
     return [*handle.token_ids, *own], handle.cache_salt

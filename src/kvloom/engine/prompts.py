@@ -8,6 +8,8 @@ from typing import Any
 
 from kvloom.errors import InvalidRequestError
 from kvloom.params import SamplingParams
+from kvloom.tools.formats import ToolCallFormat
+from kvloom.tools.request import ToolRequest
 
 Prompt = str | Sequence[int]
 Message = dict[str, Any]
@@ -29,9 +31,12 @@ class PromptEncoder:
 
     def __init__(
         self, tokenizer: Any | None, vocab_size: int, max_model_len: int, max_tokens_in_pool: int,
-        max_prefill_tokens: int | None = None,
+        max_prefill_tokens: int | None = None, tool_call_format: ToolCallFormat | None = None,
     ) -> None:
         self.tokenizer = tokenizer
+        self.tool_call_format = tool_call_format
+        """The checkpoint's tool-call syntax (None: unknown, requests with tools are refused)."""
+        self._template_renders_tools: bool | None = None
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.max_tokens_in_pool = max_tokens_in_pool
@@ -40,7 +45,7 @@ class PromptEncoder:
     def clone(self) -> PromptEncoder:
         """The same encoder with its own copy of the tokenizer (for another thread)."""
         return PromptEncoder(copy.deepcopy(self.tokenizer), self.vocab_size, self.max_model_len,
-                             self.max_tokens_in_pool, self.max_prefill_tokens)
+                             self.max_tokens_in_pool, self.max_prefill_tokens, self.tool_call_format)
 
     @staticmethod
     def is_long(prompt: Prompt | None, messages: Sequence[Message] | None) -> bool:
@@ -52,7 +57,8 @@ class PromptEncoder:
         return False
 
     def to_token_ids(
-        self, prompt: Prompt | None, messages: Sequence[Message] | None, add_generation_prompt: bool = True
+        self, prompt: Prompt | None, messages: Sequence[Message] | None, add_generation_prompt: bool = True,
+        tools: ToolRequest | None = None,
     ) -> list[int]:
         if (prompt is None) == (messages is None):
             raise InvalidRequestError("give exactly one of `prompt` or `messages`")
@@ -60,7 +66,14 @@ class PromptEncoder:
             tok = self._need_tokenizer("messages")
             if getattr(tok, "chat_template", None) is None:
                 raise InvalidRequestError("messages: the tokenizer has no chat template; pass a `prompt` instead")
-            ids = tok.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt, tokenize=True)
+            kwargs: dict[str, Any] = {}
+            if tools is not None:
+                if self.template_renders_tools():
+                    kwargs["tools"] = tools.openai_tools()
+                else:  # documented fallback: describe the tools in a system message
+                    messages = [tools.fallback_system_message(), *messages]
+            ids = tok.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt, tokenize=True,
+                                          **kwargs)
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]
             return [int(t) for t in ids]
@@ -95,6 +108,16 @@ class PromptEncoder:
                 "enable_chunked_prefill=False a prompt must be prefilled in one step; raise max_num_batched_tokens "
                 "or set enable_chunked_prefill=True"
             )
+
+    def template_renders_tools(self) -> bool:
+        """Whether the chat template writes the ``tools`` it is given (probed once)."""
+        if self._template_renders_tools is None:
+            probe = {"type": "function", "function": {"name": "kvloom_probe_tool", "description": "",
+                                                      "parameters": {"type": "object", "properties": {}}}}
+            text = self._need_tokenizer("messages").apply_chat_template(
+                [{"role": "user", "content": "hi"}], tools=[probe], add_generation_prompt=True, tokenize=False)
+            self._template_renders_tools = "kvloom_probe_tool" in str(text)
+        return self._template_renders_tools
 
     def _need_tokenizer(self, field: str) -> Any:
         if self.tokenizer is None:

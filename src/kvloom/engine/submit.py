@@ -14,7 +14,7 @@ import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -23,6 +23,8 @@ from kvloom.engine.prefix import PrefixHandle, check_prefix_adapter, prefix_toke
 from kvloom.engine.prompts import Message, Prompt, PromptEncoder
 from kvloom.errors import EngineOverloadedError, InvalidRequestError
 from kvloom.params import SamplingParams
+from kvloom.structured.spec import GrammarSpec
+from kvloom.tools.request import ToolRequest
 
 if TYPE_CHECKING:
     from kvloom.engine.build import EngineParts
@@ -47,6 +49,9 @@ class Submission:
     lora: LoRAAdapter | None
     arrival_time: float
     deadline: float | None
+    tools: ToolRequest | None = None
+    grammar_spec: GrammarSpec | None = None
+    """The engine-built constraint (tool calls); None: ``params.response_format``, if any."""
 
 
 class Submitter:
@@ -74,7 +79,8 @@ class Submitter:
 
     def check(
         self, params: SamplingParams | None, request_id: str | None, priority: int, prefix: PrefixHandle | None,
-        cache_salt: str | None, adapter: str | None, timeout: float | None,
+        cache_salt: str | None, adapter: str | None, timeout: float | None, tools: Sequence[Any] | None = None,
+        tool_choice: Any = None, parallel_tool_calls: bool = True, has_messages: bool = False,
     ) -> Submission:
         """Everything that can be checked before tokenizing; the deadline starts now."""
         self._loop.check_accepting()
@@ -86,6 +92,15 @@ class Submitter:
         if prefix is not None and not self._prefixes.is_live(prefix):
             raise InvalidRequestError("prefix: this handle was released, or belongs to another or a closed engine")
         self._parts.grammars.check(params)
+        tool_request, spec = None, None
+        if tools is not None:
+            tool_request = ToolRequest.build(tools, tool_choice, parallel_tool_calls, self.encoder.tool_call_format,
+                                             has_messages, params.response_format is not None)
+            spec = tool_request.grammar_spec()
+            if spec is not None:
+                self._parts.grammars.check_spec(spec, params.grammar_backend)
+        elif tool_choice is not None:
+            raise InvalidRequestError("tool_choice: given without `tools`")
         lora = self._parts.adapters.resolve_for_request(adapter)
         if prefix is not None:
             check_prefix_adapter(prefix, adapter, lora.content_hash if lora is not None else None)
@@ -96,7 +111,7 @@ class Submitter:
         now = time.monotonic()
         timeout = timeout if timeout is not None else self.request_timeout
         return Submission(request_id, params, priority, prefix, cache_salt, lora, now,
-                          now + timeout if timeout is not None else None)
+                          now + timeout if timeout is not None else None, tool_request, spec)
 
     # ---- tokenizing ------------------------------------------------------------------------
     @staticmethod
@@ -110,9 +125,10 @@ class Submitter:
     ) -> Encoded:
         """Token ids, cache salt and messages, validated (touches only ``encoder``'s tokenizer)."""
         if sub.prefix is not None:
-            token_ids, salt = prefix_token_ids(sub.prefix, encoder, prompt, messages, sub.cache_salt)
+            token_ids, salt = prefix_token_ids(sub.prefix, encoder, prompt, messages, sub.cache_salt, sub.tools)
         else:
-            token_ids, salt = encoder.to_token_ids(prompt, messages, add_generation_prompt), sub.cache_salt
+            token_ids = encoder.to_token_ids(prompt, messages, add_generation_prompt, sub.tools)
+            salt = sub.cache_salt
         encoder.validate(token_ids, sub.params)
         return token_ids, salt, messages
 
@@ -164,7 +180,10 @@ class Submitter:
             sub.prefix.hits += 1
         elif messages is not None:
             self._prefixes.count_message_hits(messages, cache_salt)
+        grammars = self._parts.grammars
+        grammar = (grammars.submit_spec(sub.grammar_spec, sub.params.grammar_backend) if sub.grammar_spec is not None
+                   else grammars.submit(sub.params))
         return loop.submit(NewRequest(
             sub.request_id, token_ids, sub.params, sub.priority, sub.arrival_time, sub.deadline, cache_salt,
-            pin_prefix, grammar=self._parts.grammars.submit(sub.params), lora=sub.lora,
+            pin_prefix, grammar=grammar, lora=sub.lora, tools=sub.tools,
         ))

@@ -73,6 +73,10 @@ def check_backend_supports(spec: GrammarSpec, backend: str) -> None:
     """Raise :class:`GrammarError` for what is wrong before compiling: an unknown backend, EBNF on outlines."""
     if backend not in BACKENDS:
         raise GrammarError(f"response_format: unknown grammar backend {backend!r}; expected one of {list(BACKENDS)}")
+    if spec.kind == "structural_tag" and backend == "outlines":
+        raise GrammarError(
+            "tools: constrained tool calls need xgrammar's structural tags, which the outlines backend does not "
+            "have; use grammar_backend='xgrammar' (the default) for requests with tools")
     if spec.kind == "grammar" and backend == "outlines":
         from kvloom.structured.outlines_worker import EBNF_ERROR
 

@@ -25,6 +25,9 @@ from typing import Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 FormatType = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
+GrammarKind = FormatType | Literal["structural_tag"]
+"""What a compiled grammar can be: a response format, or a structural tag (tool calls: built by
+the engine from ``tools=``, never a user's ``response_format``)."""
 _FORMAT_TYPES = ("json_schema", "json_object", "regex", "choice", "grammar")
 _SHORTHAND_KEYS = ("json_schema", "regex", "choice", "grammar")
 
@@ -34,10 +37,11 @@ class GrammarSpec:
     """A compiled grammar's identity: ``kind`` and canonical ``text``. Hashable and picklable.
 
     ``text`` is: the schema as JSON, keys in the caller's order (``json_schema``); ``""`` (``json_object``);
-    the pattern (``regex``); the choices as a JSON list (``choice``); the EBNF (``grammar``).
+    the pattern (``regex``); the choices as a JSON list (``choice``); the EBNF (``grammar``); the
+    xgrammar structural tag as JSON (``structural_tag``).
     """
 
-    kind: FormatType
+    kind: GrammarKind
     text: str
 
 

@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
 _SEPARATORS = (",", ":")
 _BOUNDED_STRING_CHAR = r'[^\"\\\r\n]'  # xgrammar's character class for length-bounded strings
-_JSON_STRING_CHAR = r'[^\0-\x1f\"\\\r\n]'
+_JSON_STRING_CHAR = r'[^\0-\x1f\"\\\r\n]'  # ... and for other JSON strings
+_SAFE_STRING_CHAR = r'[^\0-\x1f\"\\\r\n\uD800-\uDFFF]'
 _CPP_LOCATION = re.compile(r"\[[0-9:]+\]\s*\S+\.(?:cc|h):\d+:\s*")
 _MAX_DETAIL_CHARS = 400
 
@@ -94,7 +95,8 @@ class XGrammarBackend:
     def compile(self, spec: GrammarSpec) -> XGrammarCompiled:
         """Compile ``spec``; raises ``ValueError`` whose message says what is wrong with it."""
         what = {"json_schema": "invalid JSON schema", "json_object": "cannot build the JSON object grammar",
-                "regex": "invalid regex", "choice": "invalid choice list", "grammar": "invalid EBNF grammar"}[spec.kind]
+                "regex": "invalid regex", "choice": "invalid choice list", "grammar": "invalid EBNF grammar",
+                "structural_tag": "invalid tool-call structural tag"}[spec.kind]
         try:
             compiled = self._compile(spec)
         except Exception as exc:  # xgrammar raises RuntimeError for every kind of bad input
@@ -114,6 +116,10 @@ class XGrammarBackend:
             return c.compile_regex(spec.text)
         if spec.kind == "choice":
             return c.compile_grammar(choice_ebnf(json.loads(spec.text)))
+        if spec.kind == "structural_tag":
+            import xgrammar
+
+            return c.compile_grammar(_safe_strings(str(xgrammar.Grammar.from_structural_tag(spec.text))))
         return c.compile_grammar(spec.text)
 
     def _compile_json_schema(self, schema: str) -> xgrammar.CompiledGrammar:
@@ -121,12 +127,16 @@ class XGrammarBackend:
 
         grammar = xgrammar.Grammar.from_json_schema(schema, any_whitespace=False, separators=_SEPARATORS,
                                                     strict_mode=True)
-        ebnf = str(grammar)
-        if _BOUNDED_STRING_CHAR not in ebnf:
-            return self._compiler.compile_grammar(grammar)
-        # xgrammar (<= 0.2.8) lets strings with minLength/maxLength hold raw control characters,
-        # which JSON forbids (json.loads raises): exclude them, as its unbounded strings do.
-        return self._compiler.compile_grammar(ebnf.replace(_BOUNDED_STRING_CHAR, _JSON_STRING_CHAR))
+        return self._compiler.compile_grammar(_safe_strings(str(grammar)))
+
+
+def _safe_strings(ebnf: str) -> str:
+    """JSON string characters that decode as what the grammar counted. xgrammar lets
+    length-bounded strings hold raw control characters (JSON forbids them: ``json.loads``
+    raises), and every string hold UTF-8-encoded surrogates (``ED A0 80``), which it counts as
+    one character but which decode as three U+FFFD, so ``maxLength`` fails after decoding.
+    Exclude both everywhere."""
+    return ebnf.replace(_BOUNDED_STRING_CHAR, _SAFE_STRING_CHAR).replace(_JSON_STRING_CHAR, _SAFE_STRING_CHAR)
 
 
 class XGrammarProcessor(LogitsProcessor):

@@ -1,0 +1,116 @@
+"""Constrained tool calls on tiny random checkpoints of two families: every sampled call names an
+allowed tool and its arguments validate against that tool's schema."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from kvloom import LLM, AsyncEngine, InvalidRequestError, SamplingParams
+
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "book_trip", "description": "Book a trip.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 12},
+                "travellers": {"type": "array", "items": {"type": "object", "properties": {
+                    "name": {"type": "string", "maxLength": 8}, "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+                    "required": ["name", "age"]}, "minItems": 1, "maxItems": 2},
+                "class": {"enum": ["economy", "business"]},
+                "flexible": {"type": "boolean"},
+            },
+            "required": ["city", "travellers", "class"],
+        }}},
+    {"type": "function", "function": {
+        "name": "search", "description": "Search the web.",
+        "parameters": {"type": "object", "properties": {"q": {"type": "string", "maxLength": 10},
+                                                        "limit": {"type": "integer", "minimum": 1, "maximum": 5}},
+                       "required": ["q"]}}},
+]
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+USER = [{"role": "user", "content": "Book me a trip to Paris."}]
+FAMILIES = {"llama": dict(arch="llama", chat_template="llama3"), "hermes": dict(arch="qwen2", chat_template="hermes")}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family_dir(request: pytest.FixtureRequest, checkpoint_factory: Callable[..., Path]) -> Path:
+    return checkpoint_factory(max_position_embeddings=2048, **FAMILIES[request.param])
+
+
+def sampled(n: int) -> list[SamplingParams]:
+    return [SamplingParams(temperature=1.0, seed=seed, max_tokens=400) for seed in range(n)]
+
+
+def assert_valid_calls(completions: list, allowed: set[str], single: bool) -> int:  # type: ignore[type-arg]
+    num_calls = 0
+    for c in completions:
+        # Parallel calls may run into max_tokens (a random model rarely stops): the complete
+        # calls before the cut still count, and must validate like the others.
+        assert c.finish_reason == "tool_calls" or (c.finish_reason == "length" and not single), c.finish_reason
+        assert c.tool_calls and (len(c.tool_calls) == 1 or not single)
+        for call in c.tool_calls:
+            assert call.name in allowed
+            jsonschema.validate(call.parsed, SCHEMAS[call.name])
+            num_calls += 1
+        assert len({call.id for call in c.tool_calls}) == len(c.tool_calls)
+    return num_calls
+
+
+def test_required_calls_always_validate(family_dir: Path) -> None:
+    llm = LLM(family_dir)
+    out = llm.chat([USER] * 50, sampled(50), tools=TOOLS, tool_choice="required")
+    num_calls = assert_valid_calls(out, {"book_trip", "search"}, single=False)
+    assert num_calls >= 50
+    assert {call.name for c in out for call in c.tool_calls} == {"book_trip", "search"}, "both tools get chosen"
+    assert max(len(c.tool_calls) for c in out) > 1, "parallel calls when allowed"
+    llm.assert_idle()
+    llm.close()
+
+
+def test_a_named_tool_and_no_parallel_calls(family_dir: Path) -> None:
+    llm = LLM(family_dir)
+    named = {"type": "function", "function": {"name": "book_trip"}}
+    out = llm.chat([USER] * 50, sampled(50), tools=TOOLS, tool_choice=named, parallel_tool_calls=False)
+    assert assert_valid_calls(out, {"book_trip"}, single=True) == 50
+    llm.close()
+
+
+def test_auto_gives_text_or_valid_calls(family_dir: Path) -> None:
+    llm = LLM(family_dir)
+    out = llm.chat([USER] * 10, [SamplingParams(temperature=1.0, seed=s, max_tokens=64) for s in range(10)],
+                   tools=TOOLS)
+    for c in out:
+        if c.tool_calls:
+            assert_valid_calls([c], {"book_trip", "search"}, single=False)
+        else:
+            assert c.finish_reason in ("stop", "length")
+    llm.close()
+
+
+def test_bad_tool_requests_fail_at_submit_naming_the_field(family_dir: Path) -> None:
+    llm = LLM(family_dir)
+    with pytest.raises(InvalidRequestError, match=r"tools\[0\]\.function\.name"):
+        llm.chat(USER, tools=[{"type": "function", "function": {"parameters": {}}}])
+    with pytest.raises(InvalidRequestError, match="tool_choice: no tool named 'nope'"):
+        llm.chat(USER, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}})
+    with pytest.raises(InvalidRequestError, match="response_format"):
+        llm.chat(USER, SamplingParams(response_format={"choice": ["a"]}), tools=TOOLS)
+    with pytest.raises(InvalidRequestError, match="outlines"):
+        llm.chat(USER, SamplingParams(grammar_backend="outlines"), tools=TOOLS, tool_choice="required")
+    llm.assert_idle()
+    llm.close()
+
+
+@pytest.mark.anyio
+async def test_async_engine_takes_tools_and_refuses_them_on_a_prompt(family_dir: Path) -> None:
+    async with AsyncEngine.from_pretrained(family_dir) as engine:
+        with pytest.raises(InvalidRequestError, match="tools: need chat `messages`"):
+            engine.stream("hello", tools=TOOLS)
+        out = await engine.generate(messages=USER, params=sampled(1)[0], tools=TOOLS, tool_choice="required")
+        assert_valid_calls([out], {"book_trip", "search"}, single=False)
+        engine.assert_idle()
