@@ -45,6 +45,18 @@ class TokenLogprob:
 
 
 @dataclass(slots=True)
+class ToolCallDelta:
+    """A piece of a streamed tool call (OpenAI's ``delta.tool_calls[i]``): ``id`` and ``name``
+    come once, first; then ``arguments`` fragments that concatenate to the call's arguments."""
+
+    index: int
+    """Which call of the choice (0, 1, ... in order)."""
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+@dataclass(slots=True)
 class Usage:
     prompt_tokens: int
     completion_tokens: int
@@ -112,3 +124,5 @@ class StreamChunk:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+    """Tool-call pieces of a request with ``tools`` (their markup never appears in ``text``)."""

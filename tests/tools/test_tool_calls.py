@@ -53,7 +53,8 @@ def assert_valid_calls(completions: list, allowed: set[str], single: bool) -> in
         # calls before the cut still count, and must validate like the others.
         assert c.finish_reason == "tool_calls" or (c.finish_reason == "length" and not single), c.finish_reason
         assert c.tool_calls and (len(c.tool_calls) == 1 or not single)
-        for call in c.tool_calls:
+        complete = c.tool_calls if c.finish_reason == "tool_calls" else c.tool_calls[:-1]  # the last may be cut
+        for call in complete:
             assert call.name in allowed
             jsonschema.validate(call.parsed, SCHEMAS[call.name])
             num_calls += 1
@@ -113,4 +114,28 @@ async def test_async_engine_takes_tools_and_refuses_them_on_a_prompt(family_dir:
             engine.stream("hello", tools=TOOLS)
         out = await engine.generate(messages=USER, params=sampled(1)[0], tools=TOOLS, tool_choice="required")
         assert_valid_calls([out], {"book_trip", "search"}, single=False)
+        engine.assert_idle()
+
+
+@pytest.mark.anyio
+async def test_streamed_deltas_add_up_to_the_completion_without_markup(family_dir: Path) -> None:
+    from kvloom.engine.streams import merge_tool_deltas
+
+    async with AsyncEngine.from_pretrained(family_dir) as engine:
+        for seed in range(4):
+            params = SamplingParams(temperature=1.0, seed=seed, max_tokens=400)
+            done = await engine.generate(messages=USER, params=params, tools=TOOLS, tool_choice="required")
+            texts, deltas, reasons = [], [], []
+            async for chunk in engine.stream(messages=USER, params=params, tools=TOOLS, tool_choice="required"):
+                texts.append(chunk.text)
+                deltas = merge_tool_deltas(deltas, chunk.tool_calls or [])
+                reasons.append(chunk.finish_reason)
+            assert "".join(texts) == done.text
+            assert not any("<tool_call>" in t or '{"name"' in t for t in texts), texts
+            assert reasons[-1] == done.finish_reason
+            heads = [d for d in deltas if d.id is not None]
+            assert [d.name for d in heads] == [c.name for c in done.tool_calls]
+            assert len({d.id for d in heads}) == len(heads)
+            arguments = ["".join(d.arguments for d in deltas if d.index == i) for i in range(len(heads))]
+            assert arguments == [c.arguments for c in done.tool_calls]
         engine.assert_idle()

@@ -178,7 +178,7 @@ class EngineLoop:
             stream = self.streams.get(delta.parent_id)
             if stream is not None:
                 stream.push(StreamChunk(delta.parent_id, delta.index, delta.text, delta.token_ids,
-                                        delta.logprobs, delta.finish_reason))
+                                        delta.logprobs, delta.finish_reason, tool_calls=delta.tool_calls))
         self._stats.record_tokens(num_tokens)
         for completion in result.finished:
             u = completion.usage

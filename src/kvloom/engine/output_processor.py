@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvloom.engine.detokenizer import IncrementalDetokenizer
-from kvloom.outputs import Choice, Completion, FinishReason, TokenLogprob, Usage
+from kvloom.outputs import Choice, Completion, FinishReason, TokenLogprob, ToolCallDelta, Usage
 from kvloom.params import SamplingParams
 from kvloom.scheduler.output import EngineCoreOutput
 from kvloom.tools.request import ToolRequest
+from kvloom.tools.stream_parser import ToolCallStreamParser
 
 
 def child_request_ids(parent_id: str, n: int) -> list[str]:
@@ -38,6 +39,8 @@ class SequenceState:
     finish_reason: FinishReason | None = None
     num_cached_tokens: int = 0
     first_token_time: float | None = None
+    tool_parser: ToolCallStreamParser | None = None
+    """Set for a request with tools: splits the text into content and calls as it streams."""
 
 
 @dataclass(slots=True)
@@ -59,13 +62,11 @@ class ParentState:
                    finish_reason=s.finish_reason, logprobs=s.logprobs)
             for s in self.seqs
         ]
-        if self.tools is not None:
-            for choice in choices:
-                text, calls = self.tools.parse(choice.text)
-                if calls:
-                    choice.text, choice.tool_calls = text, calls
-                    if choice.finish_reason == "stop":
-                        choice.finish_reason = "tool_calls"
+        for choice, seq in zip(choices, self.seqs, strict=True):
+            if seq.tool_parser is not None:
+                choice.text, choice.tool_calls = seq.tool_parser.result()
+                if choice.tool_calls and choice.finish_reason == "stop":
+                    choice.finish_reason = "tool_calls"
         return Completion(self.request_id, list(self.prompt_token_ids), choices, self.usage())
 
     def usage(self) -> Usage:
@@ -90,6 +91,7 @@ class SequenceDelta:
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None
     finish_reason: FinishReason | None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 @dataclass(slots=True)
@@ -117,7 +119,8 @@ class OutputProcessor:
                 self.tokenizer, prompt_token_ids, params.skip_special_tokens, list(params.stop),
                 params.include_stop_str_in_output,
             )
-            seq = SequenceState(parent_id, i, detok, logprobs=[] if params.logprobs is not None else None)
+            seq = SequenceState(parent_id, i, detok, logprobs=[] if params.logprobs is not None else None,
+                                tool_parser=tools.stream_parser() if tools is not None else None)
             self.seqs[sid] = seq
             seqs.append(seq)
         self.parents[parent_id] = ParentState(parent_id, list(prompt_token_ids), seqs, arrival, tools)
@@ -160,9 +163,16 @@ class OutputProcessor:
                 # Token ids stay as generated (as in vLLM); only the text is cut at the stop string.
                 reason = "stop"
             seq.finish_reason = reason
+            text = seq.detok.take_delta(reason is not None)
+            tool_deltas = None
+            shown_reason = reason
+            if seq.tool_parser is not None:
+                text, tool_deltas = seq.tool_parser.feed(text, final=reason is not None)
+                if reason == "stop" and seq.tool_parser.calls:
+                    shown_reason = "tool_calls"
             deltas.append(
-                SequenceDelta(out.req_id, seq.parent_id, seq.index, seq.detok.take_delta(reason is not None),
-                              list(out.new_token_ids), out.new_logprobs, reason)
+                SequenceDelta(out.req_id, seq.parent_id, seq.index, text, list(out.new_token_ids), out.new_logprobs,
+                              shown_reason, tool_deltas or None)
             )
             if reason is not None:
                 del self.seqs[out.req_id]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from kvloom.outputs import Completion, StreamChunk, Usage
+from kvloom.outputs import Completion, StreamChunk, ToolCallDelta, Usage
 
 
 @dataclass(slots=True, eq=False)
@@ -64,6 +64,8 @@ class RequestStream:
                     last.logprobs = (last.logprobs or []) + chunk.logprobs
                 last.finish_reason = chunk.finish_reason
                 last.usage = chunk.usage
+                if chunk.tool_calls:
+                    last.tool_calls = merge_tool_deltas(last.tool_calls or [], chunk.tool_calls)
             else:
                 merged.append(chunk)
         return merged
@@ -99,3 +101,14 @@ async def iterate(
     finally:
         if not stream.finished:
             abort(stream)
+
+
+def merge_tool_deltas(first: list[ToolCallDelta], then: list[ToolCallDelta]) -> list[ToolCallDelta]:
+    """Join consecutive pieces of one call (argument fragments append to the piece before)."""
+    merged = [ToolCallDelta(d.index, d.id, d.name, d.arguments) for d in first]
+    for d in then:
+        if merged and merged[-1].index == d.index and d.id is None and d.name is None:
+            merged[-1].arguments += d.arguments
+        else:
+            merged.append(ToolCallDelta(d.index, d.id, d.name, d.arguments))
+    return merged

@@ -1,5 +1,5 @@
 """Tool-call syntaxes per model family: which one a checkpoint speaks, the structural tag that
-constrains it, and the parser that reads calls back out of the text.
+constrains it (``stream_parser`` reads the calls back out).
 
 - ``hermes`` (Qwen2.5, Qwen3, Hermes): ``<tool_call>\\n{"name": "f", "arguments": {...}}\\n</tool_call>``,
   constrained with xgrammar's ``qwen_3`` structural tag (reasoning off).
@@ -10,9 +10,7 @@ constrains it, and the parser that reads calls back out of the text.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from kvloom.errors import InvalidRequestError
@@ -22,8 +20,6 @@ ToolCallFormat = Literal["hermes", "llama"]
 TOOL_CALL_FORMATS: tuple[ToolCallFormat, ...] = ("hermes", "llama")
 
 _XGRAMMAR_MODEL: dict[ToolCallFormat, str] = {"hermes": "qwen_3", "llama": "llama"}
-_ARGUMENTS_KEY: dict[ToolCallFormat, str] = {"hermes": "arguments", "llama": "parameters"}
-_HERMES_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
 
 
 def detect_format(architecture: str, chat_template: str | None, explicit: str | None = None) -> ToolCallFormat | None:
@@ -90,50 +86,3 @@ def _find_triggered_tags(node: Any) -> dict[str, Any]:
         except LookupError:
             continue
     raise LookupError("no triggered_tags in the builtin structural tag")
-
-
-@dataclass(frozen=True, slots=True)
-class ParsedCall:
-    name: str
-    arguments: str
-    """The arguments as compact JSON text."""
-
-
-def parse_tool_calls(fmt: ToolCallFormat, text: str, tool_names: Sequence[str]) -> tuple[str, list[ParsedCall]]:
-    """Split ``text`` into the content before the first call and the calls. A candidate that
-    is not a JSON object naming a known tool with an object of arguments is left as text.
-    Control characters inside strings are accepted (``strict=False``) and re-escaped."""
-    key = _ARGUMENTS_KEY[fmt]
-    calls: list[ParsedCall] = []
-    first: int | None = None
-    for start, obj in _candidates(fmt, text):
-        if not (isinstance(obj, dict) and obj.get("name") in tool_names and isinstance(obj.get(key), dict)):
-            continue
-        if first is None:
-            first = start
-        calls.append(ParsedCall(obj["name"], json.dumps(obj[key], ensure_ascii=False)))
-    if first is None:
-        return text, []
-    return text[:first].rstrip(), calls
-
-
-def _candidates(fmt: ToolCallFormat, text: str) -> list[tuple[int, Any]]:
-    found: list[tuple[int, Any]] = []
-    if fmt == "hermes":
-        for match in _HERMES_CALL.finditer(text):
-            try:
-                found.append((match.start(), json.loads(match.group(1), strict=False)))
-            except json.JSONDecodeError:
-                continue
-        return found
-    decoder = json.JSONDecoder(strict=False)
-    pos = text.find('{"name"')
-    while pos != -1:
-        try:
-            obj, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError:
-            pos = text.find('{"name"', pos + 1)
-            continue
-        found.append((pos, obj))
-        pos = text.find('{"name"', end)
-    return found

@@ -4,16 +4,15 @@ and parsed back into tool calls when the request finishes."""
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from kvloom.errors import InvalidRequestError
-from kvloom.outputs import ToolCall
 from kvloom.structured.spec import GrammarSpec
-from kvloom.tools.formats import ToolCallFormat, parse_tool_calls, structural_tag
+from kvloom.tools.formats import ToolCallFormat, structural_tag
 from kvloom.tools.spec import ToolChoice, ToolSpec, normalize_tool_choice, normalize_tools
+from kvloom.tools.stream_parser import ToolCallStreamParser
 
 FALLBACK_SYSTEM_PROMPT = (
     "You can call these functions. To call one, answer with {call_format}, and nothing else.\n"
@@ -76,12 +75,8 @@ class ToolRequest:
             return None
         return GrammarSpec("structural_tag", structural_tag(self.format, self.tools, self.choice, self.parallel))
 
-    def parse(self, text: str) -> tuple[str, list[ToolCall]]:
-        """The text before the calls, and the calls, each with a fresh unique id."""
+    def stream_parser(self) -> ToolCallStreamParser | None:
+        """A parser for one choice's text (None for ``tool_choice="none"``: text only)."""
         if self.choice == "none":
-            return text, []
-        content, parsed = parse_tool_calls(self.format, text, self.names)
-        calls = [ToolCall(f"call_{uuid.uuid4().hex[:24]}", c.name, c.arguments) for c in parsed]
-        if not self.parallel:
-            calls = calls[:1]
-        return content, calls
+            return None
+        return ToolCallStreamParser(self.format, frozenset(self.names))
