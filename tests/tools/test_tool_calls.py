@@ -139,3 +139,36 @@ async def test_streamed_deltas_add_up_to_the_completion_without_markup(family_di
             arguments = ["".join(d.arguments for d in deltas if d.index == i) for i in range(len(heads))]
             assert arguments == [c.arguments for c in done.tool_calls]
         engine.assert_idle()
+
+
+def test_auto_once_a_call_starts_the_rest_is_constrained(family_dir: Path) -> None:
+    """A random model in ``auto`` mode rarely opens a call by itself, so a scripted processor
+    writes the family's opening (``<tool_call>`` or ``{"name"``); the grammar does the rest."""
+    import torch
+
+    from kvloom.structured import LogitsProcessor
+
+    llm = LLM(family_dir)
+    opening = "<tool_call>" if llm.inputs.tool_call_format == "hermes" else '{"name": '  # the grammar's triggers
+    forced = llm.tokenizer.encode(opening)
+
+    class WriteOpening(LogitsProcessor):
+        def __init__(self) -> None:
+            self.step = 0
+
+        def process_logits(self, logits: torch.Tensor) -> None:
+            if self.step < len(forced):
+                keep = logits[forced[self.step]].clone()
+                logits.fill_(float("-inf"))
+                logits[forced[self.step]] = keep
+
+        def accept_token(self, token_id: int) -> bool:
+            self.step += 1
+            return True
+
+    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=400, logits_processors=[WriteOpening])
+              for s in range(20)]
+    out = llm.chat([USER] * 20, params, tools=TOOLS, tool_choice="auto", parallel_tool_calls=False)
+    assert [c.text for c in out] == [""] * 20, "the opening is markup, not text; one call, then the end"
+    assert assert_valid_calls(out, {"book_trip", "search"}, single=True) == 20
+    llm.close()
