@@ -10,6 +10,7 @@ import jsonschema
 import pytest
 
 from kvloom import LLM, AsyncEngine, InvalidRequestError, SamplingParams
+from tests.engine.helpers import assert_settles_idle
 
 TOOLS = [
     {"type": "function", "function": {
@@ -172,3 +173,29 @@ def test_auto_once_a_call_starts_the_rest_is_constrained(family_dir: Path) -> No
     assert [c.text for c in out] == [""] * 20, "the opening is markup, not text; one call, then the end"
     assert assert_valid_calls(out, {"book_trip", "search"}, single=True) == 20
     llm.close()
+
+
+@pytest.mark.anyio
+async def test_a_three_turn_agent_loop_reuses_its_prefix(family_dir: Path) -> None:
+    """Call, tool result, answer, through AsyncEngine with a handle of the system prompt and
+    tools: each turn finds the earlier turns' KV in the cache."""
+    system = [{"role": "system", "content": "You are a travel agent. Use the tools."}]
+    async with AsyncEngine.from_pretrained(family_dir) as engine:
+        handle = await engine.cache_prefix(messages=system, tools=TOOLS)
+        convo: list[dict[str, object]] = [*USER]
+        call = await engine.generate(messages=convo, prefix=handle, tools=TOOLS, tool_choice="required",
+                                     parallel_tool_calls=False, params=sampled(1)[0])
+        assert_valid_calls([call], {"book_trip", "search"}, single=True)
+        convo += [{"role": "assistant", "content": call.text, "tool_calls": [c.to_openai() for c in call.tool_calls]},
+                  {"role": "tool", "tool_call_id": call.tool_calls[0].id, "content": '{"booked": true}'}]
+        answer = await engine.generate(messages=convo, prefix=handle, tools=TOOLS, tool_choice="none",
+                                       params=SamplingParams(temperature=0.0, max_tokens=8))
+        assert not answer.tool_calls
+        convo += [{"role": "assistant", "content": answer.text}, {"role": "user", "content": "Thanks!"}]
+        last = await engine.generate(messages=convo, prefix=handle, tools=TOOLS,
+                                     params=SamplingParams(temperature=0.0, max_tokens=4))
+        cached = [call.usage.cached_tokens, answer.usage.cached_tokens, last.usage.cached_tokens]
+        assert handle.num_cached_tokens <= cached[0] < cached[1] < cached[2], cached
+        assert handle.hits == 3
+        handle.release()
+        await assert_settles_idle(engine)

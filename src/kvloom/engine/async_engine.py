@@ -224,13 +224,17 @@ class AsyncEngine:
     async def cache_prefix(
         self, prompt: Prompt | None = None, *, messages: Sequence[Message] | None = None,
         cache_salt: str | None = None, adapter: str | None = None, timeout: float | None = None,
+        tools: Sequence[Any] | None = None,
     ) -> PrefixHandle:
         """Prefill ``prompt`` (or ``messages``, without a generation prompt) once and pin its
         whole KV blocks. Raises ``PrefixBudgetError`` past ``prefix_pin_fraction`` of the pool.
-        Cancelling it (or a timeout) at any point leaves nothing pinned."""
+        Cancelling it (or a timeout) at any point leaves nothing pinned. ``tools`` are rendered
+        with ``messages`` as the chat template does (an agent's system prompt plus its tools);
+        requests that pass the same tools reuse them."""
         submitter, _ = self._running()
         assert self._prefixes is not None
-        sub = submitter.check(_PIN_PARAMS, None, 0, None, cache_salt, adapter, timeout)
+        sub = submitter.check(_PIN_PARAMS, None, 0, None, cache_salt, adapter, timeout, tools,
+                              "none" if tools is not None else None, True, messages is not None)
         token_ids, _, _ = await submitter.encode(sub, prompt, messages, add_generation_prompt=False)
         block_size = self.config.cache.block_size
         if len(token_ids) < block_size:
