@@ -71,11 +71,8 @@ class AsyncEngine:
             parts, worker_encoder = await anyio.to_thread.run_sync(self._load)
         finally:
             self._starting = False
-        loop = EngineLoop(parts.driver, None, self._stats)
-        cache = self.config.cache
-        prefixes = PrefixRegistry(int(cache.prefix_pin_fraction * parts.core.num_blocks),
-                                  cache.prefix_pin_fraction, parts.core.num_blocks, loop.unpin)
-        loop.prefixes = prefixes
+        loop = EngineLoop(parts.driver, self._stats, self.config.cache.prefix_pin_fraction, parts.core.num_blocks)
+        prefixes = loop.prefixes
         self._parts, self._loop, self._prefixes = parts, loop, prefixes
         self._submitter = Submitter(parts, loop, prefixes, worker_encoder, self.max_waiting,
                                     self.config.request_timeout)
@@ -154,14 +151,13 @@ class AsyncEngine:
             submitter.reserve(sub.request_id)
 
             async def submit_later() -> RequestStream:
-                submitter.release(sub.request_id)
-                return await submitter.encode_and_enqueue(sub, prompt, messages)
+                return await submitter.encode_and_enqueue(sub, prompt, messages)  # releases the id
 
             later = iterate(None, self._abort_stream, submit_later)
             weakref.finalize(later, submitter.release, sub.request_id)  # never iterated: free the id
             return later
         encoded = submitter.encode_with(submitter.encoder, sub, prompt, messages)
-        stream = submitter.enqueue(sub, *encoded)
+        stream = submitter.enqueue(sub, *encoded, messages)
         iterator = iterate(stream, self._abort_stream)
         # Dropped without being iterated (no ``finally`` runs then): abort this very stream.
         weakref.finalize(iterator, loop.abort, sub.request_id, stream)
@@ -235,7 +231,7 @@ class AsyncEngine:
         assert self._prefixes is not None
         sub = submitter.check(_PIN_PARAMS, None, 0, None, cache_salt, adapter, timeout, tools,
                               "none" if tools is not None else None, True, messages is not None)
-        token_ids, _, _ = await submitter.encode(sub, prompt, messages, add_generation_prompt=False)
+        token_ids, _ = await submitter.encode(sub, prompt, messages, add_generation_prompt=False)
         block_size = self.config.cache.block_size
         if len(token_ids) < block_size:
             raise InvalidRequestError(f"prompt: a prefix of {len(token_ids)} tokens fills no block of {block_size}")

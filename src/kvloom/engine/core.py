@@ -61,13 +61,11 @@ class EngineCore:
         """Queue one sequence. Raises ``InvalidRequestError`` for one that could never run."""
         lora_hash = req.lora.content_hash if req.lora is not None else None
         if not self._scheduler.can_serve_lora(lora_hash):
-            raise InvalidRequestError(self.unservable_adapter_message(req))
-        self._scheduler.add_request(req)
-
-    def unservable_adapter_message(self, req: Request) -> str:
-        path = req.lora.path if req.lora is not None else None
-        return (f"adapter: every one of the max_loras={self.config.lora.max_loras} adapter slots is pinned to "
+            path = req.lora.path if req.lora is not None else None
+            raise InvalidRequestError(
+                f"adapter: every one of the max_loras={self.config.lora.max_loras} adapter slots is pinned to "
                 f"another adapter, so a request on {path} could never run; unpin one or raise max_loras")
+        self._scheduler.add_request(req)
 
     def finish_requests(self, req_ids: Sequence[str], reason: FinishReason = "abort") -> None:
         """End sequences wherever they are (abort, stop string, deadline); frees their blocks at once."""

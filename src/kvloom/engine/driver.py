@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from kvloom.engine.core import EngineCore
@@ -24,6 +25,7 @@ from kvloom.scheduler.request import Request
 from kvloom.structured.logits_processor import LogitsProcessor
 
 if TYPE_CHECKING:
+    from kvloom.lora.adapter import LoRAAdapter
     from kvloom.structured.compiler import CompiledGrammar
 
 logger = logging.getLogger(__name__)
@@ -88,7 +90,7 @@ class EngineDriver:
 
     def _fail(self, request_id: str, exc: BaseException) -> None:
         """End a request with an error: forget it everywhere (its blocks are freed at once)."""
-        self._forget(request_id)
+        self.abort(request_id)
         if isinstance(exc, InvalidRequestError):
             error = exc
         else:
@@ -96,17 +98,14 @@ class EngineDriver:
             error.__cause__ = exc
         self._failed.append(RequestFailure(request_id, error))
 
-    def _forget(self, request_id: str) -> Completion | None:
+    def abort(self, request_id: str) -> Completion | None:
+        """Forget a request wherever it is (its blocks are freed at once); returns what it had
+        produced, or None if it was unknown or already finished."""
         self._awaiting_grammar.pop(request_id, None)
         self._deadlines.pop(request_id, None)
         seq_ids, partial = self.outputs.abort(request_id)
         self.core.finish_requests(seq_ids, "abort")
         return partial
-
-    def abort(self, request_id: str) -> Completion | None:
-        """Forget a request wherever it is (its blocks are freed at once); returns what it had
-        produced, or None if it was unknown or already finished."""
-        return self._forget(request_id)
 
     # ---- waiting rooms -----------------------------------------------------------------------
     def _poll_grammars(self) -> None:
@@ -134,13 +133,12 @@ class EngineDriver:
             return []
         now = time.monotonic()
         expired = [rid for rid, deadline in self._deadlines.items() if now >= deadline]
-        timed_out = [c for c in (self._forget(rid) for rid in expired) if c is not None]
+        timed_out = [c for c in (self.abort(rid) for rid in expired) if c is not None]
         self._num_timeouts += len(timed_out)
         return timed_out
 
-    def _set_pinned_adapters(self, step_input: StepInput) -> None:
-        assert step_input.pinned_adapters is not None
-        stuck = set(self.core.set_pinned_adapters(step_input.pinned_adapters))
+    def _set_pinned_adapters(self, adapters: Sequence[LoRAAdapter]) -> None:
+        stuck = set(self.core.set_pinned_adapters(adapters))
         for parent_id in list(self.outputs.parents):
             seq_ids = child_request_ids(parent_id, len(self.outputs.parents[parent_id].seqs))
             if stuck.intersection(seq_ids):
@@ -157,7 +155,7 @@ class EngineDriver:
         """Apply the hand-off (adapters, unpins, adds, aborts, deadlines), then one step if
         there is work."""
         if step_input.pinned_adapters is not None:
-            self._set_pinned_adapters(step_input)
+            self._set_pinned_adapters(step_input.pinned_adapters)
         for block_ids in step_input.unpins:
             self.core.unpin_prefix(block_ids)
         for req in step_input.adds:
@@ -165,20 +163,19 @@ class EngineDriver:
         aborted = [c for c in (self.abort(rid) for rid in step_input.aborts) if c is not None]
         timed_out = self._expire()
         self._poll_grammars()
-        out = StepOutput(self._snapshot(), False, aborted=aborted, timed_out=timed_out)
+        deltas, finished, pinned = [], [], {}
         if self.core.has_unfinished():
             core_outputs = self.core.step()
-            out.pinned = {o.req_id: o.pinned_block_ids for o in core_outputs if o.pinned_block_ids is not None}
+            pinned = {o.req_id: o.pinned_block_ids for o in core_outputs if o.pinned_block_ids is not None}
             processed = self.outputs.process(core_outputs)
             if processed.stop_string_hits:
                 self.core.finish_requests(processed.stop_string_hits, "stop")
-            out.deltas, out.finished = processed.deltas, processed.finished
-            for completion in out.finished:
+            deltas, finished = processed.deltas, processed.finished
+            for completion in finished:
                 self._deadlines.pop(completion.request_id, None)
-            out.snapshot = self._snapshot()
-        out.failed, self._failed = self._failed, []
-        out.has_unfinished = self.has_unfinished()
-        return out
+        failed, self._failed = self._failed, []
+        return StepOutput(self._snapshot(), self.has_unfinished(), deltas, finished, aborted, timed_out, pinned,
+                          failed)
 
     def _snapshot(self) -> EngineSnapshot:
         waiting_grammar = sum(r.params.n for r in self._awaiting_grammar.values())

@@ -6,7 +6,7 @@ import itertools
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from kvloom.config import EngineConfig
 from kvloom.engine.adapters import AdapterInfo
@@ -18,6 +18,11 @@ from kvloom.kv_cache.manager import KVCacheStats
 from kvloom.outputs import Completion
 from kvloom.params import SamplingParams
 from kvloom.tools.request import ToolRequest
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from kvloom.structured.compiler import CompiledGrammar
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
@@ -111,13 +116,14 @@ class LLM:
             self.inputs.validate(ids, p)
             self.grammars.check(p)
         spec = tools.grammar_spec() if tools is not None else None
+        grammars: list[Future[CompiledGrammar] | None]
         if spec is not None:
             if any(p.response_format is not None for p in per_prompt):
                 raise InvalidRequestError("tools: cannot be combined with `response_format` in one request")
             self.grammars.check_spec(spec, per_prompt[0].grammar_backend if per_prompt else None)
             grammars = [self.grammars.submit_spec(spec, p.grammar_backend) for p in per_prompt]
         else:
-            grammars = [self.grammars.submit(p) for p in per_prompt]  # type: ignore[misc]
+            grammars = [self.grammars.submit(p) for p in per_prompt]
         for future in grammars:  # a grammar that does not compile raises here, before anything is queued
             if future is not None:
                 future.result(timeout=self.config.grammar_compile_timeout)

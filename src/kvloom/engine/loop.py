@@ -16,13 +16,13 @@ import anyio
 
 from kvloom.engine.background import Waker
 from kvloom.engine.messages import NewRequest, StepInput, StepOutput
+from kvloom.engine.prefix_registry import PrefixRegistry
 from kvloom.engine.streams import RequestStream
 from kvloom.errors import EngineClosedError, EngineDeadError, EngineError, RequestTimeoutError
 from kvloom.outputs import StreamChunk
 
 if TYPE_CHECKING:
     from kvloom.engine.driver import EngineDriver
-    from kvloom.engine.prefix_registry import PrefixRegistry
     from kvloom.engine.stats import StatsCollector
     from kvloom.lora.adapter import LoRAAdapter
 
@@ -37,9 +37,10 @@ class EngineLoop:
     a deque and wake the loop thread-safely); everything else is loop-thread only.
     """
 
-    def __init__(self, driver: EngineDriver, prefixes: PrefixRegistry | None, stats: StatsCollector) -> None:
+    def __init__(self, driver: EngineDriver, stats: StatsCollector, pin_fraction: float, num_blocks: int) -> None:
         self._driver = driver
-        self.prefixes = prefixes
+        self.prefixes = PrefixRegistry(int(pin_fraction * num_blocks), pin_fraction, num_blocks, self.unpin)
+        """Prefix handles; the pins the engine reports go to it, its unpins come back here."""
         self._stats = stats
         self.streams: dict[str, RequestStream] = {}
         self._adds: list[NewRequest] = []
@@ -152,10 +153,7 @@ class EngineLoop:
 
     def _dispatch(self, result: StepOutput) -> None:
         for request_id, block_ids in result.pinned.items():
-            if self.prefixes is not None:
-                self.prefixes.on_pinned(request_id, block_ids)
-            else:  # no registry to own the pin: give it back
-                self.unpin(block_ids)
+            self.prefixes.on_pinned(request_id, block_ids)
         for failure in result.failed:
             stream = self.streams.pop(failure.request_id, None)
             if stream is not None:
@@ -166,7 +164,6 @@ class EngineLoop:
                 stream.push(StreamChunk(partial.request_id, 0, "", [], None, "abort"))
                 stream.finish(partial, partial.usage)
         for partial in result.timed_out:
-            self._stats.record_timeout()
             stream = self.streams.pop(partial.request_id, None)
             if stream is not None:
                 stream.fail(RequestTimeoutError(

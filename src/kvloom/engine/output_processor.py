@@ -49,8 +49,6 @@ class ParentState:
     prompt_token_ids: list[int]
     seqs: list[SequenceState]
     arrival_time: float
-    tools: ToolRequest | None = None
-    """Set for a request with ``tools=``: its choices' calls are parsed out when it finishes."""
 
     @property
     def finished(self) -> bool:
@@ -123,7 +121,7 @@ class OutputProcessor:
                                 tool_parser=tools.stream_parser() if tools is not None else None)
             self.seqs[sid] = seq
             seqs.append(seq)
-        self.parents[parent_id] = ParentState(parent_id, list(prompt_token_ids), seqs, arrival, tools)
+        self.parents[parent_id] = ParentState(parent_id, list(prompt_token_ids), seqs, arrival)
         return seq_ids
 
     def abort(self, parent_id: str) -> tuple[list[str], Completion | None]:

@@ -51,10 +51,6 @@ class StatsCollector:
         self.window_s = window_s
         self._tokens: deque[tuple[float, int]] = deque()
         self._started = time.monotonic()
-        self.num_timeouts = 0
-
-    def record_timeout(self) -> None:
-        self.num_timeouts += 1
 
     def record_tokens(self, n: int) -> None:
         now = time.monotonic()
@@ -89,7 +85,7 @@ def build_stats(
         kv_blocks_used=kv.used_blocks if kv else 0,
         kv_blocks_total=kv.num_blocks if kv else 0,
         num_preemptions=last.num_preemptions if last else 0,
-        num_timeouts=collector.num_timeouts,
+        num_timeouts=last.num_timeouts if last else 0,
         prefix_cache_hit_rate=kv.hit_rate if kv else 0.0,
         tokens_per_s=collector.tokens_per_s(),
         ttft_p50=percentile(ttft, 0.5),

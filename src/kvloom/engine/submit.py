@@ -33,8 +33,8 @@ if TYPE_CHECKING:
     from kvloom.engine.streams import RequestStream
     from kvloom.lora.adapter import LoRAAdapter
 
-Encoded = tuple[list[int], str | None, Sequence[Message] | None]
-"""A request's prompt token ids, its cache salt, and its chat messages (if any)."""
+Encoded = tuple[list[int], str | None]
+"""A request's prompt token ids and its cache salt."""
 
 
 @dataclass(slots=True)
@@ -123,17 +123,18 @@ class Submitter:
         encoder: PromptEncoder, sub: Submission, prompt: Prompt | None, messages: Sequence[Message] | None,
         add_generation_prompt: bool = True,
     ) -> Encoded:
-        """Token ids, cache salt and messages, validated (touches only ``encoder``'s tokenizer)."""
+        """Token ids and cache salt, validated (touches only ``encoder``'s tokenizer)."""
         if sub.prefix is not None:
             token_ids, salt = prefix_token_ids(sub.prefix, encoder, prompt, messages, sub.cache_salt, sub.tools)
         else:
             token_ids = encoder.to_token_ids(prompt, messages, add_generation_prompt, sub.tools)
             salt = sub.cache_salt
         encoder.validate(token_ids, sub.params)
-        return token_ids, salt, messages
+        return token_ids, salt
 
     def reserve(self, request_id: str) -> None:
-        """Hold ``request_id`` while its prompt is tokenized off the loop (see ``release``)."""
+        """Hold ``request_id`` while its prompt is tokenized off the loop (see ``release``);
+        idempotent."""
         self._encoding.add(request_id)
 
     def release(self, request_id: str) -> None:
@@ -161,7 +162,7 @@ class Submitter:
             encoded = await self.encode(sub, prompt, messages, add_generation_prompt)
         finally:
             self.release(sub.request_id)
-        return self.enqueue(sub, *encoded, pin_prefix=pin_prefix)
+        return self.enqueue(sub, *encoded, messages, pin_prefix=pin_prefix)
 
     # ---- queueing --------------------------------------------------------------------------
     def enqueue(

@@ -13,24 +13,22 @@ import json
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from kvloom.errors import InvalidRequestError
 from kvloom.tools.spec import NamedToolChoice, ToolChoice, ToolSpec
 
 ToolCallFormat = Literal["hermes", "llama"]
-TOOL_CALL_FORMATS: tuple[ToolCallFormat, ...] = ("hermes", "llama")
 
 _XGRAMMAR_MODEL: dict[ToolCallFormat, str] = {"hermes": "qwen_3", "llama": "llama"}
 
 
-def detect_format(architecture: str, chat_template: str | None, explicit: str | None = None) -> ToolCallFormat | None:
+def detect_format(
+    architecture: str, chat_template: str | None, explicit: ToolCallFormat | None = None,
+) -> ToolCallFormat | None:
     """The checkpoint's tool-call syntax: ``explicit`` (the ``tool_call_format`` setting) if
     given, else what its chat template writes, else its ``config.json`` architecture (Qwen:
     hermes, Llama: llama); None when nothing says (requests with tools are then refused,
     naming the setting)."""
-    if explicit is not None:
-        if explicit not in TOOL_CALL_FORMATS:
-            raise InvalidRequestError(f"tool_call_format: must be one of {list(TOOL_CALL_FORMATS)}, got {explicit!r}")
-        return explicit  # type: ignore[return-value]
+    if explicit is not None:  # EngineConfig has checked the value
+        return explicit
     template = chat_template or ""
     if "<tool_call>" in template:
         return "hermes"
