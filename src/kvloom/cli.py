@@ -19,6 +19,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "serve": ("kvloom.bench.serve", "online serving: TTFT/TPOT/E2E under Poisson arrivals, kvloom vs transformers"),
     "prefix": ("kvloom.bench.prefix", "shared prefixes (agent, RAG): prefix caching off / auto / handles vs transformers"),
     "structured": ("kvloom.bench.structured", "JSON-schema constrained vs unconstrained throughput, xgrammar and outlines"),
+    "tools": ("kvloom.bench.tools", "agent workload: tool calls constrained vs the same conversations unconstrained"),
     "lora": ("kvloom.bench.lora", "throughput with 0/1/4/16 LoRA adapters in the batch, relative to the base model"),
 }
 """Benchmark name -> (module, one-line help)."""

@@ -179,8 +179,20 @@ def test_auto_once_a_call_starts_the_rest_is_constrained(family_dir: Path) -> No
 async def test_a_three_turn_agent_loop_reuses_its_prefix(family_dir: Path) -> None:
     """Call, tool result, answer, through AsyncEngine with a handle of the system prompt and
     tools: each turn finds the earlier turns' KV in the cache."""
+    await run_agent_loop(family_dir)
+
+
+@pytest.mark.anyio
+async def test_the_agent_loop_on_the_demo_model(checkpoint_factory: Callable[..., Path]) -> None:
+    """The same loop on the demo model (``python -m kvloom demo``'s checkpoint, built from its spec)."""
+    from kvloom.demo import DEMO_MODEL
+
+    await run_agent_loop(checkpoint_factory(**DEMO_MODEL.build_kwargs))
+
+
+async def run_agent_loop(model_dir: Path) -> None:
     system = [{"role": "system", "content": "You are a travel agent. Use the tools."}]
-    async with AsyncEngine.from_pretrained(family_dir) as engine:
+    async with AsyncEngine.from_pretrained(model_dir) as engine:
         handle = await engine.cache_prefix(messages=system, tools=TOOLS)
         convo: list[dict[str, object]] = [*USER]
         call = await engine.generate(messages=convo, prefix=handle, tools=TOOLS, tool_choice="required",
