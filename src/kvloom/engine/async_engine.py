@@ -8,6 +8,7 @@ engine thread; prefix handles live in the ``PrefixRegistry`` and adapters in the
 
 from __future__ import annotations
 
+import asyncio
 import weakref
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -55,6 +56,7 @@ class AsyncEngine:
         self._starting = False
         self._task: object = None
         self._stats = StatsCollector()
+        self._event_loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
     def from_pretrained(cls, model: str | Path, *, max_waiting: int = 1024, **config: Any) -> AsyncEngine:
@@ -77,6 +79,10 @@ class AsyncEngine:
         self._submitter = Submitter(parts, loop, prefixes, worker_encoder, self.max_waiting,
                                     self.config.request_timeout)
         self._task = spawn_background(loop.run)
+        try:
+            self._event_loop = asyncio.get_running_loop()
+        except RuntimeError:  # trio
+            self._event_loop = None
 
     def _load(self) -> tuple[EngineParts, PromptEncoder]:
         parts = build_engine(self.config)
@@ -101,6 +107,13 @@ class AsyncEngine:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+    @property
+    def event_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The asyncio loop the engine was started on (None before ``start()`` and under trio):
+        its requests must be made from that loop (``kvloom.integrations.runtime`` routes calls
+        from other threads and loops to it)."""
+        return self._event_loop
 
     @property
     def tokenizer(self) -> Any | None:
