@@ -30,3 +30,32 @@ def checkpoint_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[...
 @pytest.fixture(scope="session")
 def llama_dir(checkpoint_factory: Callable[..., Path]) -> Path:
     return checkpoint_factory(arch="llama")
+
+
+@pytest.fixture(scope="session")
+def demo_dir(checkpoint_factory: Callable[..., Path]) -> Path:
+    """The demo model (``python -m kvloom demo``'s checkpoint), built from its spec."""
+    from kvloom.demo import DEMO_MODEL
+
+    return checkpoint_factory(**DEMO_MODEL.build_kwargs)
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ``KVLOOM_CACHE_DIR`` holding the demo model, for subprocesses that call ``demo_model_dir()``."""
+    import os
+
+    from kvloom.bench.workload import cached_checkpoint
+    from kvloom.demo import DEMO_MODEL
+
+    root = tmp_path_factory.mktemp("kvloom-cache")
+    old = os.environ.get("KVLOOM_CACHE_DIR")
+    os.environ["KVLOOM_CACHE_DIR"] = str(root)
+    try:
+        cached_checkpoint(DEMO_MODEL, log=False)
+    finally:
+        if old is None:
+            del os.environ["KVLOOM_CACHE_DIR"]
+        else:
+            os.environ["KVLOOM_CACHE_DIR"] = old
+    return root
