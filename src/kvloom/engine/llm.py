@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +13,7 @@ from kvloom.config import EngineConfig
 from kvloom.engine.adapters import AdapterInfo
 from kvloom.engine.build import build_engine
 from kvloom.engine.messages import NewRequest, StepInput
+from kvloom.engine.progress import BatchProgress, wants_bar
 from kvloom.engine.prompts import Message, Prompt
 from kvloom.errors import InvalidRequestError, RequestTimeoutError
 from kvloom.kv_cache.manager import KVCacheStats
@@ -64,22 +66,26 @@ class LLM:
 
     def generate(
         self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
-        *, adapter: str | Sequence[str | None] | None = None,
+        *, adapter: str | Sequence[str | None] | None = None, use_tqdm: bool | None = None,
     ) -> list[Completion]:
         """Generate for every prompt (text or token ids); results come back in prompt order.
 
         ``adapter``: one LoRA adapter name (or None, the base model) for every prompt, or one per
         prompt. Every prompt is validated before any is queued, so one bad prompt queues nothing.
+        ``use_tqdm``: a progress bar on stderr (requests done, output tokens/s); None (default)
+        shows it only when stderr is a terminal, False never writes anything.
         """
         items = _as_prompt_list(prompts)
-        return self._run([self.inputs.to_token_ids(p, None) for p in items], params, adapter)
+        return self._run([self.inputs.to_token_ids(p, None) for p in items], params, adapter, use_tqdm=use_tqdm)
 
     def chat(
         self, conversations: Sequence[Message] | Sequence[Sequence[Message]],
         params: SamplingParams | Sequence[SamplingParams] | None = None, *,
         tools: Sequence[Any] | None = None, tool_choice: Any = None, parallel_tool_calls: bool = True,
+        use_tqdm: bool | None = None,
     ) -> list[Completion]:
-        """Like ``generate`` for chat messages (the tokenizer's chat template applies).
+        """Like ``generate`` for chat messages (the tokenizer's chat template applies; the same
+        ``use_tqdm`` progress bar).
 
         ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` as in ``AsyncEngine.generate``:
         the same tools for every conversation; calls come back in ``Completion.tool_calls``.
@@ -96,11 +102,12 @@ class LLM:
             tools, tool_choice, parallel_tool_calls, self.inputs.tool_call_format, True,
             first is not None and first.response_format is not None)
         return self._run([self.inputs.to_token_ids(None, c, tools=tool_request) for c in convs], params,
-                         tools=tool_request)
+                         tools=tool_request, use_tqdm=use_tqdm)
 
     def _run(
         self, token_lists: list[list[int]], params: SamplingParams | Sequence[SamplingParams] | None,
         adapter: str | Sequence[str | None] | None = None, tools: ToolRequest | None = None,
+        use_tqdm: bool | None = None,
     ) -> list[Completion]:
         if params is None or isinstance(params, SamplingParams):
             per_prompt = [params or SamplingParams()] * len(token_lists)
@@ -136,24 +143,31 @@ class LLM:
             for ids, p, grammar, lora in zip(token_lists, per_prompt, grammars, loras, strict=True)
         ]
         order = [r.request_id for r in adds]
+        stderr = sys.stderr  # looked up per call: the bar follows a redirected stderr
+        with BatchProgress(len(order), enabled=wants_bar(use_tqdm, stderr), stream=stderr) as progress:
+            done = self._drive(StepInput(adds=adds), order, progress)
+        return [done[rid] for rid in order]
+
+    def _drive(self, step_input: StepInput, order: list[str], progress: BatchProgress) -> dict[str, Completion]:
+        """Step until every request of ``order`` has finished; on a failure or a timeout abort
+        them all (nothing stays queued) and raise."""
         done: dict[str, Completion] = {}
-        step_input = StepInput(adds=adds)
         while True:
             result = self.driver.run(step_input)
             step_input = StepInput()
             for completion in result.finished:
                 done[completion.request_id] = completion
+            progress.update(len(result.finished), sum(len(d.token_ids) for d in result.deltas))
             failure: Exception | None = result.failed[0].error if result.failed else None
             if failure is None and result.timed_out:
                 failure = RequestTimeoutError(f"request {result.timed_out[0].request_id!r} passed request_timeout="
-                                              f"{timeout}s and was aborted")
+                                              f"{self.config.request_timeout}s and was aborted")
             if failure is not None:  # end the whole call cleanly: nothing stays queued
                 for rid in order:
                     self.driver.abort(rid)
                 raise failure
             if not result.has_unfinished:
-                break
-        return [done[rid] for rid in order]
+                return done
 
     def close(self) -> None:
         """Shut the grammar compile pools down (also done at interpreter exit)."""
