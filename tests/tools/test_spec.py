@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import jsonschema
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from kvloom.errors import InvalidRequestError
 from kvloom.tools import NamedToolChoice, normalize_tool_choice, normalize_tools
@@ -90,3 +90,16 @@ def test_tool_choice_forms_and_unknown_names() -> None:
         normalize_tool_choice({"type": "function", "function": {"name": "nope"}}, tools)
     with pytest.raises(InvalidRequestError, match="tool_choice: must be"):
         normalize_tool_choice("always", tools)
+
+
+def test_a_functions_annotated_bounds_reach_the_schema() -> None:
+    def book(city: Annotated[str, Field(max_length=12)], nights: Annotated[int, Field(ge=1, le=30)]) -> str:
+        """Book a hotel."""
+        return city
+
+    schema = normalize_tools([book])[0].parameters
+    assert schema["properties"]["city"]["maxLength"] == 12
+    jsonschema.validate({"city": "Paris", "nights": 3}, schema)
+    for bad in ({"city": "Paris" * 3, "nights": 3}, {"city": "Paris", "nights": 31}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)

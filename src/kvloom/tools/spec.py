@@ -140,7 +140,7 @@ def _from_function(fn: Callable[..., Any], where: str) -> ToolSpec:
     from pydantic import create_model
 
     try:
-        hints = get_type_hints(fn)
+        hints = get_type_hints(fn, include_extras=True)  # keeps Annotated[..., Field(...)] bounds
     except Exception as exc:
         raise InvalidRequestError(f"{where}: cannot read {getattr(fn, '__name__', fn)!r}'s annotations ({exc})") from exc
     fields: dict[str, Any] = {}
