@@ -1,4 +1,4 @@
-"""Developer sessions: ``nox -s demo``, ``nox -s tests``, ``nox -s lint``.
+"""Developer sessions: ``nox -s demo``, ``nox -s tests``, ``nox -s lint``, ``nox -s docs``.
 
 Each session installs kvloom into its own virtualenv. torch is pinned to the CPU-friendly
 release by default (KVLOOM_TORCH overrides it, e.g. ``KVLOOM_TORCH=torch`` for whatever pip picks).
@@ -43,3 +43,11 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "check", "src", "kernels", "tests", "examples", "noxfile.py")
     session.run("mypy")
     session.run("lint-imports")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The docs site (MkDocs + Material + mkdocstrings) in strict mode, into site/; ``mkdocs serve`` previews it."""
+    _install(session)
+    session.install("-e", ".[docs]")
+    session.run("mkdocs", "build", "--strict", *session.posargs, env={"NO_MKDOCS_2_WARNING": "1"})
