@@ -157,5 +157,6 @@ def test_leaving_a_stream_early_aborts_the_request(llm: KVLoomLLM) -> None:
 
 
 async def _settled_and_idle(engine: AsyncEngine) -> None:
-    await settle(engine)
+    # Unaborted, 1,500 tokens would take well over 5 s on any machine this runs on (~10 ms a token).
+    await settle(engine, timeout=5.0)
     engine.assert_idle()
