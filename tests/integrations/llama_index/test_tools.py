@@ -7,6 +7,7 @@ No ``from __future__ import annotations`` here: LlamaIndex builds a tool's schem
 function's annotations, which must be real types, not strings."""
 
 import json
+from itertools import pairwise
 from pathlib import Path
 from typing import Literal
 
@@ -78,7 +79,7 @@ def test_streamed_calls_grow_and_add_up_to_the_whole_call(llm: KVLoomLLM) -> Non
     assert len(with_call) > 2, "the call arrives over several responses"
     assert len({c["id"] for c in with_call}) == 1 and {c["function"]["name"] for c in with_call} == {"get_weather"}
     arguments = [c["function"]["arguments"] for c in with_call]
-    assert all(later.startswith(earlier) for earlier, later in zip(arguments, arguments[1:], strict=False))
+    assert all(later.startswith(earlier) for earlier, later in pairwise(arguments))
     expected = whole.message.additional_kwargs["tool_calls"][0]["function"]["arguments"]
     assert arguments[-1] == expected and streamed[-1].raw["finish_reason"] == "tool_calls"
     assert "<tool_call>" not in (streamed[-1].message.content or "")  # markup never reaches the text
