@@ -120,3 +120,55 @@ def test_bench_reports_a_failing_peer_instead_of_crashing(
     result = json.loads(out_json.read_text())
     assert result["peers"][0]["error"].startswith("TypeError") and result["peers"][0]["tokens_per_s"] is None
     assert result["summary"]["best_peer"] is None and result["kvloom"]["tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("command", [["demo"], ["serve"], ["bench", "throughput"]])
+def test_a_missing_model_directory_is_one_line_and_exit_1(
+    command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    missing = tmp_path / "no-such-model"
+    assert main([*command, "--model", str(missing)]) == 1
+    out, err = capsys.readouterr()
+    assert err == f"kvloom {command[0]}: error: --model: {missing} is not a directory\n" and out == ""
+
+
+@pytest.mark.parametrize("command", ["demo", "serve"])
+def test_a_bad_checkpoint_is_one_line_naming_it_and_debug_shows_the_traceback(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+
+    assert main([command, "--model", str(empty)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"kvloom {command}: error: ") and "config.json not found" in err
+
+    assert main([command, "--model", str(gpt2)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'GPT2LMHeadModel' is not supported" in err
+
+    from kvloom import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError):
+        main(["--debug", command, "--model", str(gpt2)])
+
+
+def test_a_bad_setting_is_one_line_naming_the_field(
+    checkpoint_factory: Callable[..., Path], capsys: pytest.CaptureFixture[str],
+) -> None:
+    model_dir = checkpoint_factory(arch="llama")
+    capsys.readouterr()  # the build's progress bar
+    assert main(["serve", "--model", str(model_dir), "--engine", "block_size=0"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("kvloom serve: error: block_size: ") and err.count("\n") == 1
+
+
+def test_the_cli_imports_no_web_framework() -> None:
+    code = ("import sys, kvloom.cli; kvloom.cli.build_parser(); "
+            "print([m for m in ('fastapi', 'uvicorn', 'openai') if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr
