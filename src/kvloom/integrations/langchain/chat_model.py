@@ -18,6 +18,7 @@ from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic import ConfigDict
 
 from kvloom.integrations.langchain.messages import to_chat_messages, to_generation, to_generation_chunk
 from kvloom.integrations.langchain.settings import KVLoomSettings
@@ -49,6 +50,9 @@ class ChatKVLoom(KVLoomSettings, BaseChatModel):
     Repeated prompt prefixes, a system prompt above all, are reused from the KV cache; the
     tokens saved show in ``usage_metadata["input_token_details"]["cache_read"]``.
     """
+
+    # BaseChatModel / BaseLLM ignore unknown fields: refuse them instead, naming them.
+    model_config = ConfigDict(extra="forbid")
 
     @property
     def _llm_type(self) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseLLM, LangSmithParams
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
+from pydantic import ConfigDict
 
 from kvloom.engine.async_engine import AsyncEngine
 from kvloom.integrations.langchain.settings import EngineRequest, KVLoomSettings
@@ -34,6 +35,9 @@ def _chunk(chunk: StreamChunk, model_name: str) -> GenerationChunk:
 
 class KVLoom(KVLoomSettings, BaseLLM):
     """A completion LLM on a kvloom engine (same construction and call arguments as ``ChatKVLoom``)."""
+
+    # BaseChatModel / BaseLLM ignore unknown fields: refuse them instead, naming them.
+    model_config = ConfigDict(extra="forbid")
 
     @property
     def _llm_type(self) -> str:
