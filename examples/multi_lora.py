@@ -14,19 +14,11 @@ import tempfile
 from pathlib import Path
 
 from kvloom import AsyncEngine, SamplingParams
-
-
-def model_dir() -> Path:
-    if len(sys.argv) > 1:
-        return Path(sys.argv[1])
-    from kvloom.bench.workload import cached_checkpoint
-    from kvloom.demo import DEMO_MODEL
-
-    return cached_checkpoint(DEMO_MODEL)[0]
+from kvloom.demo import demo_model_dir
 
 
 async def main() -> None:
-    base = model_dir()
+    base = Path(sys.argv[1]) if len(sys.argv) > 1 else demo_model_dir()  # built once into the cache
     with tempfile.TemporaryDirectory(prefix="kvloom-lora-example-") as tmp:
         adapters = [Path(p) for p in sys.argv[2:]]
         if not adapters:

@@ -9,16 +9,11 @@ from __future__ import annotations
 import sys
 
 from kvloom import LLM, SamplingParams
+from kvloom.demo import demo_model_dir
 
 
 def main() -> None:
-    if len(sys.argv) > 1:
-        model_dir = sys.argv[1]
-    else:
-        from kvloom.bench.workload import cached_checkpoint
-        from kvloom.demo import DEMO_MODEL
-
-        model_dir = str(cached_checkpoint(DEMO_MODEL)[0])
+    model_dir = sys.argv[1] if len(sys.argv) > 1 else demo_model_dir()  # built once into the cache
     llm = LLM(model_dir)
     prompts = ["Once upon a time", "The capital of France is", "def hello(name):"]
     greedy = SamplingParams(temperature=0.0, max_tokens=24)

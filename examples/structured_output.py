@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from kvloom import AsyncEngine, SamplingParams
+from kvloom.demo import demo_model_dir
 
 
 class Ticket(BaseModel):
@@ -26,17 +27,9 @@ class Ticket(BaseModel):
 SKU = r"[A-Z]{3}-\d{4}"
 
 
-def model_dir() -> str:
-    if len(sys.argv) > 1:
-        return sys.argv[1]
-    from kvloom.bench.workload import cached_checkpoint
-    from kvloom.demo import DEMO_MODEL
-
-    return str(cached_checkpoint(DEMO_MODEL)[0])
-
-
 async def main() -> None:
-    async with AsyncEngine.from_pretrained(model_dir()) as engine:
+    model_dir = sys.argv[1] if len(sys.argv) > 1 else demo_model_dir()  # built once into the cache
+    async with AsyncEngine.from_pretrained(model_dir) as engine:
         ticket, sku, answer = await asyncio.gather(
             engine.generate("File a ticket for the login bug as JSON:",
                             SamplingParams(response_format=Ticket, temperature=0.8, seed=1, max_tokens=120)),
