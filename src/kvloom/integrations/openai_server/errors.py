@@ -92,7 +92,11 @@ def from_exception(exc: BaseException, rename: dict[str, str] | None = None) -> 
     if isinstance(exc, InvalidRequestError):  # GrammarError and AdapterError too
         message = str(exc)
         match = _FIELD_PREFIX.match(message)
-        return OpenAIError(400, message, param=match.group(1) if match else None)
+        param = match.group(1) if match else None
+        if param is not None and rename and param in rename:
+            message = rename[param] + message[len(param):]
+            param = rename[param]
+        return OpenAIError(400, message, param=param)
     if isinstance(exc, EngineOverloadedError):
         return OpenAIError(429, f"The engine is overloaded: {exc}; retry later", type="rate_limit_error",
                            code="rate_limit_exceeded")

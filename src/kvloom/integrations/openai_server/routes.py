@@ -18,14 +18,20 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
 from kvloom.engine.async_engine import AsyncEngine
+from kvloom.errors import InvalidRequestError
 from kvloom.integrations.openai_server.convert import (
     ChunkWriter,
     ResponseMeta,
     chat_completion,
     text_completion,
 )
-from kvloom.integrations.openai_server.errors import OpenAIError, model_not_found
-from kvloom.integrations.openai_server.sampling import chat_params, chat_tools, completion_params
+from kvloom.integrations.openai_server.errors import OpenAIError, from_exception, model_not_found
+from kvloom.integrations.openai_server.sampling import (
+    chat_params,
+    chat_tools,
+    client_names,
+    completion_params,
+)
 from kvloom.integrations.openai_server.schemas import BaseRequest, ChatCompletionRequest, CompletionRequest
 from kvloom.integrations.openai_server.streaming import ClientDisconnected, race_disconnect, sse_events
 
@@ -88,6 +94,8 @@ async def _answer(request: Request, served: Served, body: BaseRequest, chat: boo
         first = await race_disconnect(request, lambda: anext(stream, None))
     except ClientDisconnected:
         return Response(status_code=CLIENT_CLOSED)
+    except InvalidRequestError as exc:  # named as the client named it (max_completion_tokens, ...)
+        raise from_exception(exc, client_names(body)) from exc
     writer = ChunkWriter(meta, chat, body.include_usage, engine.tokenizer)
     return StreamingResponse(sse_events(first, stream, writer), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -44,13 +44,20 @@ def _build(request: BaseRequest, extra: dict[str, Any], rename: dict[str, str]) 
         raise from_exception(exc, rename) from exc
 
 
+def client_names(request: BaseRequest) -> dict[str, str]:
+    """kvloom's field name -> the name this request sent it under (for the 400's ``param``)."""
+    if not isinstance(request, ChatCompletionRequest):
+        return {}
+    names = {"logprobs": "top_logprobs"}
+    if request.max_completion_tokens is not None:
+        names["max_tokens"] = "max_completion_tokens"
+    return names
+
+
 def chat_params(request: ChatCompletionRequest) -> SamplingParams:
     max_tokens = request.max_completion_tokens or request.max_tokens
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
-    rename = {"logprobs": "top_logprobs"}
-    if request.max_completion_tokens is not None:
-        rename["max_tokens"] = "max_completion_tokens"
-    return _build(request, {"max_tokens": max_tokens, "logprobs": logprobs}, rename)
+    return _build(request, {"max_tokens": max_tokens, "logprobs": logprobs}, client_names(request))
 
 
 def completion_params(request: CompletionRequest) -> SamplingParams:
