@@ -42,3 +42,14 @@ def test_text_that_only_looks_like_a_call_stays_text() -> None:
     parser = ToolCallStreamParser("hermes", frozenset({"search"}))
     out, deltas = parser.feed('I use <tool_call> tags and <tool_call>{"name": "other", "arguments": {}}', final=True)
     assert deltas == [] and parser.result() == (out, []) and out.startswith("I use <tool_call> tags")
+
+
+
+@pytest.mark.parametrize(("fmt", "text", "content"),
+                         [("hermes", 'Checking.\n<tool_call>\n{"na', "Checking.\n"), ("llama", '{"name": "sea', "")])
+def test_a_call_cut_before_its_name_leaves_no_markup_in_the_text(fmt: str, text: str, content: str) -> None:
+    for split in range(1, len(text)):
+        parser = ToolCallStreamParser(fmt, frozenset({"search"}))  # type: ignore[arg-type]
+        streamed = parser.feed(text[:split])[0] + parser.feed(text[split:], final=True)[0]
+        assert streamed == parser.result()[0] == content
+        assert parser.result()[1] == []

@@ -4,7 +4,8 @@ in the OpenAI shape (index, id and name first, then argument fragments).
 The same parser produces the final result, so a stream's deltas always concatenate to exactly
 the completion's ``text`` and ``tool_calls``. A call's ``arguments`` is the arguments JSON as
 the model wrote it (a constrained call validates as written). A call cut short by
-``max_tokens`` keeps what it had (as OpenAI does with ``finish_reason="length"``).
+``max_tokens`` keeps what it had (as OpenAI does with ``finish_reason="length"``); one cut
+before its name was complete is dropped (there is no call to report, and its markup is not text).
 """
 
 from __future__ import annotations
@@ -86,8 +87,11 @@ class ToolCallStreamParser:
             return
         head = _HEAD[self.format].match(self._buf, start)
         if head is None:
-            if final or not self._could_become_head(start):
+            if not self._could_become_head(start):
                 self._emit_text(out, start + 1, final)  # not a call: the trigger's first char is text
+            elif final:  # a call cut (max_tokens) before its name was complete: markup, never text
+                self._emit_text(out, start, True)
+                self._pos = len(self._buf)
             else:
                 self._emit_text(out, start, final)
             return
