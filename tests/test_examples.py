@@ -136,7 +136,7 @@ def test_rag_questions_reuse_their_documents_handle(stdout: str) -> None:
     questions = re.findall(r"^\[(\w+)\] .+\? -> cached (\d+) of (\d+) prompt tokens; answer ", stdout, re.M)
     assert len(questions) == 4, stdout
     for doc, cached, prompt in questions:
-        assert int(cached) == int(pinned[doc]) < int(prompt)  # the whole document from the cache
+        assert int(pinned[doc]) <= int(cached) < int(prompt)  # the whole document from the cache
     assert re.findall(r"^live handles: (\d+)$", stdout, re.M) == ["2", "0"]
     assert len(re.findall(r"^released prefix-\S+ after 2 questions$", stdout, re.M)) == 2
 
