@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
+from llama_index.core.agent.workflow import FunctionAgent, ToolCallResult
 from llama_index.core.base.llms.types import ChatMessage, ImageBlock, MessageRole, TextBlock, ToolCallBlock
 from llama_index.core.tools import FunctionTool
 from pydantic import BaseModel, Field
@@ -112,6 +113,22 @@ def test_predict_and_call_runs_the_chosen_tool(llm: KVLoomLLM) -> None:
     out = llm.predict_and_call([WEATHER], user_msg=ASK, tool_choice="required", max_tokens=120)
     assert len(CALLS) == 1 and out.response == "sunny in {}, 21 {}".format(*CALLS[0])
     assert out.sources[0].tool_name == "get_weather" and not out.sources[0].is_error
+
+
+@pytest.mark.asyncio
+async def test_a_function_agent_streams_a_call_and_runs_the_tool(llm: KVLoomLLM) -> None:
+    """LlamaIndex's agent loop: streamed chat with tools, calls read from the growing responses;
+    the tool returns directly, so the run is one model call."""
+    CALLS.clear()
+    direct = FunctionTool.from_defaults(fn=get_weather, description="The current weather in a city.", return_direct=True)
+    roomy = KVLoomLLM(engine=llm.runtime.start(), temperature=0.0, max_tokens=120)  # room for the whole call
+    agent = FunctionAgent(tools=[direct], llm=roomy, initial_tool_choice="get_weather", streaming=True,
+                          allow_parallel_tool_calls=False)
+    handler = agent.run(ASK)
+    results = [e async for e in handler.stream_events() if isinstance(e, ToolCallResult)]
+    output = await handler
+    assert len(CALLS) == 1 and {(r.tool_id, r.tool_name) for r in results} == {(results[0].tool_id, "get_weather")}
+    assert str(output) == "sunny in {}, 21 {}".format(*CALLS[0])
 
 
 def test_calls_written_by_other_llms_convert_and_unreadable_blocks_fail_by_name() -> None:

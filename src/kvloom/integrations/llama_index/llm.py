@@ -100,9 +100,9 @@ class KVLoomLLM(StructuredPredictMixin, FunctionCallingLLM):
             config = EngineConfig.from_kwargs(model_dir, **engine_kwargs)  # type: ignore[arg-type]
         data.setdefault("model", config.model.name)
         super().__init__(model_dir=str(config.model), **data)
+        self._request({})  # bad defaults (additional_kwargs, stop, ...) fail here, naming the field
         self._max_model_len = resolve_max_model_len(config, load_model_config(config.model))
         self._runtime = EngineRuntime(engine=engine) if engine is not None else EngineRuntime(model_dir, **engine_kwargs)
-        self._request({})  # bad defaults (temperature, additional_kwargs, ...) fail here, naming the field
 
     @classmethod
     def class_name(cls) -> str:
