@@ -17,6 +17,7 @@ from langchain_tests.unit_tests import ChatModelUnitTests
 
 from kvloom.integrations.langchain import ChatKVLoom
 from kvloom.integrations.runtime import EngineRuntime
+from tests.integrations.langchain.conftest import ADAPTER
 
 ASYNC_SUITE = [
     pytest.mark.asyncio,  # the suite is written for asyncio_mode="auto"; kvloom's tests run strict
@@ -85,6 +86,10 @@ class TestChatKVLoomIntegration(ChatModelIntegrationTests):
     @property
     def has_structured_output(self) -> bool:
         return True
+
+    @property
+    def model_override_value(self) -> str:
+        return ADAPTER  # a LoRA adapter loaded into the shared engine; model= selects it per call
 
     @property
     def supports_json_mode(self) -> bool:
