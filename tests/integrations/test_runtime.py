@@ -18,11 +18,14 @@ LONG = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
 
 
 def test_an_owned_runtime_loads_nothing_until_used_and_serves_sync_and_async(llama_dir: Path) -> None:
+    before = set(threading.enumerate())
     runtime = EngineRuntime(llama_dir, max_num_seqs=4)
-    assert runtime.engine is None and not [t for t in threading.enumerate() if t.name == "kvloom-runtime"]
+    assert runtime.engine is None and set(threading.enumerate()) == before  # nothing started
     try:
         done = runtime.generate(prompt="hello there", params=PARAMS)
         assert len(done.token_ids) == 6 and runtime.engine is not None
+        started = [t for t in set(threading.enumerate()) - before if t.name == "kvloom-runtime"]
+        assert len(started) == 1
 
         async def from_another_loop() -> list[int]:
             return (await runtime.agenerate(prompt="hello there", params=PARAMS)).token_ids
@@ -32,7 +35,7 @@ def test_an_owned_runtime_loads_nothing_until_used_and_serves_sync_and_async(lla
         assert streamed == done.token_ids
     finally:
         runtime.close()
-    assert not [t for t in threading.enumerate() if t.name == "kvloom-runtime" and t.is_alive()]
+    assert not started[0].is_alive()
 
 
 def test_sync_calls_work_from_inside_a_running_loop_when_the_runtime_owns_the_engine(llama_dir: Path) -> None:

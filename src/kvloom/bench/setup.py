@@ -24,6 +24,8 @@ def header(command: str, model: str | Path | None, quick: bool,
            spec: ModelSpec = STANDARD_MODEL) -> tuple[dict[str, Any], dict[str, float], Path]:
     """Print the command and the machine (ceilings measured now); the checkpoint dir: ``model``,
     else ``spec``'s cached random checkpoint (built once)."""
+    if model is not None and not Path(model).is_dir():
+        raise NotADirectoryError(f"--model: {model} is not a directory")
     print(f"command: {command}")
     info = machine.describe()
     ceilings = machine.measure_ceilings(quick=quick)
