@@ -59,3 +59,15 @@ def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
         else:
             os.environ["KVLOOM_CACHE_DIR"] = old
     return root
+
+
+@pytest.fixture(autouse=True)
+def float32_unless_asked(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process engines run in float32 on every machine: ``dtype="auto"`` would pick bf16 on a
+    CPU with AMX or AVX512-BF16, and the parity tests compare with transformers in float32.
+    Tests of that choice mark themselves ``real_cpu_dtype`` (or fake the CPU themselves)."""
+    if request.node.get_closest_marker("real_cpu_dtype"):
+        return
+    from kvloom.models.dtype_choice import CpuMatmulSupport
+
+    monkeypatch.setattr(CpuMatmulSupport, "probe", classmethod(lambda cls: cls(amx=False, avx512_bf16=False)))

@@ -53,6 +53,7 @@ class EngineConfig(BaseModel):
 
     model: Path
     dtype: DType = "auto"
+    """``auto``: on CPU bf16 with AMX / AVX512-BF16, else float32; on GPU the checkpoint's (``models/dtype_choice.py``)."""
     device: str = "auto"
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
     max_model_len: int | None = Field(None, ge=1, description="Default: the model's max_position_embeddings.")

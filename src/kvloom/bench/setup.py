@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvloom.bench import machine
 from kvloom.bench.workload import STANDARD_MODEL, ModelSpec, Workload, cached_checkpoint, read_vocab_size
+
+if TYPE_CHECKING:
+    from kvloom.models.dtype_choice import DTypeChoice
 
 
 @dataclass(frozen=True)
@@ -30,8 +33,20 @@ def header(command: str, model: str | Path | None, quick: bool,
     info = machine.describe()
     ceilings = machine.measure_ceilings(quick=quick)
     print(machine.format_machine(info, ceilings))
+    auto = auto_dtype()
+    info["auto_dtype"] = {"dtype": auto.name, "reason": auto.reason}
+    print(f"dtype='auto' here: {auto.name} ({auto.reason})")
     model_dir = Path(model) if model else cached_checkpoint(spec)[0]
     return info, ceilings, model_dir
+
+
+def auto_dtype() -> DTypeChoice:
+    """What ``dtype="auto"`` picks for a CPU engine on this machine (a checkpoint stored in float32)."""
+    import torch
+
+    from kvloom.models.dtype_choice import choose_dtype
+
+    return choose_dtype("auto", torch.float32, torch.device("cpu"))
 
 
 def prepare(command: str, model: str | Path | None, quick: bool, workload: Workload, how: str) -> BenchSetup:

@@ -9,6 +9,7 @@ engine thread; prefix handles live in the ``PrefixRegistry`` and adapters in the
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import weakref
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -207,8 +208,12 @@ class AsyncEngine:
         loop = self._loop
         last = loop.last.snapshot if loop is not None and loop.last is not None else None
         healthy = loop is not None and loop.is_running
-        return build_stats(last, loop.num_submitted if loop else 0, self._stats, healthy,
-                           loop.error if loop else None)
+        stats = build_stats(last, loop.num_submitted if loop else 0, self._stats, healthy,
+                            loop.error if loop else None)
+        if self._parts is None:
+            return stats
+        choice = self._parts.core.dtype_choice
+        return dataclasses.replace(stats, dtype=choice.name, dtype_reason=choice.reason)
 
     def prefix_cache_stats(self) -> KVCacheStats | None:
         """Hit rate, cached / pinned / used blocks and evictions, as of the last step."""

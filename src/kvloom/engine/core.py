@@ -15,6 +15,7 @@ from kvloom.errors import ConfigError, InvalidRequestError
 from kvloom.kv_cache.block_pool import BlockId
 from kvloom.kv_cache.manager import KVCacheManager, KVCacheStats
 from kvloom.models.config import ModelConfig, load_model_config
+from kvloom.models.dtype_choice import DTypeChoice
 from kvloom.outputs import FinishReason
 from kvloom.runner.model_runner import ModelRunner
 from kvloom.scheduler.output import EngineCoreOutput
@@ -94,6 +95,11 @@ class EngineCore:
         return self._scheduler.update(sched, sampled)
 
     # ---- observability ---------------------------------------------------------------------
+    @property
+    def dtype_choice(self) -> DTypeChoice:
+        """The dtype the model and its KV cache run in, and why (``dtype="auto"`` decides by device and CPU)."""
+        return self._runner.dtype_choice
+
     @property
     def num_running(self) -> int:
         return len(self._scheduler.running)

@@ -17,6 +17,7 @@ from kvloom.engine.progress import BatchProgress, wants_bar
 from kvloom.engine.prompts import Message, Prompt
 from kvloom.errors import InvalidRequestError, RequestTimeoutError
 from kvloom.kv_cache.manager import KVCacheStats
+from kvloom.models.dtype_choice import DTypeChoice
 from kvloom.outputs import Completion
 from kvloom.params import SamplingParams
 from kvloom.tools.request import ToolRequest
@@ -53,6 +54,11 @@ class LLM:
         self.grammars = parts.grammars
         self.adapters = parts.adapters
         self._ids = itertools.count()
+
+    @property
+    def dtype_choice(self) -> DTypeChoice:
+        """The dtype the model runs in and why (``dtype="auto"``: by device and CPU)."""
+        return self.core.dtype_choice
 
     def load_adapter(self, name: str, path: str | Path, *, pinned: bool = False) -> AdapterInfo:
         """Load a PEFT LoRA directory under ``name``; ``generate(..., adapter=name)`` uses it."""

@@ -33,6 +33,10 @@ class EngineStats:
     logits_processor_ms_per_step: float | None = None
     """Mean time per constrained step spent filling, applying and advancing logits processors
     (grammar masks); None before any constrained step."""
+    dtype: str | None = None
+    """What the model and its KV cache run in (``dtype="auto"``: decided by device and CPU)."""
+    dtype_reason: str | None = None
+    """Why that dtype (e.g. which bf16 matrix units the CPU has, or lacks)."""
 
 
 def percentile(values: list[float], q: float) -> float | None:

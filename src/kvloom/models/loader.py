@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors import SafetensorError, safe_open
 
-from kvloom.errors import CheckpointError, ConfigError
+from kvloom.errors import CheckpointError
 from kvloom.models.config import ModelConfig, load_model_config
+from kvloom.models.dtype_choice import choose_dtype
 from kvloom.models.registry import CausalLM, get_model_class
 
 if TYPE_CHECKING:
@@ -26,16 +27,9 @@ if TYPE_CHECKING:
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def resolve_dtype(dtype: str, checkpoint_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """``auto``: float32 on CPU (the fast, exact CPU path), the checkpoint's dtype elsewhere."""
-    if dtype == "auto":
-        return torch.float32 if device.type == "cpu" else checkpoint_dtype
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
-    return DTYPES[dtype]
+    """The dtype to run in (``kvloom.models.dtype_choice.choose_dtype``, which also says why)."""
+    return choose_dtype(dtype, checkpoint_dtype, device).dtype
 
 
 def weight_files(model_dir: Path) -> list[Path]:

@@ -12,6 +12,8 @@ import torch
 from kvloom.config import EngineConfig
 from kvloom.layers.attention import get_attention_backend
 from kvloom.layers.sampler import Sampler
+from kvloom.models.config import load_model_config
+from kvloom.models.dtype_choice import DTypeChoice, choose_dtype
 from kvloom.models.loader import load_model
 from kvloom.outputs import FinishReason
 from kvloom.runner.inputs import ModelInputs, build_inputs
@@ -54,8 +56,11 @@ class ModelRunner:
         self.device = resolve_device(config.device)
         self.block_size = config.cache.block_size
         self.attn_backend = get_attention_backend(config.attention_backend, self.device)
+        checkpoint_dtype = load_model_config(config.model).torch_dtype
+        self.dtype_choice: DTypeChoice = choose_dtype(config.dtype, checkpoint_dtype, self.device)
+        logger.info("kvloom: running in %s (%s)", self.dtype_choice.name, self.dtype_choice.reason)
         self.model, self.model_config = load_model(
-            config.model, attn_backend=self.attn_backend, dtype=config.dtype, device=self.device
+            config.model, attn_backend=self.attn_backend, dtype=self.dtype_choice.name, device=self.device
         )
         self.dtype = next(self.model.parameters()).dtype
         available = self._profile_available_bytes(max_model_len) if self.device.type == "cuda" else None
