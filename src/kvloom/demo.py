@@ -44,6 +44,7 @@ TINY_DEMO_MODEL = ModelSpec(
 )
 """For tests (hidden ``--tiny``): same path as ``DEMO_MODEL``, only smaller."""
 
+
 def demo_model_dir() -> Path:
     """The demo checkpoint's directory, built into the user's cache on first use (a few seconds,
     no download). Examples and integration tests run on it."""

@@ -89,24 +89,24 @@ class Settings:
 async def _stream_turn(engine: Any, handle: Any, turn: Turn, params: Any, tool_choice: str, parallel: bool,
                        request_id: str) -> None:
     """Stream one request and fill ``turn`` in from its chunks."""
+    from kvloom.engine.streams import merge_tool_deltas
+    from kvloom.outputs import ToolCall, ToolCallDelta
+
     start = time.perf_counter()
-    calls: dict[int, dict[str, Any]] = {}
+    deltas: list[ToolCallDelta] = []
     async for chunk in engine.stream(messages=turn.messages, params=params, prefix=handle, tools=TOOLS,
                                      tool_choice=tool_choice, parallel_tool_calls=parallel, request_id=request_id):
         if chunk.token_ids and turn.num_tokens == 0:
             turn.ttft_s = time.perf_counter() - start
         turn.num_tokens += len(chunk.token_ids)
         turn.text += chunk.text
-        for delta in chunk.tool_calls or []:
-            call = calls.setdefault(delta.index, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
-            call["id"] = delta.id or call["id"]
-            call["function"]["name"] = delta.name or call["function"]["name"]
-            call["function"]["arguments"] += delta.arguments
+        deltas = merge_tool_deltas(deltas, chunk.tool_calls or [])
         if chunk.finish_reason is not None:
             turn.finish_reason = chunk.finish_reason
         if chunk.usage is not None:
             turn.cached_tokens = chunk.usage.cached_tokens
-    turn.tool_calls = [calls[k] for k in sorted(calls)]
+    # Each call's pieces are merged into one delta that carries its id, name and whole arguments.
+    turn.tool_calls = [ToolCall(d.id or "", d.name or "", d.arguments).to_openai() for d in deltas]
 
 
 def _after(turn: Turn, conversation: int) -> list[dict[str, Any]]:

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+
+
 def resolve_dtype(dtype: str, checkpoint_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype to run in (``kvloom.models.dtype_choice.choose_dtype``, which also says why)."""
     return choose_dtype(dtype, checkpoint_dtype, device).dtype
