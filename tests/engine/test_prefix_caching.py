@@ -75,3 +75,15 @@ def test_forks_with_a_cached_prefix_and_under_preemption(llama_dir: Path) -> Non
     assert got == expected
     assert tight.core.num_preemptions > 0
     tight.core.assert_idle()
+
+
+def test_reset_prefix_cache_makes_a_repeated_prompt_recompute_with_the_same_tokens(llama_dir: Path) -> None:
+    llm = LLM(llama_dir)
+    prompt = list(range(10, 58))  # 48 tokens: exactly 3 blocks
+    first = llm.generate([prompt], GREEDY)[0]
+    assert llm.reset_prefix_cache() >= 2, "the prompt's first blocks were cached and are free again"
+    again = llm.generate([prompt], GREEDY)[0]
+    assert again.usage.cached_tokens == 0, "nothing of the repeated prompt may come from the cache"
+    assert again.token_ids == first.token_ids
+    assert llm.generate([prompt], GREEDY)[0].usage.cached_tokens == 32, "caching still works afterwards"
+    llm.core.assert_idle()

@@ -3,6 +3,7 @@
 import pytest
 
 from kvloom.kv_cache.block_pool import BlockId, BlockPool
+from kvloom.kv_cache.hashing import BlockHash
 
 
 def test_allocate_and_free_round_trip() -> None:
@@ -45,4 +46,16 @@ def test_incref_on_a_free_block_removes_it_from_the_middle_of_the_free_list() ->
     pool.incref([BlockId(2)])
     assert pool.num_free_blocks == 4
     assert BlockId(2) not in pool.allocate(4)
+    pool.check_invariants()
+
+
+def test_forget_unused_drops_only_the_cache_entries_of_free_blocks() -> None:
+    pool = BlockPool(4)
+    held, released = pool.allocate(2)
+    pool.cache(held, BlockHash(b"one"), [1, 2])
+    pool.cache(released, BlockHash(b"two"), [3, 4])
+    pool.free([released])
+    assert pool.forget_unused() == 1
+    assert pool.lookup(BlockHash(b"two"), [3, 4]) is None
+    assert pool.lookup(BlockHash(b"one"), [1, 2]) == held, "a block someone holds (e.g. a pinned handle) stays cached"
     pool.check_invariants()

@@ -134,6 +134,10 @@ class EngineCore:
     def kv_cache_stats(self) -> KVCacheStats:
         return self._kv.stats()
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix nothing holds; returns the number of blocks forgotten."""
+        return self._kv.reset_prefix_cache()
+
     def assert_idle(self) -> None:
         """Invariant once all work is done: no request queued or running, every block free,
         every refcount zero, and the runner holds state only for requests it will drop at the

@@ -185,3 +185,9 @@ class LLM:
 
     def kv_cache_stats(self) -> KVCacheStats:
         return self.core.kv_cache_stats()
+
+    def reset_prefix_cache(self) -> int:
+        """Forget the prefix cache's unheld entries, so the next ``generate`` recomputes every
+        prompt (benchmarks repeating a workload call it between passes). Pinned handles keep
+        their blocks. Returns the number of blocks forgotten."""
+        return self.core.reset_prefix_cache()

@@ -124,6 +124,17 @@ class BlockPool:
         block.token_ids = tuple(token_ids)
         self.hash_to_block[block_hash] = block
 
+    def forget_unused(self) -> int:
+        """Drop the prefix-cache entries of every free block; returns how many were dropped.
+
+        Blocks someone holds (running requests, pinned prefix handles) stay cached: forgetting
+        them would not free memory and would only cost their owners future hits.
+        """
+        unused = [b for b in self.hash_to_block.values() if b.ref_cnt == 0]
+        for block in unused:
+            self._evict(block)
+        return len(unused)
+
     @property
     def num_cached_blocks(self) -> int:
         return len(self.hash_to_block)

@@ -191,6 +191,10 @@ class KVCacheManager:
         self._record_peak()
         return [(src[last], copy)]
 
+    def reset_prefix_cache(self) -> int:
+        """Forget the cached prefixes no request or handle holds (``BlockPool.forget_unused``)."""
+        return self.pool.forget_unused()
+
     def get_block_ids(self, request_id: str) -> list[BlockId]:
         return self.req_to_blocks.get(request_id, [])
 
