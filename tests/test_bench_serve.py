@@ -46,6 +46,8 @@ def test_bench_serve_tiny(tmp_path: Path, checkpoint_factory: Callable[..., Path
         assert system["ttft_s"]["mean"] > 0 and system["ttft_measured"]
         assert all(0 < r["ttft_s"] < r["e2e_s"] and r["output_tokens"] == 4 for r in system["requests"])
     assert peer["matches_kvloom"] == 6 and peer["mismatched_requests"] == []  # float32 greedy: same tokens
+    assert kv["dtype"] == peer["dtype"] == "float32" and peer["compared_with"] == "kvloom"
+    assert result["kvloom_fp32"] is None and "dtype" not in kv["config"]  # kvloom's default config
     summary = result["summary"]
     assert summary["all_tokens_match"] and summary["best_ttft_peer"] == summary["best_throughput_peer"] == "cb512"
     assert summary["ttft_p50_ratio"] > 0 and summary["throughput_ratio"] > 0
@@ -69,7 +71,34 @@ def test_bench_serve_reports_a_failing_peer(tmp_path: Path, checkpoint_factory: 
     assert result["workload"]["rate"] is None and result["workload"]["arrival_offsets_s"] == [0.0, 0.0]
 
 
-@pytest.mark.parametrize("bad", [["--rate", "0"], ["--rate", "-1"], ["--rate", "5", "--peers", "static8"]])
+def test_bench_serve_on_a_fast_bf16_cpu_checks_float32_with_a_second_kvloom(
+    tmp_path: Path, checkpoint_factory: Callable[..., Path], monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from kvloom.bench import machine
+    from kvloom.models.dtype_choice import CpuMatmulSupport
+
+    # An AMX CPU, faked (kvloom's default becomes bf16); ceilings faked: no emulated bf16 2048^3 here.
+    monkeypatch.setattr(CpuMatmulSupport, "probe", classmethod(lambda cls: cls(amx=True, avx512_bf16=True)))
+    monkeypatch.setattr(machine, "measure_ceilings", lambda **kwargs: {"matmul_2048_gflops": 1.0})
+    out_json = tmp_path / "serve.json"
+    argv = ["bench", "serve", "--model", str(_tiny_model(checkpoint_factory)), "--num-requests", "3",
+            "--output-len", "3", "--rate", "inf", "--peers", "cb64,cb64@bf16", "--json", str(out_json), "--quick"]
+    assert main(argv) == 0
+    assert "kvloom@fp32" in capsys.readouterr().out
+    result = json.loads(out_json.read_text())
+    kv, kv32 = result["kvloom"], result["kvloom_fp32"]
+    assert (kv["name"], kv["dtype"], kv32["name"], kv32["dtype"]) == ("kvloom", "bfloat16", "kvloom@fp32", "float32")
+    assert kv32["output_tokens"] == 9 and kv32["output_lens_ok"]
+    peers = {p["name"]: p for p in result["peers"]}
+    assert (peers["cb64"]["dtype"], peers["cb64"]["compared_with"], peers["cb64"]["matches_kvloom"]) == (
+        "float32", "kvloom@fp32", 3)
+    assert (peers["cb64@bf16"]["dtype"], peers["cb64@bf16"]["compared_with"]) == ("bfloat16", "kvloom")
+    assert result["summary"]["float32_all_match"] is True and result["summary"]["kvloom_dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("bad", [["--rate", "0"], ["--rate", "-1"], ["--rate", "5", "--peers", "static8"],
+                                 ["--rate", "5", "--peers", "cb512@fp16"], []])
 def test_bench_serve_rejects_bad_arguments(bad: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "serve", "--model", "/nonexistent", *bad]) == 2
     assert "bench serve:" in capsys.readouterr().err

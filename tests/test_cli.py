@@ -86,22 +86,74 @@ def test_bench_throughput_tiny(
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "command: python -m kvloom bench throughput" in printed and "machine:" in printed
-    assert "kvloom / best peer" in printed
+    assert "kvloom (fp32) / best transformers (" in printed and "; kvloom at " in printed
 
     result = json.loads(out_json.read_text())
-    assert {"command", "machine", "workload", "kvloom", "peers", "summary"} <= result.keys()
+    assert {"command", "machine", "workload", "kvloom", "peers", "floor", "summary"} <= result.keys()
     assert result["machine"]["ceilings"]["matmul_2048_gflops"] > 0
-    assert result["kvloom"]["config"]["block_size"] == 8
-    assert result["kvloom"]["tokens_per_s"] > 0 and result["kvloom"]["output_lens_ok"]
-    assert result["kvloom"]["kv_cache"]["peak_waste"] >= 1.0
+    kv = result["kvloom"]
+    assert kv["config"]["block_size"] == 8 and "dtype" not in kv["config"]  # kvloom's default: dtype="auto"
+    assert kv["dtype"] == "float32" and "no AMX or AVX512-BF16" in kv["dtype_reason"]  # conftest's CPU
+    assert kv["tokens_per_s"] > 0 and kv["output_lens_ok"]
+    assert kv["kv_cache"]["peak_waste"] >= 1.0
+    assert result["kvloom_fp32"] is None  # kvloom already runs in float32: no second system
     peers = {p["name"]: p for p in result["peers"]}
     assert peers.keys() == {"static8", "cb512"}
     for peer in peers.values():
         assert peer["error"] is None, peer["error"]
-        assert peer["tokens_per_s"] > 0
+        assert peer["tokens_per_s"] > 0 and peer["dtype"] == "float32" and peer["compared_with"] == "kvloom"
     assert peers["static8"]["matches_kvloom"] == 4  # float32 greedy: exactly transformers' tokens
     summary = result["summary"]
     assert summary["best_peer"] in peers and summary["ratio_to_best_peer"] > 0
+    assert summary["agreement"]["float32"]["all_match"] and summary["float32_all_match"] is True
+    floor = result["floor"]
+    assert floor["dtype"] == "float32" and floor["floor_s"] > 0 and floor["rates"]["matmul_gflops"] > 0
+    # Both rounded in the JSON (a tiny model: microseconds), hence the loose match.
+    assert floor["kvloom_pct_of_floor"] == pytest.approx(100 * floor["floor_s"] / kv["wall_s"], rel=0.1, abs=0.1)
+
+
+def test_bench_throughput_on_a_fast_bf16_cpu_checks_float32_with_a_second_kvloom(
+    tmp_path: Path, checkpoint_factory: Callable[..., Path], monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from kvloom.bench import machine
+    from kvloom.models.dtype_choice import CpuMatmulSupport
+
+    # An AMX CPU, faked: kvloom's default is bf16 (emulated here, fine on a tiny model); the ceilings
+    # are faked too, since measuring bf16 here would emulate a 2048^3 bf16 matmul (minutes).
+    monkeypatch.setattr(CpuMatmulSupport, "probe", classmethod(lambda cls: cls(amx=True, avx512_bf16=True)))
+    ceilings = {"matmul_2048_gflops": 100.0, "linear_m1_gflops": 10.0, "linear_m16_gflops": 50.0,
+                "linear_m64_gflops": 80.0, "matmul_2048_bf16_gflops": 400.0, "linear_m64_bf16_gflops": 300.0,
+                "copy_gbps": 20.0}
+    monkeypatch.setattr(machine, "measure_ceilings", lambda **kwargs: ceilings)
+    model_dir = checkpoint_factory(arch="llama", with_tokenizer=False)
+    out_json = tmp_path / "bench.json"
+    argv = ["bench", "throughput", "--model", str(model_dir), "--num-requests", "3", "--output-len", "3",
+            "--peers", "static4,static4@bf16", "--json", str(out_json), "--quick"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "kvloom (bf16) / best transformers (static4" in printed
+    assert "same greedy tokens, float32 (against kvloom@fp32): static4 3/3" in printed
+
+    result = json.loads(out_json.read_text())
+    kv, kv32 = result["kvloom"], result["kvloom_fp32"]
+    assert (kv["name"], kv["dtype"]) == ("kvloom", "bfloat16") and "AMX" in kv["dtype_reason"]
+    assert (kv32["name"], kv32["dtype"]) == ("kvloom@fp32", "float32") and kv32["tokens_per_s"] > 0
+    peers = {p["name"]: p for p in result["peers"]}
+    assert peers["static4"]["compared_with"] == "kvloom@fp32" and peers["static4"]["matches_kvloom"] == 3
+    assert peers["static4@bf16"]["compared_with"] == "kvloom" and peers["static4@bf16"]["dtype"] == "bfloat16"
+    agreement = result["summary"]["agreement"]
+    assert agreement["float32"] == {"compared_with": "kvloom@fp32", "requests": 3, "peers": {"static4": 3},
+                                    "all_match": True}
+    assert agreement["bfloat16"]["compared_with"] == "kvloom" and "static4@bf16" in agreement["bfloat16"]["peers"]
+    assert result["summary"]["float32_all_match"] is True and result["summary"]["kvloom_dtype"] == "bfloat16"
+    # The headline is kvloom's default (bf16) against the fastest peer of any dtype.
+    best = max(result["peers"], key=lambda p: p["tokens_per_s"])
+    assert result["summary"]["best_peer"] == best["name"]
+    assert result["summary"]["ratio_to_best_peer"] == pytest.approx(kv["tokens_per_s"] / best["tokens_per_s"], rel=0.01)
+    floor = result["floor"]  # in kvloom's dtype, at the bf16 rates
+    assert floor["dtype"] == "bfloat16" and floor["rates"] == {"matmul_gflops": 400.0, "linear_m64_gflops": 300.0,
+                                                               "copy_gbps": 20.0}
 
 
 def test_bench_reports_a_failing_peer_instead_of_crashing(

@@ -91,7 +91,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                     f"adapters {args.adapters} (rank {args.rank}, all 7 projections), round-robin routing")
     counts = [int(c) for c in args.adapters.split(",") if c]
     model_config = load_model_config(setup.model_dir)
-    config = kvloom_config(parse_config(args.kvloom_config), setup.prompts, args.output_len)
+    # float32 as before: the adapters' ratios to the base model are this benchmark's measure.
+    config = kvloom_config({"dtype": "float32"} | parse_config(args.kvloom_config), setup.prompts, args.output_len)
     # Repeats resend the same prompts: with prefix caching on, every repeat after the first would
     # skip its prefills and measure the cache, not the adapters.
     config |= {"max_loras": max(max(counts), 1), "max_lora_rank": args.rank, "enable_prefix_caching": False}

@@ -2,7 +2,8 @@
 
 Shared machines are noisy (BENCHMARKS.md saw ~20% between runs), so absolute numbers from
 another day mean little; the ceilings measured here, next to the throughputs, give the
-roofline the results can be read against. Takes ~3-5 s.
+roofline the results can be read against (``floor`` turns them into a workload's floor).
+Takes ~3-5 s, a few more where the CPU has fast bf16 and its bf16 rates are measured too.
 """
 
 from __future__ import annotations
@@ -81,30 +82,40 @@ def _best_time(fn: Callable[[], object], *, min_time: float, max_reps: int = 100
     return best
 
 
-def measure_ceilings(*, quick: bool = False) -> dict[str, float]:
-    """fp32 matmul GFLOP/s (2048^3 and ``[M,1024]x[1024,2816]`` at M = 1, 16, 64) and copy GB/s.
+def measure_ceilings(*, quick: bool = False, bf16: bool | None = None) -> dict[str, float]:
+    """fp32 matmul GFLOP/s (2048^3 and ``[M,1024]x[1024,2816]`` at M = 1, 16, 64) and copy GB/s;
+    with ``bf16``, also bf16 2048^3 and M = 64 (``matmul_2048_bf16_gflops``, ``linear_m64_bf16_gflops``).
 
-    Each number is the best of repeats (the ceiling, not the typical). ``copy_gbps`` counts the
-    bytes read plus the bytes written by copying a 256 MiB float32 tensor. ``quick`` shrinks
-    the timing budget (tests): the same measurements, fewer repeats, rougher numbers.
+    ``bf16`` defaults to whether the CPU has fast bf16 (``CpuMatmulSupport.probe()``, what
+    ``dtype="auto"`` decides by), so the bf16 rates exist exactly where kvloom runs in bf16 by
+    default. Where bf16 is emulated (AVX2) a bf16 2048^3 takes minutes: pass ``bf16=True`` there
+    only knowingly. Each number is the best of repeats (the ceiling, not the typical).
+    ``copy_gbps`` counts the bytes read plus the bytes written by copying a 256 MiB float32
+    tensor. ``quick`` shrinks the timing budget (tests): the same measurements, fewer repeats,
+    rougher numbers.
     """
     import torch
 
+    if bf16 is None:
+        from kvloom.models.dtype_choice import CpuMatmulSupport
+
+        bf16 = CpuMatmulSupport.probe().fast_bf16
     budget = 0.2 if quick else 0.8
     result: dict[str, float] = {}
     with torch.inference_mode():
-        n = 2048
-        a = torch.randn(n, n)
-        b = torch.randn(n, n)
-        out = torch.empty(n, n)
-        seconds = _best_time(partial(torch.mm, a, b, out=out), min_time=budget)
-        result[f"matmul_{n}_gflops"] = 2 * n**3 / seconds / 1e9
-        weight = torch.randn(LINEAR_IN, LINEAR_OUT)
-        for m in (1, 16, 64):
-            x = torch.randn(m, LINEAR_IN)
-            y = torch.empty(m, LINEAR_OUT)
-            seconds = _best_time(partial(torch.mm, x, weight, out=y), min_time=budget / 2)
-            result[f"linear_m{m}_gflops"] = 2 * m * LINEAR_IN * LINEAR_OUT / seconds / 1e9
+        for dtype, suffix in ((torch.float32, ""), *([(torch.bfloat16, "_bf16")] if bf16 else [])):
+            n = 2048
+            a = torch.randn(n, n, dtype=dtype)
+            b = torch.randn(n, n, dtype=dtype)
+            out = torch.empty(n, n, dtype=dtype)
+            seconds = _best_time(partial(torch.mm, a, b, out=out), min_time=budget)
+            result[f"matmul_{n}{suffix}_gflops"] = 2 * n**3 / seconds / 1e9
+            weight = torch.randn(LINEAR_IN, LINEAR_OUT, dtype=dtype)
+            for m in (1, 16, 64) if dtype == torch.float32 else (64,):
+                x = torch.randn(m, LINEAR_IN, dtype=dtype)
+                y = torch.empty(m, LINEAR_OUT, dtype=dtype)
+                seconds = _best_time(partial(torch.mm, x, weight, out=y), min_time=budget / 2)
+                result[f"linear_m{m}{suffix}_gflops"] = 2 * m * LINEAR_IN * LINEAR_OUT / seconds / 1e9
         numel = 256 * 2**20 // 4
         src = torch.randn(numel)
         dst = torch.empty(numel)

@@ -14,8 +14,15 @@ Two families, named on the command line:
 ``serve_cb`` drives a ``cb`` peer online for ``bench serve``: its ``ContinuousBatchingManager``
 directly, requests added at their arrival times, per-token timestamps recorded.
 
+Either family takes a dtype suffix: ``static32@bf16``, ``cb512@bf16`` (``@fp32``, or no suffix,
+is float32). Each dtype the peers need is loaded once (``load_hf_models``) and shared by them.
+The default set depends on the machine (``default_peers``): the bf16 twins are added only where
+the CPU multiplies bf16 in hardware (``kvloom.models.dtype_choice``), since elsewhere bf16 is
+emulated and hundreds of times slower than float32.
+
 Every peer returns the generated token ids per request, so the benchmark can check that
-greedy kvloom produces the same tokens (in float32 every transformers variant agrees).
+greedy kvloom produces the same tokens as a peer *of the same dtype* (in float32 every
+transformers variant agrees; in bf16, near-ties may break differently).
 """
 
 from __future__ import annotations
@@ -30,6 +37,10 @@ from typing import Any, cast
 
 PAGE_SIZE = 256
 """Tokens per continuous-batching page (transformers' default)."""
+PEER_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+"""``--peers`` suffix -> the dtype's name (as torch and kvloom's ``DTypeChoice.name`` spell it)."""
+DTYPE_TAGS = {name: tag for tag, name in PEER_DTYPES.items()}
+"""A dtype's name -> its short tag (``"bfloat16"`` -> ``"bf16"``)."""
 
 
 @dataclass(slots=True)
@@ -63,44 +74,100 @@ class PeerSpec:
     """A parsed ``--peers`` entry."""
 
     name: str
+    """Canonical: ``static16``, ``cb2048r32``, ``cb512@bf16`` (float32 carries no suffix)."""
     kind: str
     """``"static"`` or ``"cb"``."""
     batch_size: int = 0
     max_batch_tokens: int = 0
     max_requests_per_batch: int | None = None
+    dtype: str = "float32"
+    """A value of ``PEER_DTYPES``: what the transformers model's weights and KV are held in."""
 
     def describe(self) -> str:
+        where = f", {self.dtype}"
         if self.kind == "static":
-            return f"transformers generate, static batches of {self.batch_size}, left padding"
+            return f"transformers generate, static batches of {self.batch_size}, left padding{where}"
         extra = f", max_requests_per_batch={self.max_requests_per_batch}" if self.max_requests_per_batch else ""
-        return f"transformers continuous batching, max_batch_tokens={self.max_batch_tokens}{extra}"
+        return f"transformers continuous batching, max_batch_tokens={self.max_batch_tokens}{extra}{where}"
 
 
-_SPEC = re.compile(r"^(?:static(?P<b>\d+)|cb(?P<t>\d+)(?:r(?P<r>\d+))?)$")
+_SPEC = re.compile(r"^(?:static(?P<b>\d+)|cb(?P<t>\d+)(?:r(?P<r>\d+))?)(?:@(?P<dtype>[^@]*))?$")
 
 
 def parse_peers(text: str) -> list[PeerSpec]:
-    """``"static8,static16,cb512,cb2048r32"`` -> specs; an empty string means no peers."""
+    """``"static8,static16@bf16,cb512,cb2048r32"`` -> specs; an empty string means no peers.
+
+    Names come back canonical (``static8@fp32`` is ``static8``); a peer named twice is an error,
+    as is a dtype other than ``@fp32`` / ``@bf16``. Every error message names ``--peers``."""
     specs: list[PeerSpec] = []
     for raw in filter(None, (part.strip() for part in text.split(","))):
         match = _SPEC.match(raw)
-        if match is None or any(int(v) < 1 for v in match.groupdict().values() if v is not None):
-            raise ValueError(f"--peers: {raw!r} is not static<B> or cb<T>[r<R>] with positive numbers")
+        numbers = (match[k] for k in ("b", "t", "r")) if match else ()
+        if match is None or any(int(v) < 1 for v in numbers if v is not None):
+            raise ValueError(f"--peers: {raw!r} is not static<B> or cb<T>[r<R>] with positive numbers, "
+                             "optionally @fp32 or @bf16")
+        tag = match["dtype"]
+        if tag is not None and tag not in PEER_DTYPES:
+            raise ValueError(f"--peers: {raw!r}: the dtype suffix must be @fp32 or @bf16, not @{tag}")
+        dtype = PEER_DTYPES[tag or "fp32"]
+        base = raw.partition("@")[0]
+        name = base if dtype == "float32" else f"{base}@{DTYPE_TAGS[dtype]}"
+        if any(s.name == name for s in specs):
+            raise ValueError(f"--peers: {name} is given twice")
         if match["b"]:
-            specs.append(PeerSpec(raw, "static", batch_size=int(match["b"])))
+            specs.append(PeerSpec(name, "static", batch_size=int(match["b"]), dtype=dtype))
         else:
             r = int(match["r"]) if match["r"] else None
-            specs.append(PeerSpec(raw, "cb", max_batch_tokens=int(match["t"]), max_requests_per_batch=r))
+            specs.append(PeerSpec(name, "cb", max_batch_tokens=int(match["t"]), max_requests_per_batch=r,
+                                  dtype=dtype))
     return specs
 
 
-def load_hf_model(model_dir: Path) -> Any:
-    """The checkpoint as a transformers float32 model in eval mode (what kvloom is compared with)."""
+def default_peers(float32_peers: str, fast_bf16: bool | None = None) -> str:
+    """``float32_peers`` (e.g. ``"static8,cb512"``), plus each one ``@bf16`` where the CPU has fast
+    bf16 (``fast_bf16``; default: ``CpuMatmulSupport.probe()``, as ``dtype="auto"`` decides)."""
+    if fast_bf16 is None:
+        from kvloom.models.dtype_choice import CpuMatmulSupport
+
+        fast_bf16 = CpuMatmulSupport.probe().fast_bf16
+    names = [n.strip() for n in float32_peers.split(",") if n.strip()]
+    return ",".join(names + ([f"{n}@bf16" for n in names] if fast_bf16 else []))
+
+
+def load_hf_model(model_dir: Path, dtype: str = "float32") -> Any:
+    """The checkpoint as a transformers model in ``dtype`` (a ``PEER_DTYPES`` value), in eval mode."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype))
     return model.eval()
+
+
+@dataclass(slots=True)
+class HfModels:
+    """The transformers models the peers need, one per dtype, loaded once and shared."""
+
+    models: dict[str, Any] = field(default_factory=dict)
+    """dtype -> model."""
+    errors: dict[str, str] = field(default_factory=dict)
+    """dtype -> why it failed to load (a failed load is a result, not a crash)."""
+
+    def get(self, spec: PeerSpec) -> tuple[Any, str | None]:
+        """``(model, None)`` for ``spec``'s dtype, or ``(None, error)``."""
+        if spec.dtype in self.models:
+            return self.models[spec.dtype], None
+        return None, self.errors.get(spec.dtype, f"no {spec.dtype} model was loaded")
+
+
+def load_hf_models(model_dir: Path, specs: list[PeerSpec]) -> HfModels:
+    """Each dtype ``specs`` use, loaded once (in the order first named); nothing when no specs."""
+    loaded = HfModels()
+    for dtype in dict.fromkeys(s.dtype for s in specs):
+        try:
+            loaded.models[dtype] = load_hf_model(model_dir, dtype)
+        except Exception as exc:  # a peer failing to load is a result, not a crash
+            loaded.errors[dtype] = f"{type(exc).__name__}: {exc}"
+    return loaded
 
 
 def pad_token_id(model: Any) -> int:

@@ -137,7 +137,9 @@ def _system_entry(name: str, run: dict[str, Any], reference: list[list[int]]) ->
 
 def _run_workload(wl: PrefixWorkload, model_dir: Path, specs: list[PeerSpec], output_len: int) -> dict[str, Any]:
     prompts = wl.prompts
-    config = kvloom_config({}, prompts + wl.prefixes, output_len) | {"max_waiting": len(prompts) + len(wl.prefixes)}
+    # float32, as the peers: their tokens are compared with 'off's (other benchmarks run kvloom's default dtype).
+    config = kvloom_config({"dtype": "float32"}, prompts + wl.prefixes, output_len) | {
+        "max_waiting": len(prompts) + len(wl.prefixes)}
     systems: list[dict[str, Any]] = []
     reference: list[list[int]] = []
     for name in KVLOOM_SYSTEMS:
@@ -145,7 +147,7 @@ def _run_workload(wl: PrefixWorkload, model_dir: Path, specs: list[PeerSpec], ou
         run = asyncio.run(_run_kvloom(name, model_dir, config, wl, output_len))
         reference = reference or [t.token_ids for t in run["traces"]]
         systems.append(_system_entry(name, run, reference))
-    for peer in run_peers(specs, model_dir, prompts, [0.0] * len(prompts), output_len, reference):
+    for peer in run_peers(specs, model_dir, prompts, [0.0] * len(prompts), output_len, {"float32": ("off", reference)}):
         peer["matches_off"] = peer.pop("matches_kvloom")
         systems.append(peer)
     by = {s["name"]: s for s in systems}

@@ -13,8 +13,17 @@ and the same arrival schedule are replayed against each system after an untimed 
 All times are ``time.perf_counter`` and measured from the *scheduled* arrival, so a late submit
 counts against the system. Per system: TTFT (mean, p50, p99), TPOT = (end - first token) /
 (output tokens - 1), E2E, output tokens/s over (last end - first arrival), and how many requests
-got exactly kvloom's greedy tokens. kvloom stamps tokens where the caller receives them, the peer
-where they are produced, so the comparison is, if anything, tilted towards the peer.
+got exactly the greedy tokens of the kvloom run in the peer's dtype. kvloom stamps tokens where
+the caller receives them, the peer where they are produced, so the comparison is, if anything,
+tilted towards the peer.
+
+kvloom runs its default configuration (``dtype="auto"``); the peers, ``cb`` only, take dtype
+suffixes as in ``bench throughput`` (``cb512@bf16``), and by default are ``cb512,cb2048`` plus
+their bf16 twins where the CPU has fast bf16. When kvloom's dtype is not float32 and a float32
+peer runs, ``kvloom@fp32`` serves the same schedule too, for the float32 token check.
+
+``--sweep`` replaces ``--rate`` with a ladder of rates and reports goodput under the SLOs
+``--slo-ttft`` / ``--slo-tpot`` / ``--slo-attainment`` (``sweep``, ``goodput``).
 """
 
 from __future__ import annotations
@@ -33,7 +42,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvloom.bench.peers import PeerSpec, RequestTrace, load_hf_model, parse_peers, serve_cb
+from kvloom.bench.peers import (
+    DTYPE_TAGS,
+    PeerSpec,
+    RequestTrace,
+    default_peers,
+    load_hf_models,
+    parse_peers,
+    serve_cb,
+)
 from kvloom.bench.setup import prepare, write_result
 from kvloom.bench.throughput import kvloom_config, parse_config
 from kvloom.bench.workload import STANDARD_MODEL, Workload
@@ -43,8 +60,18 @@ if TYPE_CHECKING:
     from kvloom.engine.async_engine import AsyncEngine
     from kvloom.engine.prefix import PrefixHandle
 
-SCHEMA_VERSION = 1
-DEFAULT_PEERS = "cb512,cb2048"
+SCHEMA_VERSION = 2
+FLOAT32_PEERS = "cb512,cb2048"
+"""The default peers in float32; ``default_peers`` adds their ``@bf16`` twins on fast-bf16 CPUs."""
+SLO_TTFT_S = 2.0
+SLO_TPOT_S = 0.2
+"""200 ms a token: about reading speed."""
+SLO_ATTAINMENT = 0.9
+SWEEP_LADDER = "0.5,1,1.5,2,3,4,6,8"
+"""``--sweep``'s default rates, requests/s."""
+SWEEP_DURATION_S = 32.0
+"""``--sweep-duration``: a rate serves about this many seconds of arrivals (``sweep``)."""
+SWEEP_MIN_REQUESTS = 16
 LEAD_S = 0.05
 """The first arrival is this long after the clock starts, so the submitters are all in place."""
 TTFT_MEASURED = {
@@ -58,14 +85,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``kvloom bench serve``."""
     w = Workload()
     parser.add_argument("--model", type=Path, help="HF checkpoint dir (default: the standard ~155M random checkpoint)")
-    parser.add_argument("--rate", type=float, required=True, help="Poisson arrivals, requests/s; 'inf' submits all at once")
-    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--rate", type=float, help="Poisson arrivals, requests/s; 'inf' submits all at once "
+                        "(this or --sweep)")
+    parser.add_argument("--sweep", nargs="?", const=SWEEP_LADDER, metavar="RATES",
+                        help="instead of --rate: serve each of these rates (comma separated, req/s; 'inf' = all at "
+                             f"once; default {SWEEP_LADDER}) and report goodput, the highest rate at which "
+                             "--slo-attainment of the requests meet both SLOs; plots next to --json")
+    parser.add_argument("--slo-ttft", type=float, default=SLO_TTFT_S, metavar="S",
+                        help=f"--sweep: SLO on time to first token, seconds (default {SLO_TTFT_S:g})")
+    parser.add_argument("--slo-tpot", type=float, default=SLO_TPOT_S, metavar="S",
+                        help=f"--sweep: SLO on time per output token after the first, seconds (default {SLO_TPOT_S:g})")
+    parser.add_argument("--slo-attainment", type=float, default=SLO_ATTAINMENT, metavar="FRACTION",
+                        help=f"--sweep: share of requests that must meet both SLOs at a rate (default {SLO_ATTAINMENT:g})")
+    parser.add_argument("--sweep-duration", type=float, default=SWEEP_DURATION_S, metavar="S",
+                        help="--sweep: at each rate serve the first rate x S requests of the workload (at least "
+                             f"{SWEEP_MIN_REQUESTS}, at most --num-requests); 'inf' for all of them at every rate "
+                             f"(default {SWEEP_DURATION_S:g})")
+    parser.add_argument("--json", type=Path, help="write the results here (--sweep: and the plots next to it)")
     parser.add_argument("--num-requests", type=int, default=w.num_requests)
     parser.add_argument("--min-prompt-len", type=int, default=w.min_prompt_len)
     parser.add_argument("--max-prompt-len", type=int, default=w.max_prompt_len)
     parser.add_argument("--output-len", type=int, default=w.output_len, help="tokens generated per request (EOS ignored)")
     parser.add_argument("--seed", type=int, default=w.seed, help="seed of the prompts and of the arrival gaps")
-    parser.add_argument("--peers", default=DEFAULT_PEERS, help=f"cb<T>[r<R>], comma separated; '' for none (default {DEFAULT_PEERS})")
+    parser.add_argument("--peers", help="cb<T>[r<R>], each optionally @fp32 (the default) or @bf16, comma "
+                        f"separated; '' for none (default {FLOAT32_PEERS}, and each again @bf16 where the CPU "
+                        "multiplies bf16 in hardware)")
     parser.add_argument("--kvloom-config", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="AsyncEngine settings, e.g. max_num_batched_tokens=1024 block_size=16")
     parser.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # tests: rougher ceilings
@@ -97,9 +141,9 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def _dist(values: list[float]) -> dict[str, float | None]:
     if not values:
-        return {"mean": None, "p50": None, "p99": None}
+        return {"mean": None, "p50": None, "p90": None, "p99": None}
     return {"mean": round(statistics.fmean(values), 4), "p50": round(percentile(values, 50), 4),
-            "p99": round(percentile(values, 99), 4)}
+            "p90": round(percentile(values, 90), 4), "p99": round(percentile(values, 99), 4)}
 
 
 def summarize(traces: list[RequestTrace]) -> dict[str, Any]:
@@ -118,9 +162,10 @@ def summarize(traces: list[RequestTrace]) -> dict[str, Any]:
     }
 
 
-async def _serve_kvloom(model_dir: Path, config: dict[str, Any], prompts: list[list[int]], offsets: list[float],
-                        output_len: int) -> tuple[list[RequestTrace], dict[str, Any]]:
-    """kvloom's timed pass (after a warm-up request) and its engine stats afterwards."""
+async def serve_kvloom(model_dir: Path, config: dict[str, Any], prompts: list[list[int]], offsets: list[float],
+                       output_len: int) -> tuple[list[RequestTrace], dict[str, Any]]:
+    """kvloom's timed pass on a fresh engine (after a warm-up request) and its engine stats afterwards
+    (``stats["dtype"]``: what ``dtype`` resolved to)."""
     import kvloom
 
     params = kvloom.SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
@@ -167,55 +212,78 @@ def jsonable(value: Any) -> Any:
     return value if value is None or isinstance(value, bool | int | float | str) else str(value)
 
 
-def _peer_entry(spec: PeerSpec, traces: list[RequestTrace] | None, error: str | None, reference: list[list[int]]) -> dict[str, Any]:
-    entry: dict[str, Any] = {"name": spec.name, "description": spec.describe(), "error": error,
-                             "ttft_measured": TTFT_MEASURED["cb"]}
+def _peer_entry(spec: PeerSpec, traces: list[RequestTrace] | None, error: str | None,
+                reference: tuple[str, list[list[int]]] | None) -> dict[str, Any]:
+    """A peer's entry; its tokens compared with ``reference`` (the kvloom system of its dtype: name,
+    tokens), or not at all (``compared_with`` None) when kvloom did not run in its dtype."""
+    entry: dict[str, Any] = {"name": spec.name, "dtype": spec.dtype, "description": spec.describe(), "error": error,
+                             "ttft_measured": TTFT_MEASURED["cb"], "compared_with": reference[0] if reference else None}
     if traces is None:
         return entry | {"output_tokens_per_s": None, "ttft_s": None, "tpot_s": None, "e2e_s": None,
                         "matches_kvloom": None, "mismatched_requests": []}
-    mismatched = [i for i, (t, ref) in enumerate(zip(traces, reference, strict=True)) if t.token_ids != ref]
+    if reference is None:
+        return entry | summarize(traces) | {"matches_kvloom": None, "mismatched_requests": []}
+    mismatched = [i for i, (t, ref) in enumerate(zip(traces, reference[1], strict=True)) if t.token_ids != ref]
     return entry | summarize(traces) | {"matches_kvloom": len(traces) - len(mismatched),
                                         "mismatched_requests": mismatched[:20]}
 
 
 def run_peers(specs: list[PeerSpec], model_dir: Path, prompts: list[list[int]], offsets: list[float],
-               output_len: int, reference: list[list[int]]) -> list[dict[str, Any]]:
-    """Each peer's entry; a peer that fails to load or run is an entry with ``error`` set."""
-    model: Any = None
-    load_error: str | None = None
-    if specs:
-        try:
-            model = load_hf_model(model_dir)
-        except Exception as exc:  # a peer failing is a result, not a crash
-            load_error = f"{type(exc).__name__}: {exc}"
+              output_len: int, references: dict[str, tuple[str, list[list[int]]]]) -> list[dict[str, Any]]:
+    """Each peer's entry, its tokens compared with ``references[its dtype]`` (kvloom system's name,
+    its tokens); a peer that fails to load or run is an entry with ``error`` set. Each dtype the
+    peers need is loaded once."""
+    models = load_hf_models(model_dir, specs)
     entries = []
     for spec in specs:
-        traces, error = None, load_error
+        model, error = models.get(spec)
+        traces = None
         if error is None:
             print(f"  {spec.name} ...", file=sys.stderr, flush=True)
             try:
                 traces = serve_cb(spec, model, prompts, offsets, output_len, LEAD_S)
             except Exception as exc:  # transformers' APIs move; report, don't crash the whole bench
                 error = f"{type(exc).__name__}: {exc}"
-        entries.append(_peer_entry(spec, traces, error, reference))
+        entries.append(_peer_entry(spec, traces, error, references.get(spec.dtype)))
     return entries
+
+
+def kvloom_entry(name: str, config: dict[str, Any], traces: list[RequestTrace], stats: dict[str, Any],
+                 output_len: int) -> dict[str, Any]:
+    """A kvloom system's entry (``dtype``: what its engine resolved ``dtype`` to)."""
+    return {"name": name, "dtype": stats.get("dtype"), "dtype_reason": stats.get("dtype_reason"),
+            "config": jsonable(config), "ttft_measured": TTFT_MEASURED["kvloom"], **summarize(traces),
+            "output_lens_ok": all(len(t.token_ids) == output_len for t in traces), "engine_stats": stats}
+
+
+def resolve_peers(text: str | None) -> list[PeerSpec]:
+    """``--peers`` (default: ``FLOAT32_PEERS`` plus bf16 twins on fast-bf16 CPUs), ``cb`` only."""
+    specs = parse_peers(default_peers(FLOAT32_PEERS) if text is None else text)
+    if static := [s.name for s in specs if s.kind != "cb"]:
+        raise ValueError(f"--peers {','.join(static)}: only cb<T>[r<R>] peers can serve requests as they arrive")
+    return specs
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run the benchmark: 0 when it ran (peer failures are reported in the results), 2 on bad arguments."""
+    if args.sweep is not None:
+        from kvloom.bench import sweep  # the ladder builds on this module's one-rate machinery
+
+        return sweep.run(args, argv)
     command = "python -m kvloom " + shlex.join(argv)
     try:
+        if args.rate is None:
+            raise ValueError("give --rate R (one rate) or --sweep [RATES] (a ladder of rates)")
         workload = Workload(args.num_requests, args.min_prompt_len, args.max_prompt_len, args.output_len, args.seed)
         offsets = poisson_arrivals(workload.num_requests, args.rate, workload.seed)
-        specs = parse_peers(args.peers)
-        if static := [s.name for s in specs if s.kind != "cb"]:
-            raise ValueError(f"--peers {','.join(static)}: only cb<T>[r<R>] peers can serve requests as they arrive")
+        specs = resolve_peers(args.peers)
         user_config = parse_config(args.kvloom_config)
     except ValueError as exc:
         print(f"bench serve: {exc}", file=sys.stderr)
         return 2
     setup = prepare(command, args.model, args.quick, workload,
-                    f"Poisson arrivals at {args.rate:g} req/s over {offsets[-1]:.2f} s")
+                    f"Poisson arrivals at {args.rate:g} req/s over {offsets[-1]:.2f} s; "
+                    f"peers {','.join(s.name for s in specs) or 'none'}")
     info, ceilings, model_dir, prompts = setup.info, setup.ceilings, setup.model_dir, setup.prompts
     prompt_tokens = sum(len(p) for p in prompts)
 
@@ -223,21 +291,29 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if "max_waiting" not in user_config:  # --rate inf queues every request at once: none may be refused
         config["max_waiting"] = workload.num_requests
     print("  kvloom ...", file=sys.stderr, flush=True)
-    kv_traces, stats = asyncio.run(_serve_kvloom(model_dir, config, prompts, offsets, workload.output_len))
-    reference = [t.token_ids for t in kv_traces]
-    kv = {"config": jsonable(config), "ttft_measured": TTFT_MEASURED["kvloom"], **summarize(kv_traces),
-          "output_lens_ok": all(len(t) == workload.output_len for t in reference), "engine_stats": stats}
-    peers = run_peers(specs, model_dir, prompts, offsets, workload.output_len, reference)
+    kv_traces, stats = asyncio.run(serve_kvloom(model_dir, config, prompts, offsets, workload.output_len))
+    systems = [kvloom_entry("kvloom", config, kv_traces, stats, workload.output_len)]
+    references = {str(stats.get("dtype")): ("kvloom", [t.token_ids for t in kv_traces])}
+    if "float32" not in references and any(s.dtype == "float32" for s in specs):
+        print("  kvloom@fp32 ...", file=sys.stderr, flush=True)
+        fp32 = config | {"dtype": "float32"}
+        traces, fp32_stats = asyncio.run(serve_kvloom(model_dir, fp32, prompts, offsets, workload.output_len))
+        systems.append(kvloom_entry("kvloom@fp32", fp32, traces, fp32_stats, workload.output_len))
+        references["float32"] = ("kvloom@fp32", [t.token_ids for t in traces])
+    peers = run_peers(specs, model_dir, prompts, offsets, workload.output_len, references)
+    kv = systems[0]
 
     ok = [p for p in peers if p["error"] is None]
     fastest = min(ok, key=lambda p: p["ttft_s"]["p50"], default=None)
     busiest = max(ok, key=lambda p: p["output_tokens_per_s"], default=None)
     summary = {  # ttft_p50_ratio > 1: kvloom answers sooner; throughput_ratio > 1: kvloom is faster
+        "kvloom_dtype": kv["dtype"],
         "best_ttft_peer": fastest["name"] if fastest else None,
         "ttft_p50_ratio": round(fastest["ttft_s"]["p50"] / kv["ttft_s"]["p50"], 3) if fastest else None,
         "best_throughput_peer": busiest["name"] if busiest else None,
         "throughput_ratio": round(kv["output_tokens_per_s"] / busiest["output_tokens_per_s"], 3) if busiest else None,
-        "all_tokens_match": all(p["matches_kvloom"] == workload.num_requests for p in ok),
+        "float32_all_match": _all_match([p for p in ok if p["dtype"] == "float32"], workload.num_requests),
+        "all_tokens_match": all(p["matches_kvloom"] in (None, workload.num_requests) for p in ok),
     }
     result = {
         "benchmark": "serve", "schema_version": SCHEMA_VERSION, "command": command, "argv": list(argv),
@@ -246,40 +322,50 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "model": {"path": str(model_dir), "spec": None if args.model else STANDARD_MODEL.cache_key},
         "workload": {**asdict(workload), "rate": None if math.isinf(args.rate) else args.rate,
                      "prompt_tokens": prompt_tokens, "arrival_offsets_s": [round(o, 4) for o in offsets]},
-        "kvloom": kv, "peers": peers, "summary": summary,
+        "kvloom": kv, "kvloom_fp32": systems[1] if len(systems) > 1 else None, "peers": peers, "summary": summary,
     }
     print(format_report(result))
     write_result(args.json, result)
     return 0
 
 
+def _all_match(peers: list[dict[str, Any]], num_requests: int) -> bool | None:
+    """Whether every compared peer got kvloom's tokens for every request (None: none compared)."""
+    compared = [p["matches_kvloom"] for p in peers if p["matches_kvloom"] is not None]
+    return all(m == num_requests for m in compared) if compared else None
+
+
 def format_report(result: dict[str, Any]) -> str:
     """The human-readable table of a result dict (the JSON ``run`` writes)."""
     n = result["workload"]["num_requests"]
-    head = (f"{'system':<8} {'tok/s':>7} | {'TTFT s: mean':>12} {'p50':>7} {'p99':>7} | {'TPOT ms: p50':>12} "
-            f"{'p99':>7} | {'E2E s: p50':>10} {'p99':>7} | same tokens as kvloom")
+    head = (f"{'system':<12} {'dtype':<5} {'tok/s':>7} | {'TTFT s: mean':>12} {'p50':>7} {'p99':>7} | "
+            f"{'TPOT ms: p50':>12} {'p99':>7} | {'E2E s: p50':>10} {'p99':>7} | same tokens as kvloom (same dtype)")
     lines = [head]
 
-    def row(name: str, r: dict[str, Any], same: str) -> str:
+    def row(r: dict[str, Any], same: str) -> str:
         ms = {k: v * 1000 if v is not None else math.nan for k, v in r["tpot_s"].items()}
-        return (f"{name:<8} {r['output_tokens_per_s']:>7.1f} | {r['ttft_s']['mean']:>12.3f} {r['ttft_s']['p50']:>7.3f} "
-                f"{r['ttft_s']['p99']:>7.3f} | {ms['p50']:>12.1f} {ms['p99']:>7.1f} | {r['e2e_s']['p50']:>10.3f} "
-                f"{r['e2e_s']['p99']:>7.3f} | {same}")
+        return (f"{r['name']:<12} {DTYPE_TAGS.get(r['dtype'], r['dtype']):<5} {r['output_tokens_per_s']:>7.1f} | "
+                f"{r['ttft_s']['mean']:>12.3f} {r['ttft_s']['p50']:>7.3f} {r['ttft_s']['p99']:>7.3f} | "
+                f"{ms['p50']:>12.1f} {ms['p99']:>7.1f} | {r['e2e_s']['p50']:>10.3f} {r['e2e_s']['p99']:>7.3f} | {same}")
 
-    lines.append(row("kvloom", result["kvloom"], "-"))
+    kvloom = [k for k in (result["kvloom"], result.get("kvloom_fp32")) if k]
+    lines.extend(row(k, f"-  ({k['dtype_reason']})") for k in kvloom)
     for p in result["peers"]:
         if p["error"]:
-            lines.append(f"{p['name']:<8} {'error':>7} | {p['error'][:200]}")
+            lines.append(f"{p['name']:<12} {'':<5} {'error':>7} | {p['error'][:200]}")
         else:
-            lines.append(row(p["name"], p, f"{p['matches_kvloom']}/{n}  ({p['description']})"))
+            same = f"{p['matches_kvloom']}/{n}" if p["matches_kvloom"] is not None else "not compared"
+            lines.append(row(p, f"{same}  ({p['description']})"))
     lines.append("TTFT, kvloom: " + TTFT_MEASURED["kvloom"])
     lines.append("TTFT, peers: " + TTFT_MEASURED["cb"])
     s = result["summary"]
     if s["best_ttft_peer"]:
         lines.append(f"best-peer p50 TTFT / kvloom p50 TTFT ({s['best_ttft_peer']}): {s['ttft_p50_ratio']:.2f}x")
         lines.append(f"kvloom tok/s / best-peer tok/s ({s['best_throughput_peer']}): {s['throughput_ratio']:.2f}x")
-    if not result["kvloom"]["output_lens_ok"]:
+    if not all(k["output_lens_ok"] for k in kvloom):
         lines.append("WARNING: some kvloom requests did not generate exactly --output-len tokens")
-    if not s["all_tokens_match"]:
-        lines.append("WARNING: kvloom's greedy tokens differ from a peer's (see mismatched_requests)")
+    if s["float32_all_match"] is False:
+        lines.append("WARNING: in float32, kvloom's greedy tokens differ from a peer's (see mismatched_requests)")
+    elif not s["all_tokens_match"]:
+        lines.append("note: in a reduced-precision dtype greedy tokens may differ at near-ties (see mismatched_requests)")
     return "\n".join(lines)

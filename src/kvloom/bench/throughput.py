@@ -1,11 +1,22 @@
 """``python -m kvloom bench throughput``: offline throughput, kvloom vs transformers, same run.
 
 One workload (``workload.Workload``), one checkpoint, kvloom and each peer (``peers``) run
-interleaved (A B C A B C with ``--repeats 2``) after an untimed warm-up each. Printed and
-written as JSON: the command, the machine and its ceilings, output tokens/s, wall time and
-mean TTFT per system, kvloom's ratio to the best peer, kvloom's KV-cache waste at peak
-(allocated slots / tokens held), and how many requests got exactly the same greedy tokens
-from kvloom as from each peer (a correctness cross-check: float32 greedy should agree).
+interleaved (A B C A B C with ``--repeats 2``) after an untimed warm-up each.
+
+kvloom runs its default configuration (``dtype="auto"``: bf16 where the CPU multiplies bf16 in
+hardware, float32 elsewhere), with a KV pool sized to hold the whole workload. The peers run at
+their best: by default several static batch sizes and continuous-batching token budgets, in
+float32 and, where the CPU has fast bf16, in bf16 too (``peers.default_peers``). The headline
+is kvloom against the fastest of them all, whatever its dtype or batch size.
+
+Greedy tokens are compared within a dtype: each peer against the kvloom run in its dtype. When
+kvloom's default is not float32 and a float32 peer runs, a second kvloom system, ``kvloom@fp32``,
+runs (timed and reported too) so the float32 check, where every request must agree, still holds.
+
+Printed and written as JSON: the command, the machine and its ceilings, output tokens/s, wall
+time, mean TTFT and dtype per system, kvloom's ratio to the best peer, token agreement per
+dtype, kvloom's KV-cache waste at peak (allocated slots / tokens held), and the workload's GEMM
+floor on this machine in kvloom's dtype (``floor``) with kvloom's share of it.
 """
 
 from __future__ import annotations
@@ -23,12 +34,24 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from kvloom.bench.peers import PeerRun, PeerSpec, load_hf_model, parse_peers, run_peer, warm_up
+from kvloom.bench.floor import floor_result
+from kvloom.bench.peers import (
+    DTYPE_TAGS,
+    HfModels,
+    PeerRun,
+    PeerSpec,
+    default_peers,
+    load_hf_models,
+    parse_peers,
+    run_peer,
+    warm_up,
+)
 from kvloom.bench.setup import prepare, write_result
 from kvloom.bench.workload import STANDARD_MODEL, Workload
 
-SCHEMA_VERSION = 1
-DEFAULT_PEERS = "static8,static16,cb512,cb2048"
+SCHEMA_VERSION = 2
+FLOAT32_PEERS = "static8,static16,static32,cb512,cb1024,cb2048"
+"""The default peers in float32; ``default_peers`` adds their ``@bf16`` twins on fast-bf16 CPUs."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-prompt-len", type=int, default=w.max_prompt_len)
     parser.add_argument("--output-len", type=int, default=w.output_len, help="tokens generated per request (EOS ignored)")
     parser.add_argument("--seed", type=int, default=w.seed, help="seed of the prompt lengths and token ids")
-    parser.add_argument("--peers", default=DEFAULT_PEERS, help=f"static<B>, cb<T>[r<R>], comma separated; '' for none (default {DEFAULT_PEERS})")
+    parser.add_argument("--peers", help="static<B>, cb<T>[r<R>], each optionally @fp32 (the default) or @bf16, "
+                        f"comma separated; '' for none (default {FLOAT32_PEERS}, and each again @bf16 where "
+                        "the CPU multiplies bf16 in hardware)")
     parser.add_argument("--repeats", type=int, default=1, help="passes per system, interleaved; medians are reported")
     parser.add_argument("--kvloom-config", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="LLM(...) settings, e.g. max_num_batched_tokens=1024 block_size=16")
@@ -63,12 +88,18 @@ def parse_config(items: Sequence[str]) -> dict[str, Any]:
     return config
 
 
+def resolve_peers(text: str | None) -> list[PeerSpec]:
+    """``--peers``, or by default ``FLOAT32_PEERS`` plus their bf16 twins on a fast-bf16 CPU."""
+    return parse_peers(default_peers(FLOAT32_PEERS) if text is None else text)
+
+
 def kvloom_config(user: dict[str, Any], prompts: list[list[int]], output_len: int) -> dict[str, Any]:
-    """kvloom's settings: float32 like the peers, and (unless the user sized it) a KV pool that holds
-    the whole workload at once, as the continuous-batching peer's is; user settings win."""
+    """kvloom's settings: its defaults (``dtype="auto"`` included), except that (unless the user sized
+    them) the KV pool holds the whole workload at once, as the continuous-batching peer's does, and
+    every request may run at once; user settings win."""
     from kvloom.config import CacheConfig, SchedulerConfig
 
-    config: dict[str, Any] = {"dtype": "float32"}
+    config: dict[str, Any] = {}
     if "num_kv_blocks" not in user and "kv_cache_memory" not in user:
         block = int(user.get("block_size", CacheConfig.model_fields["block_size"].default))
         config["num_kv_blocks"] = sum(-(-(len(p) + output_len) // block) + 1 for p in prompts)
@@ -97,12 +128,16 @@ def _compare(reference: list[list[int]], other: list[list[int]]) -> dict[str, An
 class _KvloomSystem:
     """kvloom as a benchmarked system: one ``LLM``, one ``generate`` call per pass."""
 
-    def __init__(self, model_dir: Path, config: dict[str, Any], output_len: int) -> None:
+    def __init__(self, name: str, model_dir: Path, config: dict[str, Any], output_len: int) -> None:
         import kvloom
 
+        self.name = name
+        self.config = config
         start = time.perf_counter()
         self.llm = kvloom.LLM(model_dir, **config)
         self.load_s = time.perf_counter() - start
+        self.dtype = self.llm.dtype_choice.name
+        """What the engine resolved ``dtype`` to (``"auto"`` decides by device and CPU)."""
         self.params = kvloom.SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
         self.warm_params = kvloom.SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
 
@@ -117,38 +152,72 @@ class _KvloomSystem:
         known = [t for t in ttft if t is not None]
         return PeerRun(wall, [list(c.token_ids) for c in completions], known if len(known) == len(ttft) else None)
 
+    def entry(self, runs: list[PeerRun], num_tokens: int, output_len: int) -> dict[str, Any]:
+        """This system's JSON entry: settings, dtype, timings, KV waste at peak."""
+        stats = self.llm.kv_cache_stats()
+        choice = self.llm.dtype_choice
+        return {"name": self.name, "dtype": choice.name, "dtype_reason": choice.reason,
+                "config": {k: str(v) if isinstance(v, Path) else v for k, v in self.config.items()},
+                "load_s": round(self.load_s, 2), **_summary(runs, num_tokens),
+                "output_lens_ok": all(len(t) == output_len for t in runs[0].token_ids),
+                "kv_cache": {**asdict(stats), "peak_waste": round(stats.peak_waste, 4)}}
+
+
+def kvloom_systems(model_dir: Path, config: dict[str, Any], specs: list[PeerSpec],
+                   output_len: int) -> list[_KvloomSystem]:
+    """kvloom in ``config`` (its default dtype), then ``kvloom@fp32`` when that dtype is not
+    float32 and a float32 peer runs: each peer's tokens are checked against kvloom in its dtype."""
+    systems = [_KvloomSystem("kvloom", model_dir, config, output_len)]
+    if systems[0].dtype != "float32" and any(s.dtype == "float32" for s in specs):
+        systems.append(_KvloomSystem("kvloom@fp32", model_dir, config | {"dtype": "float32"}, output_len))
+    return systems
+
 
 def _measure(
-    kv: _KvloomSystem, specs: list[PeerSpec], model_dir: Path, prompts: list[list[int]], output_len: int, repeats: int
-) -> tuple[list[PeerRun], dict[str, list[PeerRun]], dict[str, str | None]]:
-    """Warm every system up, then run them interleaved ``repeats`` times: kvloom's runs, each
-    peer's runs, and each peer's error (None when it ran; a failed peer is skipped afterwards)."""
-    hf_model: Any = None
-    load_error: str | None = None
-    if specs:
-        try:
-            hf_model = load_hf_model(model_dir)
-        except Exception as exc:  # a peer failing to load is a result, not a crash
-            load_error = f"{type(exc).__name__}: {exc}"
+    systems: list[_KvloomSystem], specs: list[PeerSpec], models: HfModels, prompts: list[list[int]],
+    output_len: int, repeats: int,
+) -> tuple[dict[str, list[PeerRun]], dict[str, list[PeerRun]], dict[str, str | None]]:
+    """Warm every system up, then run them interleaved ``repeats`` times: each kvloom system's
+    runs, each peer's runs, and each peer's error (None when it ran; a failed peer is skipped
+    afterwards)."""
     peer_runs: dict[str, list[PeerRun]] = {s.name: [] for s in specs}
-    peer_errors: dict[str, str | None] = {s.name: load_error for s in specs}
+    peer_errors: dict[str, str | None] = {s.name: models.get(s)[1] for s in specs}
+    for system in systems:
+        system.warm_up(prompts)
     for spec in specs:
         if peer_errors[spec.name] is None:
-            peer_errors[spec.name] = _try(partial(warm_up, spec, hf_model, prompts))
+            peer_errors[spec.name] = _try(partial(warm_up, spec, models.get(spec)[0], prompts))
 
-    kv_runs: list[PeerRun] = []
+    kv_runs: dict[str, list[PeerRun]] = {s.name: [] for s in systems}
     for rep in range(1, repeats + 1):
-        print(f"  pass {rep}: kvloom ...", file=sys.stderr, flush=True)
-        kv_runs.append(kv.run(prompts))
+        for system in systems:
+            print(f"  pass {rep}: {system.name} ...", file=sys.stderr, flush=True)
+            kv_runs[system.name].append(system.run(prompts))
         for spec in specs:
             if peer_errors[spec.name] is not None:
                 continue
             print(f"  pass {rep}: {spec.name} ...", file=sys.stderr, flush=True)
             try:
-                peer_runs[spec.name].append(run_peer(spec, hf_model, prompts, output_len))
+                peer_runs[spec.name].append(run_peer(spec, models.get(spec)[0], prompts, output_len))
             except Exception as exc:  # transformers' APIs move; report, don't crash the whole bench
                 peer_errors[spec.name] = f"{type(exc).__name__}: {exc}"
     return kv_runs, peer_runs, peer_errors
+
+
+def agreement(kvloom: list[dict[str, Any]], peers: list[dict[str, Any]], num_requests: int) -> dict[str, Any]:
+    """Token agreement per dtype: which kvloom system the dtype's peers were compared with, each
+    peer's count of identical requests, and whether all of them matched every request (None
+    when nothing in that dtype was compared)."""
+    by_dtype: dict[str, Any] = {}
+    for dtype in dict.fromkeys([k["dtype"] for k in kvloom] + [p["dtype"] for p in peers]):
+        ran = {p["name"]: p["matches_kvloom"] for p in peers if p["dtype"] == dtype and p["error"] is None}
+        compared = {name: m for name, m in ran.items() if m is not None}
+        by_dtype[dtype] = {
+            "compared_with": next((k["name"] for k in kvloom if k["dtype"] == dtype), None),
+            "requests": num_requests, "peers": ran,
+            "all_match": all(m == num_requests for m in compared.values()) if compared else None,
+        }
+    return by_dtype
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -159,39 +228,49 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     command = "python -m kvloom " + shlex.join(argv)
     try:
         workload = Workload(args.num_requests, args.min_prompt_len, args.max_prompt_len, args.output_len, args.seed)
-        specs = parse_peers(args.peers)
+        specs = resolve_peers(args.peers)
         user_config = parse_config(args.kvloom_config)
         if args.repeats < 1:
             raise ValueError("--repeats must be >= 1")
     except ValueError as exc:
         print(f"bench throughput: {exc}", file=sys.stderr)
         return 2
-    setup = prepare(command, args.model, args.quick, workload, f"repeats {args.repeats}")
+    setup = prepare(command, args.model, args.quick, workload,
+                    f"repeats {args.repeats}; peers {','.join(s.name for s in specs) or 'none'}")
     info, ceilings, model_dir, prompts = setup.info, setup.ceilings, setup.model_dir, setup.prompts
     num_tokens = workload.num_requests * workload.output_len
     prompt_tokens = sum(len(p) for p in prompts)
 
-    config = kvloom_config(user_config, prompts, workload.output_len)
-    kv = _KvloomSystem(model_dir, config, workload.output_len)
-    kv.warm_up(prompts)
-    kv_runs, peer_runs, peer_errors = _measure(kv, specs, model_dir, prompts, workload.output_len, args.repeats)
+    systems = kvloom_systems(model_dir, kvloom_config(user_config, prompts, workload.output_len), specs,
+                             workload.output_len)
+    models = load_hf_models(model_dir, specs)
+    kv_runs, peer_runs, peer_errors = _measure(systems, specs, models, prompts, workload.output_len, args.repeats)
 
-    stats = kv.llm.kv_cache_stats()
-    reference = kv_runs[0].token_ids
-    kvloom_result = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in config.items()},
-                     "load_s": round(kv.load_s, 2), **_summary(kv_runs, num_tokens),
-                     "output_lens_ok": all(len(t) == workload.output_len for t in reference),
-                     "kv_cache": {**asdict(stats), "peak_waste": round(stats.peak_waste, 4)}}
-    peers_result = [_peer_entry(s, peer_runs[s.name], peer_errors[s.name], reference, num_tokens) for s in specs]
+    kvloom = [s.entry(kv_runs[s.name], num_tokens, workload.output_len) for s in systems]
+    references = {s.dtype: (s.name, kv_runs[s.name][0].token_ids) for s in systems}
+    peers_result = [_peer_entry(s, peer_runs[s.name], peer_errors[s.name], references.get(s.dtype), num_tokens)
+                    for s in specs]
     ok_peers = [p for p in peers_result if p["error"] is None]
     best = max(ok_peers, key=lambda p: p["tokens_per_s"], default=None)
+    default = kvloom[0]
+    floor = floor_result(model_dir, ceilings, default["dtype"], prompt_tokens=prompt_tokens,
+                         num_requests=workload.num_requests, output_len=workload.output_len,
+                         wall_s=default["wall_s"])
+    by_dtype = agreement(kvloom, peers_result, workload.num_requests)
     summary = {
-        "kvloom_tokens_per_s": kvloom_result["tokens_per_s"],
+        "kvloom_tokens_per_s": default["tokens_per_s"],
+        "kvloom_dtype": default["dtype"],
         "best_peer": best["name"] if best else None,
+        "best_peer_dtype": best["dtype"] if best else None,
         "best_peer_tokens_per_s": best["tokens_per_s"] if best else None,
-        "ratio_to_best_peer": round(kvloom_result["tokens_per_s"] / best["tokens_per_s"], 3) if best else None,
-        "kv_peak_waste": kvloom_result["kv_cache"]["peak_waste"],
-        "all_tokens_match": all(p["matches_kvloom"] == workload.num_requests for p in ok_peers),
+        "ratio_to_best_peer": round(default["tokens_per_s"] / best["tokens_per_s"], 3) if best else None,
+        "kv_peak_waste": default["kv_cache"]["peak_waste"],
+        "agreement": by_dtype,
+        "float32_all_match": by_dtype.get("float32", {}).get("all_match"),
+        "all_tokens_match": all(p["matches_kvloom"] in (None, workload.num_requests) for p in ok_peers),
+        "floor_s": floor["floor_s"],
+        "floor_tokens_per_s": floor.get("floor_tokens_per_s"),
+        "kvloom_pct_of_floor": floor.get("kvloom_pct_of_floor"),
     }
     result = {
         "benchmark": "throughput", "schema_version": SCHEMA_VERSION, "command": command, "argv": list(argv),
@@ -199,7 +278,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "machine": {**info, "ceilings": ceilings},
         "model": {"path": str(model_dir), "spec": None if args.model else STANDARD_MODEL.cache_key},
         "workload": {**asdict(workload), "prompt_tokens": prompt_tokens, "output_tokens": num_tokens},
-        "kvloom": kvloom_result, "peers": peers_result, "summary": summary,
+        "kvloom": default, "kvloom_fp32": kvloom[1] if len(kvloom) > 1 else None,
+        "peers": peers_result, "floor": floor, "summary": summary,
     }
     print(format_report(result))
     write_result(args.json, result)
@@ -214,11 +294,16 @@ def _try(fn: Callable[[], object]) -> str | None:
     return None
 
 
-def _peer_entry(spec: PeerSpec, runs: list[PeerRun], error: str | None, reference: list[list[int]],
-                num_tokens: int) -> dict[str, Any]:
-    entry: dict[str, Any] = {"name": spec.name, "description": spec.describe(), "error": error}
+def _peer_entry(spec: PeerSpec, runs: list[PeerRun], error: str | None,
+                reference: tuple[str, list[list[int]]] | None, num_tokens: int) -> dict[str, Any]:
+    """A peer's JSON entry; its tokens compared with ``reference`` (the kvloom system of its dtype:
+    name, tokens), or not at all (``compared_with`` None) when kvloom did not run in its dtype."""
+    entry: dict[str, Any] = {"name": spec.name, "dtype": spec.dtype, "description": spec.describe(),
+                             "error": error, "compared_with": reference[0] if reference else None}
     if error is None and runs:
-        entry |= _summary(runs, num_tokens) | _compare(reference, runs[0].token_ids)
+        entry |= _summary(runs, num_tokens)
+        entry |= (_compare(reference[1], runs[0].token_ids) if reference
+                  else {"matches_kvloom": None, "mismatched_requests": []})
     else:
         entry |= {"tokens_per_s": None, "wall_s": None, "mean_ttft_s": None, "runs": [],
                   "matches_kvloom": None, "mismatched_requests": []}
@@ -232,21 +317,43 @@ def format_report(result: dict[str, Any]) -> str:
     def fmt(value: float | None, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
+    def tag(dtype: str) -> str:
+        return DTYPE_TAGS.get(dtype, dtype)
+
     kv = result["kvloom"]
-    lines = [f"{'system':<10} {'tok/s':>8} {'wall s':>8} {'TTFT s':>8}  same tokens as kvloom",
-             f"{'kvloom':<10} {kv['tokens_per_s']:>8.1f} {kv['wall_s']:>8.2f} {fmt(kv['mean_ttft_s'], '.2f'):>8}  -"]
+    lines = [f"{'system':<14} {'dtype':<5} {'tok/s':>8} {'wall s':>8} {'TTFT s':>8}  same tokens as kvloom (same dtype)"]
+    for k in filter(None, (kv, result.get("kvloom_fp32"))):
+        lines.append(f"{k['name']:<14} {tag(k['dtype']):<5} {k['tokens_per_s']:>8.1f} {k['wall_s']:>8.2f} "
+                     f"{fmt(k['mean_ttft_s'], '.2f'):>8}  -  ({k['dtype_reason']})")
     for p in result["peers"]:
         if p["error"]:
-            lines.append(f"{p['name']:<10} {'error':>8}  {p['error'][:200]}")
+            lines.append(f"{p['name']:<14} {tag(p['dtype']):<5} {'error':>8}  {p['error'][:200]}")
             continue
-        lines.append(f"{p['name']:<10} {p['tokens_per_s']:>8.1f} {p['wall_s']:>8.2f} "
-                     f"{fmt(p['mean_ttft_s'], '.2f'):>8}  {p['matches_kvloom']}/{n}  ({p['description']})")
+        same = f"{p['matches_kvloom']}/{n}" if p["matches_kvloom"] is not None else "not compared"
+        lines.append(f"{p['name']:<14} {tag(p['dtype']):<5} {p['tokens_per_s']:>8.1f} {p['wall_s']:>8.2f} "
+                     f"{fmt(p['mean_ttft_s'], '.2f'):>8}  {same}  ({p['description']})")
     s = result["summary"]
     if s["best_peer"]:
-        lines.append(f"kvloom / best peer ({s['best_peer']}): {s['ratio_to_best_peer']:.2f}x")
+        lines.append(f"kvloom ({tag(s['kvloom_dtype'])}) / best transformers ({s['best_peer']}): "
+                     f"{s['ratio_to_best_peer']:.2f}x")
+    floor = result["floor"]
+    if floor["floor_s"] is not None:
+        lines.append(f"floor {floor['floor_s']:.3g} s ({floor['floor_tokens_per_s']:.1f} tok/s) in {floor['dtype']}: "
+                     f"prefill {floor['prefill_s']:.3g} s + decode {floor['decode_s']:.3g} s "
+                     f"({floor['decode_bound']}-bound); kvloom at {floor['kvloom_pct_of_floor']:.0f}% of it")
+    else:
+        lines.append(f"floor: not computed ({floor['reason']})")
+    for dtype, a in s["agreement"].items():
+        if a["peers"]:
+            counts = ", ".join(f"{name} {'-' if m is None else m}/{n}" for name, m in a["peers"].items())
+            against = a["compared_with"] or f"nothing (no kvloom run in {dtype})"
+            lines.append(f"same greedy tokens, {dtype} (against {against}): {counts}")
     lines.append(f"kvloom KV waste at peak (allocated slots / tokens held): {s['kv_peak_waste']:.3f}")
-    if not kv["output_lens_ok"]:
+    if not all(k["output_lens_ok"] for k in filter(None, (kv, result.get("kvloom_fp32")))):
         lines.append("WARNING: some kvloom requests did not generate exactly --output-len tokens")
-    if not s["all_tokens_match"]:
-        lines.append("WARNING: kvloom's greedy tokens differ from a peer's (see mismatched_requests)")
+    if s["float32_all_match"] is False:
+        lines.append("WARNING: in float32, kvloom's greedy tokens differ from a peer's (see mismatched_requests); "
+                     "float32 greedy must agree on every request")
+    elif not s["all_tokens_match"]:
+        lines.append("note: in a reduced-precision dtype greedy tokens may differ at near-ties (see mismatched_requests)")
     return "\n".join(lines)
