@@ -15,6 +15,7 @@ Triton is imported only when the kernel is first launched.
 
 import functools
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,13 +32,89 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_
     assert query_start_loc.shape == (num_seqs + 1,), "query_start_loc: [B + 1]"
 
 
+@dataclass(frozen=True, slots=True)
+class PrefillSeq:
+    """One prefill sequence of a step, as every layer attends it.
+
+    Rows ``[start, end)`` of ``q`` are its queries, the last ``end - start`` of its ``seq_len``
+    keys. ``block_ids`` are its ``ceil(seq_len / block_size)`` blocks; ``mask`` (``[q_len, seq_len]``
+    bool, True = attend) is set for a chunk over a cached prefix and ``None`` for a fresh prompt,
+    which is causal.
+    """
+
+    start: int
+    end: int
+    seq_len: int
+    block_ids: torch.Tensor
+    mask: torch.Tensor | None
+
+    @property
+    def is_fresh(self) -> bool:
+        """The whole context is this step's tokens: its keys are exactly the step's new K/V."""
+        return self.end - self.start == self.seq_len
+
+
+def plan_prefill(block_tables: torch.Tensor, query_start_loc_cpu: list[int], seq_lens_cpu: list[int],
+                 block_size: int) -> list[PrefillSeq]:
+    """What every layer needs per prefill sequence, built once per step (block ids, chunk masks)."""
+    plan: list[PrefillSeq] = []
+    device = block_tables.device
+    for b, seq_len in enumerate(seq_lens_cpu):
+        start, end = query_start_loc_cpu[b], query_start_loc_cpu[b + 1]
+        query_len = end - start
+        block_ids = block_tables[b, : -(-seq_len // block_size)].long()
+        mask = None
+        if query_len != seq_len:
+            key_pos = torch.arange(seq_len, device=device)
+            query_pos = torch.arange(seq_len - query_len, seq_len, device=device)
+            mask = key_pos[None, :] <= query_pos[:, None]
+        plan.append(PrefillSeq(start, end, seq_len, block_ids, mask))
+    return plan
+
+
+def paged_prefill_attention_planned(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                    plan: list[PrefillSeq], scale: float, *, out: torch.Tensor,
+                                    new_k: torch.Tensor | None = None,
+                                    new_v: torch.Tensor | None = None) -> torch.Tensor:
+    """Prefill attention over ``plan_prefill``'s sequences, one SDPA call each; returns ``out``.
+
+    ``new_k``/``new_v`` (``[T, Hkv, D]``, rows aligned with ``q``, in the caches' dtype): the K/V
+    this step stored. A fresh prompt's keys are exactly those rows, so it attends them in place
+    instead of gathering its blocks back out of the cache.
+    """
+    _, _, num_kv_heads, head_dim = k_cache.shape
+    direct = new_k is not None and new_v is not None and new_k.dtype == k_cache.dtype
+    for seq in plan:
+        query = q[None, seq.start:seq.end].transpose(1, 2)
+        if direct and seq.is_fresh:
+            assert new_k is not None and new_v is not None
+            k = new_k[None, seq.start:seq.end].transpose(1, 2)
+            v = new_v[None, seq.start:seq.end].transpose(1, 2)
+        else:
+            # [nb, bs, Hkv, D] -> [1, Hkv, L, D]: strided views of one gathered copy. SDPA needs 4-D
+            # inputs for its fused CPU kernel: 3-D ones fall back to the math path (~2-5x slower, and
+            # it materializes the [Hq, q_len, L] scores).
+            k = k_cache.index_select(0, seq.block_ids).view(-1, num_kv_heads, head_dim)[None, :seq.seq_len]
+            v = v_cache.index_select(0, seq.block_ids).view(-1, num_kv_heads, head_dim)[None, :seq.seq_len]
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        if seq.mask is None:
+            o = F.scaled_dot_product_attention(query, k.to(q.dtype), v.to(q.dtype), is_causal=True,
+                                               scale=scale, enable_gqa=True)
+        else:
+            o = F.scaled_dot_product_attention(query, k.to(q.dtype), v.to(q.dtype), attn_mask=seq.mask,
+                                               scale=scale, enable_gqa=True)
+        out[seq.start:seq.end] = o[0].transpose(0, 1)
+    return out
+
+
 def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                 block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                                 seq_lens: torch.Tensor, scale: float, max_query_len: int, max_seq_len: int,
                                 query_start_loc_cpu: list[int] | None = None,
                                 seq_lens_cpu: list[int] | None = None, *,
                                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """Pure-torch prefill attention, one SDPA call per sequence; the CPU production path.
+    """Pure-torch prefill attention, one SDPA call per sequence: ``plan_prefill`` then
+    ``paged_prefill_attention_planned`` (the CPU backend plans once per step instead).
 
     Pass ``query_start_loc_cpu`` / ``seq_lens_cpu`` (host copies) to avoid a device sync; without
     them the lengths are read back with ``.tolist()``. A fresh prompt uses SDPA's ``is_causal``; a
@@ -48,31 +125,10 @@ def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     _check(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens)
     starts = query_start_loc.tolist() if query_start_loc_cpu is None else query_start_loc_cpu
     lens = seq_lens.tolist() if seq_lens_cpu is None else seq_lens_cpu
-    _, block_size, num_kv_heads, head_dim = k_cache.shape
     out = torch.empty_like(q) if out is None else out
     assert out.shape == q.shape, f"out {tuple(out.shape)} != q {tuple(q.shape)}"
-    for b, seq_len in enumerate(lens):
-        start, end = starts[b], starts[b + 1]
-        query_len = end - start
-        num_blocks = -(-seq_len // block_size)
-        block_ids = block_tables[b, :num_blocks].long()
-        # [nb, bs, Hkv, D] -> [1, Hkv, L, D]: strided views of one gathered copy. SDPA needs 4-D
-        # inputs for its fused CPU kernel: 3-D ones fall back to the math path (~2-5x slower, and it
-        # materializes the [Hq, q_len, L] scores).
-        k = k_cache.index_select(0, block_ids).view(-1, num_kv_heads, head_dim)[None, :seq_len].transpose(1, 2)
-        v = v_cache.index_select(0, block_ids).view(-1, num_kv_heads, head_dim)[None, :seq_len].transpose(1, 2)
-        query = q[None, start:end].transpose(1, 2)
-        if query_len == seq_len:
-            o = F.scaled_dot_product_attention(query, k.to(q.dtype), v.to(q.dtype), is_causal=True,
-                                               scale=scale, enable_gqa=True)
-        else:
-            key_pos = torch.arange(seq_len, device=q.device)
-            query_pos = torch.arange(seq_len - query_len, seq_len, device=q.device)
-            mask = key_pos[None, :] <= query_pos[:, None]
-            o = F.scaled_dot_product_attention(query, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
-                                               scale=scale, enable_gqa=True)
-        out[start:end] = o[0].transpose(0, 1)
-    return out
+    plan = plan_prefill(block_tables, starts, lens, k_cache.shape[1])
+    return paged_prefill_attention_planned(q, k_cache, v_cache, plan, scale, out=out)
 
 
 @functools.cache

@@ -26,18 +26,22 @@ def _check(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cach
 
 
 def store_kv_ref(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None:
+                 slot_mapping: torch.Tensor, *, has_padding: bool | None = None) -> None:
     """Pure-torch ``store_kv``; what the CPU path runs and what the kernel is tested against.
 
     Args:
         key, value: ``[T, num_kv_heads, head_dim]``, any float dtype (cast to the cache's).
         k_cache, v_cache: ``[num_blocks, block_size, num_kv_heads, head_dim]``, written in place.
         slot_mapping: ``[T]`` int64 flat slots; -1 skips the token. Valid slots are distinct.
+        has_padding: whether any slot is -1, when the caller knows (the CPU backend checks once
+            per step, not once per layer); ``None`` checks here.
     """
     _check(key, value, k_cache, v_cache, slot_mapping)
     slots = slot_mapping.long()
     # Padding is rare: test for it once instead of always paying for a boolean-mask gather.
-    if bool((slots < 0).any()):
+    if has_padding is None:
+        has_padding = bool((slots < 0).any())
+    if has_padding:
         valid = slots >= 0
         slots, key, value = slots[valid], key[valid], value[valid]
     block_size = k_cache.shape[1]

@@ -115,8 +115,11 @@ def _forward(backend: AttentionBackend, batch: Batch) -> tuple[torch.Tensor, tor
     return out, k_cache, v_cache
 
 
+# 36 decodes of spread lengths: enough for the torch backend to split them into length groups.
+MANY_DECODES = [(1, 1 + (i * 37) % 90) for i in range(36)]
 BATCHES = {  # name: (specs, num_decodes)
     "mixed": (DECODES + PREFILLS, len(DECODES)),
+    "many_decodes_mixed": (MANY_DECODES + PREFILLS, len(MANY_DECODES)),
     "decodes_only": (DECODES, len(DECODES)),
     "prefills_only": (PREFILLS, 0),
 }
@@ -133,6 +136,18 @@ def test_torch_backend_matches_dense_attention(kind: str, block_size: int) -> No
     slots = batch.meta.slot_mapping[:num_tokens]
     assert torch.equal(k_cache.view(-1, NUM_KV_HEADS, HEAD_DIM)[slots], batch.k[:num_tokens])
     assert torch.equal(v_cache.view(-1, NUM_KV_HEADS, HEAD_DIM)[slots], batch.v[:num_tokens])
+
+
+def test_torch_backend_plans_a_step_once_and_every_layer_reuses_the_plan() -> None:
+    batch = _make_batch(MANY_DECODES + PREFILLS, len(MANY_DECODES), 16)
+    backend = TorchAttentionBackend()
+    first, _, _ = _forward(backend, batch)
+    plan = batch.meta.backend_plan
+    assert plan is not None and len(plan.decode_groups) == 2, "36 decodes: two groups of similar length"
+    again, _, _ = _forward(backend, batch)  # the next layer of the same step
+    assert batch.meta.backend_plan is plan
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    torch.testing.assert_close(first.double(), _dense_attention(batch), atol=1e-5, rtol=1e-5)
 
 
 def test_torch_backend_ignores_padding_tokens() -> None:

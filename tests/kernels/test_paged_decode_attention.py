@@ -10,7 +10,9 @@ import torch
 from kvloom.kernels.paged_decode_attention import (
     GatherWorkspace,
     paged_decode_attention,
+    paged_decode_attention_planned,
     paged_decode_attention_ref,
+    plan_decode,
 )
 
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -50,6 +52,24 @@ def test_ref_with_reused_workspace_matches_ref_without(make_paged_kv: Callable[.
         args = (q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, 32**-0.5, max(lens))
         torch.testing.assert_close(paged_decode_attention_ref(*args, workspace=workspace),
                                    paged_decode_attention_ref(*args), atol=0, rtol=0)
+
+
+def test_a_batch_split_into_length_groups_matches_dense(
+        make_paged_kv: Callable[..., Any], dense_causal_attention: Callable[..., torch.Tensor]) -> None:
+    # 40 sequences in shuffled length order, NaN in every slot nobody owns: the plan sorts them into
+    # groups (rows gathered and scattered back by index), each padded only to its own longest row.
+    lens = [int(n) for n in torch.randint(1, 90, (40,), generator=torch.Generator().manual_seed(3))]
+    kv = make_paged_kv(lens, 16, 2, 32)
+    groups = plan_decode(kv.block_tables, lens, 16, max_groups=4, min_group_rows=8)
+    assert len(groups) == 4
+    assert sorted(torch.cat([g.rows for g in groups if g.rows is not None]).tolist()) == list(range(40))
+    assert sum(g.num_rows * g.num_blocks for g in groups) < len(lens) * max(-(-n // 16) for n in lens)
+    q = _strided_queries(len(lens), 4, 32, torch.float32)
+    out = paged_decode_attention_planned(q, kv.k_cache, kv.v_cache, groups, 32**-0.5,
+                                         out=torch.full_like(q, float("nan")), workspace=GatherWorkspace())
+    for b in range(len(lens)):
+        expected = dense_causal_attention(q[b: b + 1], kv.keys[b], kv.values[b], 32**-0.5)[0]
+        torch.testing.assert_close(out[b].double(), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.usefixtures("triton_interpret")

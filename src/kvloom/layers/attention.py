@@ -8,11 +8,11 @@ when it is built, so importing this module never imports triton.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
@@ -81,23 +81,68 @@ class PagedAttentionBackend(AttentionBackend):
         return out
 
 
-class TorchAttentionBackend(PagedAttentionBackend):
-    """Pure-torch references: the CPU production path (and a fallback anywhere).
+@dataclass(frozen=True, slots=True)
+class _TorchStepPlan:
+    """What every layer of one step shares on the torch path, built by the first layer."""
 
-    Decodes run as one batched SDPA call over block tables gathered into a padded K/V; prefills
-    run one SDPA call per sequence. Lengths come from the metadata's host lists: no device syncs.
+    has_padding: bool
+    """Some ``slot_mapping`` entry is -1."""
+    decode_groups: list[Any]
+    """``kvloom.kernels.paged_decode_attention.DecodeGroup``s of the decode rows."""
+    prefill: list[Any]
+    """``kvloom.kernels.paged_prefill_attention.PrefillSeq``s, rows counted from the step's first token."""
+
+
+class TorchAttentionBackend(AttentionBackend):
+    """Pure-torch attention: the CPU production path (and a fallback anywhere).
+
+    The first layer of a step plans it (``meta.backend_plan``): decode rows split into groups of
+    similar length with their gather indices, padding indices and masks; each prefill's block ids
+    and chunk mask; whether any slot is padding. Every layer then runs the same plan: ``store_kv``,
+    one batched SDPA call per decode group over a padded K/V gather, one SDPA call per prefill
+    (a fresh prompt attends this step's K/V in place, with no gather). Lengths come from the
+    metadata's host lists: no device syncs.
     """
 
     name: ClassVar[str] = "torch"
 
     def __init__(self) -> None:
-        from kvloom.kernels.paged_decode_attention import GatherWorkspace, paged_decode_attention_ref
-        from kvloom.kernels.paged_prefill_attention import paged_prefill_attention_ref
-        from kvloom.kernels.store_kv import store_kv_ref
+        from kvloom.kernels import paged_decode_attention, paged_prefill_attention, store_kv
 
+        self._decode = paged_decode_attention
+        self._prefill = paged_prefill_attention
+        self._store_kv = store_kv.store_kv_ref
         # One scratch buffer shared by all layers: the engine thread runs them one after another.
-        decode = functools.partial(paged_decode_attention_ref, workspace=GatherWorkspace())
-        super().__init__(store_kv_ref, decode, paged_prefill_attention_ref)
+        self._workspace = paged_decode_attention.GatherWorkspace()
+
+    def plan(self, meta: AttentionMetadata, block_size: int) -> _TorchStepPlan:
+        """The step's plan, built once (by the first layer) and kept on ``meta``."""
+        plan = meta.backend_plan
+        if isinstance(plan, _TorchStepPlan):
+            return plan
+        n = meta.num_decodes
+        decode_groups = self._decode.plan_decode(meta.block_tables[:n], meta.seq_lens_cpu[:n], block_size) if n else []
+        prefill = []
+        if n < meta.num_seqs:
+            prefill = self._prefill.plan_prefill(meta.block_tables[n:], meta.query_start_loc_cpu[n:], meta.seq_lens_cpu[n:],
+                                   block_size)
+        plan = _TorchStepPlan(bool((meta.slot_mapping < 0).any()), decode_groups, prefill)
+        meta.backend_plan = plan
+        return plan
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        plan = self.plan(meta, k_cache.shape[1])
+        self._store_kv(k, v, k_cache, v_cache, meta.slot_mapping, has_padding=plan.has_padding)
+        out = torch.empty_like(q)
+        n = meta.num_decodes
+        if plan.decode_groups:
+            self._decode.paged_decode_attention_planned(q[:n], k_cache, v_cache, plan.decode_groups, scale, out=out[:n],
+                                           workspace=self._workspace)
+        if plan.prefill:
+            # Prefill rows keep their step-wide numbering: the plan's starts index q, k and v directly.
+            self._prefill.paged_prefill_attention_planned(q, k_cache, v_cache, plan.prefill, scale, out=out, new_k=k, new_v=v)
+        return out
 
 
 class TritonAttentionBackend(PagedAttentionBackend):

@@ -9,6 +9,7 @@ sequences. Sequences whose query length is 1 ("decodes") come first, so the firs
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -42,6 +43,9 @@ class AttentionMetadata:
     """Host copy of ``query_start_loc`` so the torch path never syncs with the device."""
     seq_lens_cpu: list[int]
     """Host copy of ``seq_lens``."""
+    backend_plan: Any = None
+    """What a backend derives from this metadata for all layers (masks, gather indices): built by
+    the first layer's call, reused by the others. Private to the backend that built it."""
 
     @property
     def num_seqs(self) -> int:

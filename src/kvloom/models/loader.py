@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from kvloom.errors import CheckpointError
+from kvloom.layers.weight_layout import make_input_major, prefers_input_major
 from kvloom.models.config import ModelConfig, load_model_config
 from kvloom.models.dtype_choice import choose_dtype
 from kvloom.models.registry import CausalLM, get_model_class
@@ -118,5 +119,7 @@ def load_model(
     with torch.device(device):
         model = model_cls(config, attn_backend)
     load_weights_into(model, model_dir)
+    if prefers_input_major(device, config.torch_dtype):
+        make_input_major(model)
     model.eval()
     return model, config
