@@ -43,3 +43,30 @@ def test_stop_string_split_over_tokens_is_found_and_never_streamed(tokenizer: ob
             break
     assert detok.stopped
     assert streamed == TEXT[: TEXT.index(stop)]
+
+
+class _DecodeOnly:
+    """The tokenizer seen only through ``decode``: forces the pure-Python incremental path."""
+
+    def __init__(self, tokenizer: object) -> None:
+        self._inner = tokenizer
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._inner.decode(token_ids, skip_special_tokens=skip_special_tokens)  # type: ignore[attr-defined,no-any-return]
+
+
+def test_the_rust_decode_stream_and_the_python_fallback_give_the_same_text(tokenizer: object) -> None:
+    import random
+
+    rng = random.Random(0)
+    vocab = len(tokenizer)  # type: ignore[arg-type]
+    prompt = tokenizer.encode("Context: ünï")  # type: ignore[attr-defined]
+    for trial in range(40):
+        ids = tokenizer.encode(TEXT) if trial == 0 else [rng.randrange(vocab) for _ in range(30)]  # type: ignore[attr-defined]
+        fast = IncrementalDetokenizer(tokenizer, prompt)  # type: ignore[arg-type]
+        slow = IncrementalDetokenizer(_DecodeOnly(tokenizer), prompt)  # type: ignore[arg-type]
+        assert fast._stream is not None and slow._stream is None
+        for token in ids:
+            fast.add_tokens([token])
+            slow.add_tokens([token])
+            assert fast.text == slow.text

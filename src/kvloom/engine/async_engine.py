@@ -101,6 +101,7 @@ class AsyncEngine:
         if self._parts is not None:
             self._parts = None
             await anyio.to_thread.run_sync(parts.grammars.close)
+            await anyio.to_thread.run_sync(parts.core.close)
 
     async def __aenter__(self) -> AsyncEngine:
         await self.start()

@@ -134,6 +134,10 @@ class EngineCore:
     def kv_cache_stats(self) -> KVCacheStats:
         return self._kv.stats()
 
+    def close(self) -> None:
+        """Stop the runner's helper thread (idempotent)."""
+        self._runner.close()
+
     def reset_prefix_cache(self) -> int:
         """Forget every cached prefix nothing holds; returns the number of blocks forgotten."""
         return self._kv.reset_prefix_cache()

@@ -1,5 +1,9 @@
 """Incremental detokenization with stop strings.
 
+A fast (Rust ``tokenizers``) tokenizer decodes through ``tokenizers``' ``DecodeStream``: one
+decode of a short window per token, in Rust. Any other tokenizer decodes the window twice per
+token in Python (the prefix/read-offset method); both give the same text.
+
 Deltas never end inside a UTF-8 character (a byte-level token can carry part of one: its
 decode ends in U+FFFD until the rest arrives), and stop strings are matched on the text as a
 whole, so a stop string split across tokens or chunks is still found. While a request may
@@ -10,7 +14,7 @@ stop string is never streamed half-way.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 # Tokens of context decoded ahead of the new ones: enough for tokenizers whose decode of a
 # token depends on its left neighbour (SentencePiece's leading spaces).
@@ -19,6 +23,19 @@ _CONTEXT_TOKENS = 5
 
 class Tokenizer(Protocol):
     def decode(self, token_ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+def _rust_tokenizer(tokenizer: Tokenizer) -> Any:
+    """The ``tokenizers.Tokenizer`` behind a fast HF tokenizer whose ``decode`` adds nothing to it
+    (no ``clean_up_tokenization_spaces``), else ``None``."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return None
+    try:
+        from tokenizers import Tokenizer as RustTokenizer
+    except ImportError:
+        return None
+    return backend if isinstance(backend, RustTokenizer) else None
 
 
 @dataclass(slots=True)
@@ -37,15 +54,31 @@ class IncrementalDetokenizer:
     _prefix_offset: int = 0
     _read_offset: int = 0
     _emitted: int = 0
+    _backend: Any = None
+    _stream: Any = None
 
     def __post_init__(self) -> None:
         self._ids = list(self.prompt_token_ids[-_CONTEXT_TOKENS:])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
+        self._backend = _rust_tokenizer(self.tokenizer)
+        if self._backend is not None:
+            from tokenizers.decoders import DecodeStream
+
+            self._stream = DecodeStream(ids=self._ids, skip_special_tokens=self.skip_special_tokens)
 
     def add_tokens(self, token_ids: list[int]) -> None:
         """Decode new tokens into ``text``; sets ``stopped`` when a stop string appears."""
         if self.stopped:
+            return
+        if self._stream is not None:
+            for token_id in token_ids:
+                piece = self._stream.step(self._backend, token_id)
+                if piece:
+                    old_len = len(self.text)
+                    self.text += piece
+                    if self.stop and self._check_stop(old_len):
+                        return
             return
         for token_id in token_ids:
             self._ids.append(token_id)

@@ -176,8 +176,9 @@ class LLM:
                 return done
 
     def close(self) -> None:
-        """Shut the grammar compile pools down (also done at interpreter exit)."""
+        """Shut the grammar compile pools and the mask thread down (also done at interpreter exit)."""
         self.grammars.close()
+        self.core.close()
 
     def assert_idle(self) -> None:
         """Raise ``AssertionError`` unless no request is left and every KV block is free."""

@@ -126,6 +126,8 @@ def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tenso
     rep, freq, pres = meta.repetition_penalty, meta.frequency_penalty, meta.presence_penalty
     if rep is None and freq is None and pres is None:
         return logits
+    if meta.output_token_ids is None:
+        raise ValueError("SamplingMetadata.output_token_ids is required when a penalty is set")
     num_rows, vocab_size = logits.shape
     output_counts = _token_counts(meta.output_token_ids, num_rows, vocab_size, logits.device)
 

@@ -47,8 +47,9 @@ class SamplingMetadata:
     ``logit -= frequency_penalty * count``."""
     prompt_token_ids: list[list[int]] | None
     """Per row, the prompt's token ids. Required when ``repetition_penalty`` is set."""
-    output_token_ids: list[list[int]]
-    """Per row, the tokens generated so far (empty on the first step)."""
+    output_token_ids: list[list[int]] | None
+    """Per row, the tokens generated so far (empty on the first step). Required when a penalty
+    is set; ``None`` otherwise, so steps without penalties never copy every row's output."""
     generators: list[torch.Generator | None]
     """Per row: the seeded request's own generator, ``None`` for the default RNG. A row's
     random draws come only from its own generator, so a seed gives the same tokens whatever

@@ -57,9 +57,8 @@ def build_inputs(
             sample_rows.append(row)
             logits_idx.append(qsl[-1] - 1)
 
-    tables = torch.zeros((len(order), max_blocks), dtype=torch.int32)
-    for row, s in enumerate(order):
-        tables[row, : len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.int32)
+    # One tensor from padded host rows (not one small tensor per row).
+    tables = torch.tensor([s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in order], dtype=torch.int32)
     pos = torch.tensor(positions, dtype=torch.int64)
     seq_of_token = torch.repeat_interleave(
         torch.arange(len(order)), torch.tensor([qsl[i + 1] - qsl[i] for i in range(len(order))])

@@ -1,8 +1,10 @@
-"""Drive the sequences' logits processors around the sampler (engine thread).
+"""Drive the sequences' logits processors around the sampler.
 
-Before sampling, one ``int32`` bitmask ``[B, ceil(V / 32)]`` for the whole batch is filled by
-the bitmask processors (grammars) of the rows that have one and applied to those rows only,
-in one call; then each processor's ``process_logits`` edits its row. After sampling, every
+One ``int32`` bitmask ``[B, ceil(V / 32)]`` for the whole batch is filled by the bitmask
+processors (grammars) of the rows that have one (``fill_masks``: it needs only the tokens
+accepted so far, so the runner runs it on a helper thread while the forward runs) and, before
+sampling, applied to those rows only, in one call; then each processor's ``process_logits``
+edits its row (engine thread). After sampling, every
 processor accepts its row's token. Rows without processors cost nothing, and a step with
 no processors at all never allocates the bitmask.
 
@@ -14,6 +16,8 @@ its sequence with ``stop``.
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,31 +28,64 @@ from kvloom.structured.bitmask import allocate_bitmask, apply_bitmask
 logger = logging.getLogger(__name__)
 
 
-def apply_processors(logits: torch.Tensor, states: list[CachedRequestState]) -> dict[str, FinishReason]:
+@dataclass(slots=True)
+class FilledMasks:
+    """A batch's grammar bitmask, filled ahead of its logits."""
+
+    bitmask: torch.Tensor | None
+    """``[B, ceil(V / 32)]`` int32 on the host; ``None`` when no row has a bitmask processor."""
+    rows: list[int] = field(default_factory=list)
+    """Rows with a bitmask processor (in ``bitmask`` row order)."""
+    failed: dict[str, FinishReason] = field(default_factory=dict)
+    """Sequences whose ``fill_bitmask`` raised: they end with ``error``."""
+    seconds: float = 0.0
+    """Time spent filling."""
+
+
+def has_masks(states: list[CachedRequestState]) -> bool:
+    """Whether any of these sequences has a bitmask processor (a grammar)."""
+    return any(p.uses_bitmask for s in states for p in s.processors)
+
+
+def fill_masks(states: list[CachedRequestState], vocab_width: int) -> FilledMasks:
+    """Fill the bitmask of every row of ``states`` with a bitmask processor. Touches only those
+    processors (their ``fill_bitmask``), so it may run on another thread while nothing else uses
+    them; never raises for a processor's failure (that row lands in ``failed``)."""
+    start = time.perf_counter()
+    rows = [i for i, s in enumerate(states) if any(p.uses_bitmask for p in s.processors)]
+    if not rows:
+        return FilledMasks(None)
+    failed: dict[str, FinishReason] = {}
+    bitmask = allocate_bitmask(len(states), vocab_width)
+    scratch: torch.Tensor | None = None
+    for i in rows:
+        masks = [p for p in states[i].processors if p.uses_bitmask]
+        try:
+            masks[0].fill_bitmask(bitmask, i)
+            for extra in masks[1:]:  # several masks on one row: allowed = the intersection
+                if scratch is None:
+                    scratch = allocate_bitmask(1, vocab_width)
+                extra.fill_bitmask(scratch, 0)
+                bitmask[i] &= scratch[0]
+        except Exception:
+            logger.exception("kvloom: fill_bitmask failed for request %s", states[i].req_id)
+            failed[states[i].req_id] = "error"
+    return FilledMasks(bitmask, rows, failed, time.perf_counter() - start)
+
+
+def apply_processors(logits: torch.Tensor, states: list[CachedRequestState],
+                     masks: FilledMasks | None = None) -> dict[str, FinishReason]:
     """Mask and edit ``logits`` ``[B, V]`` (row ``i`` belongs to ``states[i]``) in place.
 
-    Returns the sequences whose processors failed (``"error"``): they still sample this step
-    (from whatever their row holds) and then end.
+    ``masks``: this batch's bitmask if it was filled ahead (``fill_masks``), else it is filled
+    here. Returns the sequences whose processors failed (``"error"``): they still sample this
+    step (from whatever their row holds) and then end.
     """
-    failed: dict[str, FinishReason] = {}
-    rows = [i for i, s in enumerate(states) if any(p.uses_bitmask for p in s.processors)]
-    if rows:
-        vocab_width = logits.shape[1]
-        bitmask = allocate_bitmask(len(states), vocab_width)
-        scratch: torch.Tensor | None = None
-        for i in rows:
-            masks = [p for p in states[i].processors if p.uses_bitmask]
-            try:
-                masks[0].fill_bitmask(bitmask, i)
-                for extra in masks[1:]:  # several masks on one row: allowed = the intersection
-                    if scratch is None:
-                        scratch = allocate_bitmask(1, vocab_width)
-                    extra.fill_bitmask(scratch, 0)
-                    bitmask[i] &= scratch[0]
-            except Exception:
-                logger.exception("kvloom: fill_bitmask failed for request %s", states[i].req_id)
-                failed[states[i].req_id] = "error"
-        apply_bitmask(logits, bitmask.to(logits.device, non_blocking=True), rows)
+    if masks is None:
+        masks = fill_masks(states, logits.shape[1])
+    failed = dict(masks.failed)
+    if masks.bitmask is not None:
+        apply_bitmask(logits, masks.bitmask.to(logits.device, non_blocking=True), masks.rows)
     for i, s in enumerate(states):
         for p in s.processors:
             if s.req_id in failed:

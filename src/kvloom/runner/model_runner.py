@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -18,7 +19,13 @@ from kvloom.models.loader import load_model
 from kvloom.outputs import FinishReason
 from kvloom.runner.inputs import ModelInputs, build_inputs
 from kvloom.runner.kv_tensors import KVCaches, allocate_kv_caches, choose_num_blocks
-from kvloom.runner.logits_processing import accept_tokens, apply_processors
+from kvloom.runner.logits_processing import (
+    FilledMasks,
+    accept_tokens,
+    apply_processors,
+    fill_masks,
+    has_masks,
+)
 from kvloom.runner.sampling import build_sampling_metadata, to_token_logprobs
 from kvloom.runner.state import CachedRequestState, make_generator
 from kvloom.scheduler.output import SampledTokens, SchedulerOutput
@@ -43,6 +50,8 @@ class StepLogits:
     logits: torch.Tensor
     """``[num_sampling, vocab]`` float32."""
     states: list[CachedRequestState]
+    masks: Future[FilledMasks] | None = None
+    """The sampling rows' grammar bitmask, filled on the mask thread while the forward ran."""
 
 
 class ModelRunner:
@@ -78,11 +87,13 @@ class ModelRunner:
         self.generator.manual_seed(config.seed)
         self.states: dict[str, CachedRequestState] = {}
         self.processor_time_s = 0.0
-        """Time spent in logits processors (masks, accepts) over all steps; with
+        """Time spent in logits processors (masks, on the mask thread or not; accepts) over all steps; with
         ``num_constrained_steps``, the cost of grammars per step."""
         self.num_constrained_steps = 0
         self.lora_slots: LoRASlots | None = None
         """Adapter slots, allocated when the first adapter is needed (base-only engines never pay)."""
+        self._mask_thread: ThreadPoolExecutor | None = None
+        """Fills grammar bitmasks alongside the forward; started by the first constrained step."""
         logger.info("kvloom: %d KV blocks of %d tokens on %s", self.num_blocks, self.block_size, self.device)
 
     # ---- state ---------------------------------------------------------------------------
@@ -114,11 +125,33 @@ class ModelRunner:
         self._copy_blocks(sched.blocks_to_copy)
         states = [self.states[rid] for rid in sched.num_scheduled_tokens]
         inputs = build_inputs(states, sched.num_scheduled_tokens, self.block_size, self.device)
-        self._route_lora(inputs.req_order, sched.num_scheduled_tokens)
-        logits = self._forward(inputs)
+        sampling = [inputs.req_order[r] for r in inputs.sample_rows]
+        masks = self._fill_masks_async(sampling)
+        try:
+            self._route_lora(inputs.req_order, sched.num_scheduled_tokens)
+            logits = self._forward(inputs)
+        except BaseException:
+            if masks is not None:
+                masks.result()  # the mask thread must be done with these processors before they go
+            raise
         for s in states:
             s.num_computed_tokens += sched.num_scheduled_tokens[s.req_id]
-        return StepLogits(logits, [inputs.req_order[r] for r in inputs.sample_rows])
+        return StepLogits(logits, sampling, masks)
+
+    def _fill_masks_async(self, sampling: list[CachedRequestState]) -> Future[FilledMasks] | None:
+        """Start filling the sampling rows' grammar bitmask on the mask thread (it depends only on
+        the tokens accepted so far), so it overlaps the forward instead of following it."""
+        if not has_masks(sampling):
+            return None
+        if self._mask_thread is None:
+            self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="kvloom-masks")
+        return self._mask_thread.submit(fill_masks, sampling, self.model_config.vocab_size)
+
+    def close(self) -> None:
+        """Stop the mask thread (idempotent); the runner may still run steps afterwards, without it."""
+        if self._mask_thread is not None:
+            self._mask_thread.shutdown(wait=True)
+            self._mask_thread = None
 
     def _forward(self, inputs: ModelInputs) -> torch.Tensor:
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn)
@@ -137,9 +170,10 @@ class ModelRunner:
             # Logprobs are of the model's own distribution, before masks and user processors.
             if meta.max_num_logprobs is not None:
                 raw_logprobs = step.logits.float().log_softmax(dim=-1)
+            masks = step.masks.result() if step.masks is not None else None
             start = time.perf_counter()
-            reasons = apply_processors(step.logits, step.states)
-            self.processor_time_s += time.perf_counter() - start
+            reasons = apply_processors(step.logits, step.states, masks)
+            self.processor_time_s += time.perf_counter() - start + (masks.seconds if masks is not None else 0.0)
         out = self.sampler(step.logits, meta, raw_logprobs)
         token_ids: list[int] = out.token_ids.tolist()
         for s, tok in zip(step.states, token_ids, strict=True):

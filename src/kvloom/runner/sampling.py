@@ -25,6 +25,8 @@ def build_sampling_metadata(
     top_k_vals = [p.top_k for p in params]
     top_k = None if all(k == 0 for k in top_k_vals) else torch.tensor(top_k_vals, dtype=torch.int64, device=device)
     rep = col([p.repetition_penalty for p in params], 1.0)
+    presence = col([p.presence_penalty for p in params], 0.0)
+    frequency = col([p.frequency_penalty for p in params], 0.0)
 
     banned: list[list[int]] = []
     for s in states:
@@ -46,10 +48,14 @@ def build_sampling_metadata(
         top_p=col([p.top_p for p in params], 1.0),
         min_p=col([p.min_p for p in params], 0.0),
         repetition_penalty=rep,
-        presence_penalty=col([p.presence_penalty for p in params], 0.0),
-        frequency_penalty=col([p.frequency_penalty for p in params], 0.0),
+        presence_penalty=presence,
+        frequency_penalty=frequency,
         prompt_token_ids=[s.token_ids[: s.num_prompt_tokens] for s in states] if rep is not None else None,
-        output_token_ids=[s.output_token_ids for s in states],
+        # Copying every row's output each step costs O(tokens so far): only penalties need it.
+        output_token_ids=(
+            [s.output_token_ids for s in states] if rep is not None or presence is not None or frequency is not None
+            else None
+        ),
         generators=[s.generator if s.params.temperature >= GREEDY_TEMPERATURE else None for s in states],
         banned_token_ids=banned if any(banned) else None,
         max_num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=None),

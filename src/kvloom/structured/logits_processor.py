@@ -1,7 +1,10 @@
 """The public per-sequence logits-processor protocol.
 
 A processor belongs to one sequence (one choice of one request) and lives on the engine
-thread. Each step in which its sequence samples a token, the runner:
+thread, except that ``fill_bitmask`` runs on the runner's mask thread while the step's forward
+runs (it needs only the tokens accepted so far). Calls on one processor never overlap: each
+step fills, then processes, then accepts. Each step in which its sequence samples a token, the
+runner:
 
 1. calls ``fill_bitmask(bitmask, row)`` if ``uses_bitmask``; every bitmask processor of every
    row writes into one ``int32`` ``[B, ceil(V / 32)]`` tensor for the whole batch (bit ``t % 32``
