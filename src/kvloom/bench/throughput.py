@@ -145,6 +145,9 @@ class _KvloomSystem:
         self.llm.generate([p[:8] for p in prompts[:2]], self.warm_params)
 
     def run(self, prompts: list[list[int]]) -> PeerRun:
+        # Each pass starts cold: the previous pass's prompts must not be served from the prefix
+        # cache (the peers recompute every pass).
+        self.llm.reset_prefix_cache()
         start = time.perf_counter()
         completions = self.llm.generate(prompts, self.params)
         wall = time.perf_counter() - start
