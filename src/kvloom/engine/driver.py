@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from kvloom.engine.core import EngineCore
 from kvloom.engine.messages import EngineSnapshot, NewRequest, RequestFailure, StepInput, StepOutput
 from kvloom.engine.output_processor import OutputProcessor, child_request_ids
-from kvloom.errors import GrammarError, InvalidRequestError
+from kvloom.errors import EngineError, GrammarError, InvalidRequestError
 from kvloom.outputs import Completion
 from kvloom.params import SamplingParams
 from kvloom.scheduler.request import Request
@@ -171,6 +171,11 @@ class EngineDriver:
             if processed.stop_string_hits:
                 self.core.finish_requests(processed.stop_string_hits, "stop")
             deltas, finished = processed.deltas, processed.finished
+            for parent_id, exc in processed.failed.items():
+                self.abort(parent_id)
+                error = EngineError(f"request {parent_id!r}: processing its output failed: {exc!r}")
+                error.__cause__ = exc
+                self._failed.append(RequestFailure(parent_id, error))
             for completion in finished:
                 self._deadlines.pop(completion.request_id, None)
         failed, self._failed = self._failed, []

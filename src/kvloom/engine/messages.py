@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from kvloom.engine.output_processor import SequenceDelta
-from kvloom.errors import InvalidRequestError
+from kvloom.errors import EngineError, InvalidRequestError
 from kvloom.kv_cache.manager import KVCacheStats
 from kvloom.outputs import Completion
 from kvloom.params import SamplingParams
@@ -94,7 +94,7 @@ class RequestFailure:
     """A request that ended in an error before or while running; nothing of it stays in the engine."""
 
     request_id: str
-    error: InvalidRequestError
+    error: InvalidRequestError | EngineError
 
 
 @dataclass(slots=True)
@@ -117,4 +117,4 @@ class StepOutput:
     now on: it must unpin them (a later ``StepInput.unpins``) even if nobody claims them."""
     failed: list[RequestFailure] = field(default_factory=list)
     """Requests that failed (grammar did not compile, a processor factory raised, an adapter
-    that can never get a slot), with the error for their caller."""
+    that can never get a slot, the detokenizer raised on its output), with the error for their caller."""

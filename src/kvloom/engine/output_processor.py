@@ -98,6 +98,9 @@ class ProcessedOutputs:
     stop_string_hits: list[str]
     """Sequence ids that hit a stop string: the caller finishes them in the core."""
     finished: list[Completion]
+    failed: dict[str, Exception] = field(default_factory=dict)
+    """Parent ids whose output could not be processed (the detokenizer raised), with the error:
+    the caller fails those requests; their other outputs of this step are dropped."""
 
 
 class OutputProcessor:
@@ -142,41 +145,51 @@ class OutputProcessor:
         hits: list[str] = []
         finished: list[Completion] = []
         now = time.monotonic()
+        failed: dict[str, Exception] = {}
         for out in outputs:
             seq = self.seqs.get(out.req_id)
-            if seq is None:
+            if seq is None or seq.parent_id in failed:
                 continue
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            seq.num_cached_tokens = out.num_cached_tokens
-            seq.token_ids.extend(out.new_token_ids)
-            if seq.logprobs is not None and out.new_logprobs:
-                seq.logprobs.extend(out.new_logprobs)
-            seq.detok.add_tokens(out.new_token_ids)
-            reason = out.finish_reason
-            if seq.detok.stopped and reason is None:
-                reason = "stop"
-                hits.append(out.req_id)
-            if seq.detok.stopped:
-                # Token ids stay as generated (as in vLLM); only the text is cut at the stop string.
-                reason = "stop"
-            seq.finish_reason = reason
-            text = seq.detok.take_delta(reason is not None)
-            tool_deltas = None
-            shown_reason = reason
-            if seq.tool_parser is not None:
-                text, tool_deltas = seq.tool_parser.feed(text, final=reason is not None)
-                if reason == "stop" and seq.tool_parser.calls:
-                    shown_reason = "tool_calls"
-            deltas.append(
-                SequenceDelta(out.req_id, seq.parent_id, seq.index, text, list(out.new_token_ids), out.new_logprobs,
-                              shown_reason, tool_deltas or None)
-            )
-            if reason is not None:
-                del self.seqs[out.req_id]
-                parent = self.parents[seq.parent_id]
-                if parent.finished:
-                    del self.parents[seq.parent_id]
-                    finished.append(parent.completion())
-        return ProcessedOutputs(deltas, hits, finished)
+            try:
+                self._process_one(out, seq, now, deltas, hits, finished)
+            except Exception as exc:  # one request's bad output must not fail the whole step
+                failed[seq.parent_id] = exc
+        return ProcessedOutputs(deltas, hits, finished, failed)
+
+    def _process_one(
+        self, out: EngineCoreOutput, seq: SequenceState, now: float, deltas: list[SequenceDelta], hits: list[str],
+        finished: list[Completion],
+    ) -> None:
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        seq.num_cached_tokens = out.num_cached_tokens
+        seq.token_ids.extend(out.new_token_ids)
+        if seq.logprobs is not None and out.new_logprobs:
+            seq.logprobs.extend(out.new_logprobs)
+        seq.detok.add_tokens(out.new_token_ids)
+        reason = out.finish_reason
+        if seq.detok.stopped and reason is None:
+            reason = "stop"
+            hits.append(out.req_id)
+        if seq.detok.stopped:
+            # Token ids stay as generated (as in vLLM); only the text is cut at the stop string.
+            reason = "stop"
+        seq.finish_reason = reason
+        text = seq.detok.take_delta(reason is not None)
+        tool_deltas = None
+        shown_reason = reason
+        if seq.tool_parser is not None:
+            text, tool_deltas = seq.tool_parser.feed(text, final=reason is not None)
+            if reason == "stop" and seq.tool_parser.calls:
+                shown_reason = "tool_calls"
+        deltas.append(
+            SequenceDelta(out.req_id, seq.parent_id, seq.index, text, list(out.new_token_ids), out.new_logprobs,
+                          shown_reason, tool_deltas or None)
+        )
+        if reason is not None:
+            del self.seqs[out.req_id]
+            parent = self.parents[seq.parent_id]
+            if parent.finished:
+                del self.parents[seq.parent_id]
+                finished.append(parent.completion())
 
