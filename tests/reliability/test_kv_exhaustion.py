@@ -63,7 +63,7 @@ def test_ten_times_the_pool_completes_through_preemption_with_unconstrained_toke
     assert [len(r.token_ids) for r in got] == [sp.max_tokens for sp in params]
     assert all(r.finish_reason == "length" for r in got)
     assert tight.core.num_preemptions > 0, "a pool 1/10 of the demand must preempt"
-    assert elapsed < (240 if STRESS else 60), f"{count} requests on {pool} blocks took {elapsed:.1f}s"
+    assert elapsed < (300 if STRESS else 120), f"{count} requests on {pool} blocks took {elapsed:.1f}s"
     stats = tight.kv_cache_stats()
     assert stats.peak_used_blocks <= pool
     tight.core.assert_idle()
@@ -145,3 +145,24 @@ async def _settle(engine: AsyncEngine, timeout: float = 30.0) -> None:
     with anyio.fail_after(timeout):
         while not loop.is_idle:
             await anyio.sleep(0.005)
+
+
+@pytest.mark.anyio
+@pytest.mark.xfail(raises=TimeoutError, strict=True, reason=(
+    "known defect: submit checks a request against the whole pool, not the pool less pinned prefix "
+    "blocks, so a request that fits the pool but not beside the pins waits forever"))
+async def test_a_request_that_cannot_fit_beside_the_pins_does_not_wait_forever(llama_dir: Path) -> None:
+    rng = random.Random(4)
+    async with AsyncEngine.from_pretrained(llama_dir, num_kv_blocks=24, prefix_pin_fraction=0.5) as engine:
+        handles = [await engine.cache_prefix(_tokens(4 * BLOCK, rng)) for _ in range(3)]  # 12 of 24 pinned
+        try:
+            with anyio.fail_after(5):  # 19 blocks > the 12 unpinned ones, <= the 24 of the pool
+                try:
+                    out = await engine.generate(_tokens(200, rng), SamplingParams(temperature=0.0, max_tokens=100,
+                                                                                 ignore_eos=True))
+                    assert len(out.token_ids) == 100
+                except InvalidRequestError as e:  # a clear refusal is the other acceptable outcome
+                    assert "pin" in str(e)
+        finally:
+            for handle in handles:
+                handle.release()
