@@ -284,6 +284,12 @@ class AsyncEngine:
         """
         _, loop = self._running()
         assert self._parts is not None
+        if not isinstance(name, str) or not name:
+            raise InvalidRequestError(f"name: an adapter name must be a non-empty string, got {name!r:.60}")
+        if not isinstance(path, str | Path) or not str(path):
+            raise InvalidRequestError(f"path: expected an adapter directory, got {path!r:.60}")
+        if not isinstance(pinned, bool):
+            raise InvalidRequestError(f"pinned: expected a bool, got {type(pinned).__name__}")
         registry = self._parts.adapters
         adapter = await anyio.to_thread.run_sync(registry.read, path)
         info = registry.add(name, adapter, pinned)

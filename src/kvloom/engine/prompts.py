@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,9 +16,31 @@ Prompt = str | Sequence[int]
 Message = dict[str, Any]
 
 
+try:
+    from jinja2 import TemplateError as _TemplateError
+except ImportError:  # pragma: no cover - transformers renders chat templates with jinja2
+    _TemplateError = ValueError  # type: ignore[assignment,misc]
+
 INLINE_CHARS = 8192
 """Prompts (or chat messages) up to this many characters are tokenized on the caller's thread;
 longer ones in a worker thread, so the event loop never stalls on a long document."""
+
+
+def check_messages(messages: object) -> None:
+    """Chat messages are a non-empty list of dicts, each with a string ``role`` and a string,
+    list or absent ``content`` (else the template fails obscurely, or renders garbage)."""
+    if not isinstance(messages, list | tuple) or not messages:
+        raise InvalidRequestError(f"messages: expected a non-empty list of message dicts, got {messages!r:.60}")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise InvalidRequestError(f"messages[{i}]: expected a dict, got {type(message).__name__}")
+        role = message.get("role")
+        if not isinstance(role, str) or not role:
+            raise InvalidRequestError(f"messages[{i}].role: expected a non-empty string, got {role!r:.60}")
+        content = message.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise InvalidRequestError(
+                f"messages[{i}].content: expected a string, a list of parts or None, got {type(content).__name__}")
 
 
 class PromptEncoder:
@@ -52,7 +75,7 @@ class PromptEncoder:
         """Whether tokenizing this is worth a worker thread (see ``INLINE_CHARS``)."""
         if isinstance(prompt, str):
             return len(prompt) > INLINE_CHARS
-        if messages is not None:
+        if isinstance(messages, list | tuple):
             return sum(len(str(m.get("content") or "")) for m in messages if isinstance(m, dict)) > INLINE_CHARS
         return False
 
@@ -63,6 +86,7 @@ class PromptEncoder:
         if (prompt is None) == (messages is None):
             raise InvalidRequestError("give exactly one of `prompt` or `messages`")
         if messages is not None:
+            check_messages(messages)
             tok = self._need_tokenizer("messages")
             if getattr(tok, "chat_template", None) is None:
                 raise InvalidRequestError("messages: the tokenizer has no chat template; pass a `prompt` instead")
@@ -72,17 +96,28 @@ class PromptEncoder:
                     kwargs["tools"] = tools.openai_tools()
                 else:  # documented fallback: describe the tools in a system message
                     messages = [tools.fallback_system_message(), *messages]
-            ids = tok.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt, tokenize=True,
-                                          **kwargs)
+            try:
+                ids = tok.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
+                                              tokenize=True, **kwargs)
+            except (TypeError, ValueError, KeyError, AttributeError, UnicodeError, _TemplateError) as e:
+                raise InvalidRequestError(f"messages: the chat template cannot render them ({e})") from e
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]
             return [int(t) for t in ids]
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt: must not be empty")
-            return [int(t) for t in self._need_tokenizer("prompt").encode(prompt)]
-        assert prompt is not None
-        ids = [int(t) for t in prompt]
+            tok = self._need_tokenizer("prompt")
+            try:
+                return [int(t) for t in tok.encode(prompt)]
+            except (TypeError, ValueError, UnicodeError) as e:
+                raise InvalidRequestError(f"prompt: cannot be tokenized ({e})") from e
+        if prompt is None or isinstance(prompt, bytes | bytearray | dict) or not hasattr(prompt, "__iter__"):
+            raise InvalidRequestError(f"prompt: expected a string or a sequence of token ids, got {type(prompt).__name__}")
+        try:
+            ids = [operator.index(t) for t in prompt]
+        except TypeError as e:
+            raise InvalidRequestError(f"prompt: token ids must be integers ({e})") from None
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
             raise InvalidRequestError(f"prompt: token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")

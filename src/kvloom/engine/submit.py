@@ -11,6 +11,7 @@ between, so it is atomic with respect to other submits.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,6 +55,24 @@ class Submission:
     """The engine-built constraint (tool calls); None: ``params.response_format``, if any."""
 
 
+def check_argument_types(
+    request_id: object, priority: object, cache_salt: object, adapter: object, timeout: object,
+    parallel_tool_calls: object,
+) -> None:
+    """The plain keyword arguments have the documented types (a wrong one would fail later, on
+    the engine thread or with a bare ``TypeError``)."""
+    for name, value in (("request_id", request_id), ("cache_salt", cache_salt), ("adapter", adapter)):
+        if value is not None and not isinstance(value, str):
+            raise InvalidRequestError(f"{name}: expected a string or None, got {type(value).__name__}")
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise InvalidRequestError(f"priority: expected an int, got {type(priority).__name__}")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)
+                                or not math.isfinite(timeout)):
+        raise InvalidRequestError(f"timeout: expected a finite number of seconds or None, got {timeout!r}")
+    if not isinstance(parallel_tool_calls, bool):
+        raise InvalidRequestError(f"parallel_tool_calls: expected a bool, got {type(parallel_tool_calls).__name__}")
+
+
 class Submitter:
     """Event-loop only (its worker encoder runs in one worker thread at a time)."""
 
@@ -87,6 +106,7 @@ class Submitter:
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"params: expected SamplingParams, got {type(params).__name__}")
+        check_argument_types(request_id, priority, cache_salt, adapter, timeout, parallel_tool_calls)
         if timeout is not None and not timeout > 0:
             raise InvalidRequestError(f"timeout: must be > 0 seconds, got {timeout!r}")
         if prefix is not None and not self._prefixes.is_live(prefix):
