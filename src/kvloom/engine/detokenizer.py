@@ -65,7 +65,14 @@ class IncrementalDetokenizer:
         if self._backend is not None:
             from tokenizers.decoders import DecodeStream
 
-            self._stream = DecodeStream(ids=self._ids, skip_special_tokens=self.skip_special_tokens)
+            # A context ending inside a UTF-8 character (its decode ends in U+FFFD) makes
+            # DecodeStream emit the whole context with the first new token: leave those
+            # trailing tokens out of the stream's context.
+            context = list(self._ids)
+            while context and self.tokenizer.decode(context, skip_special_tokens=self.skip_special_tokens).endswith(
+                    "\ufffd"):
+                context.pop()
+            self._stream = DecodeStream(ids=context, skip_special_tokens=self.skip_special_tokens)
 
     def add_tokens(self, token_ids: list[int]) -> None:
         """Decode new tokens into ``text``; sets ``stopped`` when a stop string appears."""
