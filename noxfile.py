@@ -1,4 +1,4 @@
-"""Developer sessions: ``nox -s demo``, ``nox -s tests``, ``nox -s lint``, ``nox -s docs``.
+"""Developer sessions: ``nox -s demo``, ``nox -s tests``, ``nox -s lint``, ``nox -s docs``, ``nox -s stress``.
 
 Each session installs kvloom into its own virtualenv. torch is pinned to the CPU-friendly
 release by default (KVLOOM_TORCH overrides it, e.g. ``KVLOOM_TORCH=torch`` for whatever pip picks).
@@ -34,6 +34,18 @@ def tests(session: nox.Session) -> None:
     _install(session)
     # pytest exits 5 when it collects no test: nox fails on any non-zero exit, so that can't pass.
     session.run("pytest", "-q", "-ra", *session.posargs)
+
+
+@nox.session
+def stress(session: nox.Session) -> None:
+    """The long reliability runs: the property tests with a larger hypothesis budget, the load test at
+    2,000 streams, the fault and exhaustion tests scaled up (``KVLOOM_STRESS=1``; minutes, not seconds)."""
+    _install(session)
+    session.run(
+        "pytest", "-q", "-ra", "-s", "--hypothesis-show-statistics",
+        "tests/reliability", "tests/kv_cache/test_kv_state_machine.py", "tests/engine/test_scheduler_state_machine.py",
+        *session.posargs, env={"KVLOOM_STRESS": "1"},
+    )
 
 
 @nox.session

@@ -135,3 +135,15 @@ def test_finish_requests_frees_blocks_and_tells_the_runner() -> None:
     assert not s.has_unfinished()
     s.kv.check_all_free()
     assert s.schedule().finished_req_ids == {"a"}
+
+
+def test_a_lone_request_as_large_as_the_pool_starts_despite_the_watermark() -> None:
+    kv = KVCacheManager(200, 4, watermark=0.05)  # 10 blocks kept free for running requests to grow
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=1024), kv, max_model_len=1024)
+    s.add_request(req("big", 796, max_tokens=4))  # 800 tokens: all 200 blocks
+    steps = 0
+    while s.has_unfinished():
+        fake_step(s)
+        steps += 1
+        assert steps < 10, "with nothing running, the watermark must not keep it waiting"
+    s.kv.check_all_free()

@@ -88,6 +88,15 @@ class EngineCore:
         return stuck
 
     # ---- one step --------------------------------------------------------------------------
+    def take_stuck_beside_pins(self) -> list[str]:
+        """Requests the last step found unable to start while prefix handles pin their blocks."""
+        stuck, self._scheduler.stuck_beside_pins = self._scheduler.stuck_beside_pins, []
+        return stuck
+
+    @property
+    def num_pinned_blocks(self) -> int:
+        return self._kv.num_pinned
+
     def step(self) -> list[EngineCoreOutput]:
         sched = self._scheduler.schedule()
         logits = self._runner.execute(sched)

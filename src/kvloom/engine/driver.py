@@ -147,6 +147,17 @@ class EngineDriver:
                     "pinned to another adapter while this request waited, so it could never run; "
                     "unpin one or raise max_loras"))
 
+    def _fail_stuck_beside_pins(self) -> None:
+        """Fail the requests that cannot start while prefix handles hold their blocks: waiting for
+        the app to release a handle could be waiting forever."""
+        stuck = self.core.take_stuck_beside_pins()
+        seqs = [self.outputs.seqs.get(seq_id) for seq_id in stuck]
+        for parent_id in {seq.parent_id for seq in seqs if seq is not None}:
+            self._fail(parent_id, InvalidRequestError(
+                f"max_tokens: this request cannot start while prefix handles pin {self.core.num_pinned_blocks} of "
+                f"the {self.core.num_blocks} KV blocks; release a handle (PrefixHandle.release), lower "
+                "max_tokens or the prompt, or raise num_kv_blocks"))
+
     # ---- one hand-off ------------------------------------------------------------------------
     def has_unfinished(self) -> bool:
         return self.core.has_unfinished() or bool(self._awaiting_grammar)
@@ -178,6 +189,7 @@ class EngineDriver:
                 self._failed.append(RequestFailure(parent_id, error))
             for completion in finished:
                 self._deadlines.pop(completion.request_id, None)
+            self._fail_stuck_beside_pins()
         failed, self._failed = self._failed, []
         return StepOutput(self._snapshot(), self.has_unfinished(), deltas, finished, aborted, timed_out, pinned,
                           failed)

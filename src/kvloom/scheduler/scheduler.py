@@ -65,6 +65,9 @@ class Scheduler:
         """Source request id -> choices waiting for its prompt's KV (see ``_start_forks``)."""
         self._copies: list[tuple[int, int]] = []
         self.num_preemptions = 0
+        self.stuck_beside_pins: list[str] = []
+        """Set by ``schedule``: waiting requests that cannot start while the pinned prefix blocks are
+        held (nothing else runs). The engine fails them rather than let them wait forever."""
 
     # ---- requests in and out -------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -216,7 +219,10 @@ class Scheduler:
             if num_new > budget and not self.config.enable_chunked_prefill and req.num_preemptions == 0:
                 break
             num_new = min(num_new, budget)
-            new_blocks = self.kv.allocate_slots(req.request_id, num_hit + num_new, new_request=True, cached=hits)
+            # The watermark keeps room for running requests to grow; with none running it would
+            # only keep a request that fits the pool from ever starting.
+            new_blocks = self.kv.allocate_slots(req.request_id, num_hit + num_new, new_request=bool(self.running),
+                                                cached=hits)
             if new_blocks is None:
                 break
             req.num_computed_tokens = num_hit
@@ -237,6 +243,10 @@ class Scheduler:
             if req.lora is not None:
                 loras.add(req.lora.content_hash)
         self.waiting.extendleft(reversed(skipped))
+        if not num_scheduled and not self.running and self.waiting and not preempted_now:
+            # Nothing runs and the head cannot start: only blocks pinned by prefix handles hold the
+            # pool (every other block is free or evictable), and they stay until the app releases them.
+            self.stuck_beside_pins = [self.waiting[0].request_id]
 
         finished = self._finished_since_last_step
         self._finished_since_last_step = set()
