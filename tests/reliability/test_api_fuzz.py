@@ -65,6 +65,9 @@ class Harness:
         self.submitted: list[str] = []
         """Request ids the engine loop was handed (its ``submit`` is wrapped): "queued"."""
         self.calls = 0
+        self.companions = 0
+        self.on_submit: Callable[[], None] | None = None
+        """Called once right after the next request is handed to the engine loop."""
 
     def __repr__(self) -> str:
         return "harness"
@@ -127,7 +130,11 @@ def harness(tiny_dir: Path) -> Iterator[Harness]:
 
     def counting_submit(request: Any) -> Any:
         h.submitted.append(request.request_id)
-        return inner(request)
+        result = inner(request)
+        hook, h.on_submit = h.on_submit, None
+        if hook is not None:
+            hook()
+        return result
 
     engine._loop.submit = counting_submit  # type: ignore[method-assign]
     try:
@@ -150,13 +157,32 @@ class Outcome:
     """Whether the engine loop was handed the request."""
 
 
+COMPANION = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+
+
 async def attempt(h: Harness, call: Callable[[AsyncEngine], Awaitable[str]]) -> Outcome:
+    """Run ``call`` with a valid companion request queued in the same instant (by the wrapped
+    ``submit``, with no await in between), so the engine takes both in one step: a bad value
+    that passes alone can still break the scheduler's ordering or the batch. The companion must
+    get all its tokens whatever ``call`` does (else the test fails)."""
+    h.companions += 1
+    companion_id = f"companion-{h.companions}"  # longer than any fuzzed request_id
+    companion: list[Any] = []
+    h.on_submit = lambda: companion.append(h.engine.stream([5, 6, 7], COMPANION, request_id=companion_id))
+    outcome = Outcome()
     before = len(h.submitted)
     try:
-        text = await call(h.engine)
+        outcome.text = await call(h.engine)
     except Exception as exc:  # judged by the caller
-        return Outcome(error=exc, queued=len(h.submitted) > before)
-    return Outcome(text=text, queued=len(h.submitted) > before)
+        outcome.error = exc
+    finally:
+        h.on_submit = None
+    outcome.queued = any(not rid.startswith("companion-") for rid in h.submitted[before:])
+    if not companion:  # the fuzzed request never reached the queue
+        companion.append(h.engine.stream([5, 6, 7], COMPANION, request_id=companion_id))
+    got = [t async for chunk in companion[0] for t in chunk.token_ids]
+    assert len(got) == MAX_TOKENS, f"the companion request got {len(got)} tokens"
+    return outcome
 
 
 def check_outcome(outcome: Outcome, fields: tuple[str, ...], *, may_fail_after_queueing: bool = False) -> None:
@@ -301,17 +327,23 @@ ADAPTER_NAME = st.one_of(st.text(ANY_CHAR, max_size=10), st.none(), st.integers(
 
 
 def submit_kwargs() -> st.SearchStrategy[dict[str, Any]]:
-    return st.fixed_dictionaries({}, optional={
-        "request_id": st.one_of(st.text(ANY_CHAR, max_size=8), WRONG_TYPES, st.integers()),
-        "priority": fuzz_number(st.integers(-5, 5)),
-        "timeout": st.one_of(st.floats(0.5, 30.0), fuzz_number(st.floats(5.0, 30.0))),
-        "cache_salt": st.one_of(st.text(ANY_CHAR, max_size=8), WRONG_TYPES),
-        "adapter": ADAPTER_NAME,
-        "tools": st.one_of(st.just([]), WRONG_TYPES, st.lists(WRONG_TYPES, max_size=2),
-                           st.just([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])),
-        "tool_choice": st.one_of(st.none(), st.sampled_from(["auto", "none", "required", "bogus"]), WRONG_TYPES),
-        "parallel_tool_calls": st.one_of(st.booleans(), WRONG_TYPES),
-    })
+    """One or two fuzzed arguments at a time: a bad value must be caught on its own, not only
+    next to another one that is refused first."""
+    return st.lists(st.sampled_from(sorted(SUBMIT_ARGS)), min_size=1, max_size=2, unique=True).flatmap(
+        lambda keys: st.fixed_dictionaries({k: SUBMIT_ARGS[k] for k in keys}))
+
+
+SUBMIT_ARGS: dict[str, st.SearchStrategy[Any]] = {
+    "request_id": st.one_of(st.text(ANY_CHAR, max_size=8), WRONG_TYPES, st.integers()),
+    "priority": fuzz_number(st.integers(-5, 5)),
+    "timeout": st.one_of(st.floats(0.5, 30.0), fuzz_number(st.floats(5.0, 30.0))),
+    "cache_salt": st.one_of(st.text(ANY_CHAR, max_size=8), WRONG_TYPES),
+    "adapter": ADAPTER_NAME,
+    "tools": st.one_of(st.just([]), WRONG_TYPES, st.lists(WRONG_TYPES, max_size=2),
+                       st.just([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])),
+    "tool_choice": st.one_of(st.none(), st.sampled_from(["auto", "none", "required", "bogus"]), WRONG_TYPES),
+    "parallel_tool_calls": st.one_of(st.booleans(), WRONG_TYPES),
+}
 
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=2)
