@@ -158,6 +158,20 @@ async def test_thousands_of_mixed_streams_end_cleanly_leak_nothing_and_keep_memo
         for n in range(2):
             path = write_random_adapter(tmp_path / f"a{n}", engine.core.model_config, r=8, seed=n)
             adapters.append((await engine.load_adapter(f"a{n}", path)).name)
+        driver = engine._parts.driver if engine._parts is not None else None
+        assert driver is not None
+        real_run, steps = driver.run, Counter[str]()
+
+        def counting_run(step_input: Any) -> Any:
+            began = time.perf_counter()
+            out = real_run(step_input)
+            steps["steps"] += 1
+            steps["step_s"] += time.perf_counter() - began  # type: ignore[assignment]
+            if out.has_unfinished and not out.deltas and not out.finished:
+                steps["steps_without_output"] += 1
+            return out
+
+        monkeypatch.setattr(driver, "run", counting_run)
         figures: list[tuple[int, float, float, Counter[str]]] = []
         baseline = rss_mb()
         for round_no in range(1, ROUNDS + 1):
@@ -170,13 +184,14 @@ async def test_thousands_of_mixed_streams_end_cleanly_leak_nothing_and_keep_memo
                         tg.start_soon(one_stream, engine, rng, round_no * STREAMS + i, handle, adapters, outcomes)
             elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
             assert not HUNG, (f"round {round_no}: {len(HUNG)} streams ran past {STREAM_LIMIT}s: {HUNG[:5]}; "
-                              f"engine: {engine.stats()}")
+                              f"engine steps {dict(steps)}; engine: {engine.stats()}")
             handle.release()
             await assert_settles_idle(engine)  # no request, no block, no pin left
             assert sum(n for kind, n in outcomes.items() if not kind.startswith("with_")) == STREAMS, outcomes
             figures.append((round_no, elapsed, rss_mb(), outcomes))
             print(f"round {round_no}: {elapsed:.2f} s wall, {cpu:.2f} s CPU (all threads), load average "
-                  f"{os.getloadavg()[0]:.2f}")
+                  f"{os.getloadavg()[0]:.2f}, engine steps {dict(steps)}")
+            steps.clear()
             print(f"round {round_no}: slowest stream {SLOWEST.get(id(outcomes))}, preemptions so far "
                   f"{engine.stats().num_preemptions}")
         stats = engine.stats()
