@@ -29,7 +29,7 @@ class SamplingParams(BaseModel):
     max_tokens: int = Field(256, ge=1, description="Most tokens to generate per choice.")
     temperature: float = Field(1.0, ge=0.0, description="0 means greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=-1, description="0 or -1: off.")
+    top_k: int = Field(0, ge=-1, lt=2**31, description="0 or -1: off.")
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)

@@ -408,7 +408,8 @@ def test_fuzzed_submit_arguments_either_run_or_fail_naming_the_argument(
     base: dict[str, Any] = ({"messages": [{"role": "user", "content": "hi"}]} if use_messages
                             else {"prompt": "Hello"})
     outcome = harness.run(lambda e: attempt(harness, collect(e, params=GREEDY, **base, **kwargs)))
-    check_outcome(outcome, tuple(kwargs))
+    # The tools' system prompt can outgrow max_model_len: a refusal naming the prompt length.
+    check_outcome(outcome, (*kwargs, "max_tokens: prompt"))
     harness.settle_and_check()
 
 
@@ -492,3 +493,27 @@ def test_load_adapter_arguments_of_the_wrong_type_are_refused_naming_them(
     """Was ``TypeError`` ("expected str, bytes or os.PathLike object, not NoneType") from the worker."""
     error = rejected(harness, lambda e: e.load_adapter(name, path, pinned=pinned))
     assert str(error).startswith(f"{argument}:")
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"stop_token_ids": [10**30]}, {"stop_token_ids": [2**63]}, {"stop_token_ids": [511, 512, 10**6]},
+    {"seed": 2**63 - 1, "n": 3}, {"temperature": math.inf}, {"temperature": 1e-30}, {"temperature": 1e30},
+    {"repetition_penalty": math.inf}, {"repetition_penalty": 1e-30}, {"top_k": 2**31 - 1},
+    {"top_p": 1e-30}, {"min_p": 1.0}, {"logprobs": 20, "n": 3}, {"presence_penalty": 2.0, "frequency_penalty": -2.0},
+    {"stop": ["\ud800"]}, {"stop": ["a" * 10_000]}, {"min_tokens": 4, "stop_token_ids": [5]},
+], ids=repr)
+def test_edge_values_that_sampling_params_accepts_run(harness: Harness, kwargs: dict[str, Any]) -> None:
+    """Values at the edges of what ``SamplingParams`` accepts reach the engine: they must run
+    (or be refused naming the field), never fail a step."""
+    params = clamp(SamplingParams(**kwargs))
+    outcome = harness.run(lambda e: attempt(harness, collect(e, prompt="Hello there", params=params)))
+    check_outcome(outcome, tuple(kwargs))
+    harness.settle_and_check()
+
+
+@pytest.mark.parametrize("top_k", [2**31, 2**63, 10**30])
+def test_a_top_k_too_large_for_the_sampler_is_refused_naming_top_k(top_k: int) -> None:
+    """Was accepted, then killed the engine on its first step: ``ValueError('Overflow when
+    unpacking long long')`` building the top-k tensor (every later request: ``EngineDeadError``)."""
+    with pytest.raises(ValidationError, match="top_k"):
+        SamplingParams(top_k=top_k)
