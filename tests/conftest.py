@@ -69,5 +69,6 @@ def float32_unless_asked(request: pytest.FixtureRequest, monkeypatch: pytest.Mon
     if request.node.get_closest_marker("real_cpu_dtype"):
         return
     from kvloom.models.dtype_choice import CpuMatmulSupport
+    from tests.fakes import fake_cpu
 
-    monkeypatch.setattr(CpuMatmulSupport, "probe", classmethod(lambda cls: cls(amx=False, avx512_bf16=False)))
+    fake_cpu(monkeypatch, CpuMatmulSupport(amx=False, avx512_bf16=False))

@@ -19,6 +19,7 @@ from kvloom.bench.floor import (
     workload_floor,
 )
 from kvloom.models.dtype_choice import CpuMatmulSupport
+from tests.fakes import fake_cpu
 
 STANDARD = {"hidden_size": 1024, "intermediate_size": 2816, "num_attention_heads": 16, "num_key_value_heads": 4,
             "num_hidden_layers": 8, "vocab_size": 32000, "tie_word_embeddings": False}
@@ -92,8 +93,7 @@ def test_floor_result_of_a_checkpoint(tmp_path: Path) -> None:
 def test_bf16_ceilings_are_measured_only_where_the_cpu_has_fast_bf16(
     fast_bf16: bool, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    cpu = CpuMatmulSupport(amx=fast_bf16, avx512_bf16=False)
-    monkeypatch.setattr(CpuMatmulSupport, "probe", classmethod(lambda cls: cpu))
+    fake_cpu(monkeypatch, CpuMatmulSupport(amx=fast_bf16, avx512_bf16=False))
     timed: list[object] = []
 
     def fake_best_time(fn: object, *, min_time: float, max_reps: int = 1000) -> float:

@@ -11,6 +11,7 @@ import pytest
 from kvloom.bench import peers, serve, throughput
 from kvloom.bench.peers import PeerSpec, default_peers, load_hf_models, parse_peers
 from kvloom.models.dtype_choice import CpuMatmulSupport
+from tests.fakes import fake_cpu
 
 
 def test_dtype_suffixes_parse_to_canonical_names() -> None:
@@ -43,8 +44,7 @@ def test_bad_dtype_specs_name_the_flag(bad: str, says: str) -> None:
 def test_default_peers_add_bf16_twins_only_on_a_fast_bf16_cpu(
     fast_bf16: bool, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    cpu = CpuMatmulSupport(amx=False, avx512_bf16=fast_bf16)
-    monkeypatch.setattr(CpuMatmulSupport, "probe", classmethod(lambda cls: cpu))
+    fake_cpu(monkeypatch, CpuMatmulSupport(amx=False, avx512_bf16=fast_bf16))
     fp32 = ["static8", "static16", "static32", "cb512", "cb1024", "cb2048"]
     bf16 = [f"{n}@bf16" for n in fp32] if fast_bf16 else []
     assert [s.name for s in throughput.resolve_peers(None)] == fp32 + bf16

@@ -13,6 +13,7 @@ import pytest
 
 from kvloom.bench.serve import percentile, poisson_arrivals
 from kvloom.cli import main
+from tests.fakes import fake_cpu
 
 
 def _tiny_model(checkpoint_factory: Callable[..., Path]) -> Path:
@@ -79,7 +80,7 @@ def test_bench_serve_on_a_fast_bf16_cpu_checks_float32_with_a_second_kvloom(
     from kvloom.models.dtype_choice import CpuMatmulSupport
 
     # An AMX CPU, faked (kvloom's default becomes bf16); ceilings faked: no emulated bf16 2048^3 here.
-    monkeypatch.setattr(CpuMatmulSupport, "probe", classmethod(lambda cls: cls(amx=True, avx512_bf16=True)))
+    fake_cpu(monkeypatch, CpuMatmulSupport(amx=True, avx512_bf16=True))
     monkeypatch.setattr(machine, "measure_ceilings", lambda **kwargs: {"matmul_2048_gflops": 1.0})
     out_json = tmp_path / "serve.json"
     argv = ["bench", "serve", "--model", str(_tiny_model(checkpoint_factory)), "--num-requests", "3",

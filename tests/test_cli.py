@@ -15,6 +15,7 @@ from kvloom.bench import workload
 from kvloom.bench.peers import parse_peers
 from kvloom.cli import main
 from kvloom.demo import TINY_DEMO_MODEL
+from tests.fakes import fake_cpu
 
 
 def test_demo_builds_once_then_reuses_the_cache(
@@ -121,7 +122,7 @@ def test_bench_throughput_on_a_fast_bf16_cpu_checks_float32_with_a_second_kvloom
 
     # An AMX CPU, faked: kvloom's default is bf16 (emulated here, fine on a tiny model); the ceilings
     # are faked too, since measuring bf16 here would emulate a 2048^3 bf16 matmul (minutes).
-    monkeypatch.setattr(CpuMatmulSupport, "probe", classmethod(lambda cls: cls(amx=True, avx512_bf16=True)))
+    fake_cpu(monkeypatch, CpuMatmulSupport(amx=True, avx512_bf16=True))
     ceilings = {"matmul_2048_gflops": 100.0, "linear_m1_gflops": 10.0, "linear_m16_gflops": 50.0,
                 "linear_m64_gflops": 80.0, "matmul_2048_bf16_gflops": 400.0, "linear_m64_bf16_gflops": 300.0,
                 "copy_gbps": 20.0}

@@ -9,9 +9,6 @@ bound (nothing starves, nothing deadlocks) and the pool is entirely free (``chec
 
 from __future__ import annotations
 
-import os
-
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -21,10 +18,10 @@ from kvloom.params import SamplingParams
 from kvloom.scheduler.output import SampledTokens
 from kvloom.scheduler.request import Request
 from kvloom.scheduler.scheduler import Scheduler
+from tests.fakes import state_machine_settings
 
 EOS = 0
 BLOCK_SIZE = 4
-STRESS = os.environ.get("KVLOOM_STRESS") == "1"
 
 
 class SchedulerMachine(RuleBasedStateMachine):
@@ -116,10 +113,5 @@ class SchedulerMachine(RuleBasedStateMachine):
         s.kv.check_all_free()
 
 
-SchedulerMachine.TestCase.settings = settings(
-    max_examples=1500 if STRESS else 120,
-    stateful_step_count=60 if STRESS else 40,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+SchedulerMachine.TestCase.settings = state_machine_settings(ci_examples=120, stress_examples=1500)
 test_scheduler_state_machine = SchedulerMachine.TestCase

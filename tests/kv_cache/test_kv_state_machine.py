@@ -17,18 +17,15 @@ into it). After every operation:
 
 from __future__ import annotations
 
-import os
-
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
 from kvloom.kv_cache.block_pool import BlockId
 from kvloom.kv_cache.manager import KVCacheManager
+from tests.fakes import state_machine_settings
 
 BLOCK_SIZE = 4
 NUM_BLOCKS = 24
-STRESS = os.environ.get("KVLOOM_STRESS") == "1"
 
 # A tiny alphabet and shared stems make prefix hits (and hash-chain reuse) common.
 STEMS = [[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 9, 9, 9, 9], [5, 5, 5, 5]]
@@ -180,10 +177,5 @@ class KVManagerMachine(RuleBasedStateMachine):
         self.kv.check_all_free()
 
 
-KVManagerMachine.TestCase.settings = settings(
-    max_examples=2000 if STRESS else 150,
-    stateful_step_count=60 if STRESS else 40,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+KVManagerMachine.TestCase.settings = state_machine_settings(ci_examples=150, stress_examples=2000)
 test_kv_manager_state_machine = KVManagerMachine.TestCase

@@ -11,6 +11,7 @@ import torch
 from kvloom import LLM, AsyncEngine, SamplingParams
 from kvloom.errors import ConfigError
 from kvloom.models.dtype_choice import CpuMatmulSupport, choose_dtype
+from tests.fakes import fake_cpu
 
 CPU = torch.device("cpu")
 AMX = CpuMatmulSupport(amx=True, avx512_bf16=True)
@@ -50,7 +51,7 @@ def test_the_probe_asks_torch_and_agrees_with_its_kernel_dispatch() -> None:
 def test_the_engine_runs_in_the_chosen_dtype_and_says_why(
     cpu: CpuMatmulSupport, dtype: torch.dtype, llama_dir: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(CpuMatmulSupport, "probe", classmethod(lambda cls: cpu))
+    fake_cpu(monkeypatch, cpu)
     llm = LLM(llama_dir, num_kv_blocks=32)
     try:
         assert llm.dtype_choice.dtype == dtype
@@ -64,7 +65,7 @@ def test_the_engine_runs_in_the_chosen_dtype_and_says_why(
 
 @pytest.mark.anyio
 async def test_stats_report_the_dtype_and_the_reason(llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(CpuMatmulSupport, "probe", classmethod(lambda cls: AVX512_BF16))
+    fake_cpu(monkeypatch, AVX512_BF16)
     async with AsyncEngine.from_pretrained(llama_dir, num_kv_blocks=32) as engine:
         stats = engine.stats()
     assert stats.dtype == "bfloat16" and stats.dtype_reason is not None and "AVX512-BF16" in stats.dtype_reason

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -32,9 +31,9 @@ from pydantic import ValidationError
 
 from kvloom import AsyncEngine, InvalidRequestError, SamplingParams
 from kvloom.demo import TINY_DEMO_MODEL
+from tests.fakes import STRESS, fake_cpu
 
 # ---- settings (one place) ------------------------------------------------------------------
-STRESS = os.environ.get("KVLOOM_STRESS") == "1"
 CI_EXAMPLES = 60
 STRESS_FACTOR = 10
 CALL_TIMEOUT_S = 30.0
@@ -118,7 +117,7 @@ def harness(tiny_dir: Path) -> Iterator[Harness]:
     from kvloom.models.dtype_choice import CpuMatmulSupport
 
     mp = pytest.MonkeyPatch()  # float32 as the autouse fixture does, for the module's engine
-    mp.setattr(CpuMatmulSupport, "probe", classmethod(lambda cls: cls(amx=False, avx512_bf16=False)))
+    fake_cpu(mp, CpuMatmulSupport(amx=False, avx512_bf16=False))
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()

@@ -27,6 +27,7 @@ from kvloom.runner.model_runner import ModelRunner
 from kvloom.structured.logits_processor import LogitsProcessor
 from kvloom.structured.xgrammar_backend import XGrammarProcessor
 from tests.engine.helpers import assert_settles_idle, greedy, tokens
+from tests.fakes import STRESS
 
 LIMIT = 30.0  # seconds any one check may take: a hang fails, it never blocks the suite
 POISON = [7, 7, 7, 7, 7, 7, 7, 7, 7]  # a prompt no other request here uses
@@ -251,7 +252,7 @@ def rss_mb() -> float:
     return psutil.Process(os.getpid()).memory_info().rss / 2**20
 
 
-CYCLES = 8 if os.environ.get("KVLOOM_STRESS") == "1" else 4
+CYCLES = 8 if STRESS else 4
 
 
 @pytest.mark.anyio

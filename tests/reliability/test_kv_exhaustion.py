@@ -7,7 +7,6 @@ at their budget plus a full pool of requests still make progress.
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from pathlib import Path
@@ -18,9 +17,9 @@ import pytest
 from kvloom import LLM, AsyncEngine, InvalidRequestError, SamplingParams
 from kvloom.errors import PrefixBudgetError
 from tests.engine.helpers import assert_settles_idle
+from tests.fakes import STRESS
 
 BLOCK = 16  # the default block_size
-STRESS = os.environ.get("KVLOOM_STRESS") == "1"
 
 
 def _tokens(n: int, rng: random.Random) -> list[int]:

@@ -30,8 +30,8 @@ from kvloom.errors import RequestTimeoutError
 from kvloom.lora.synthetic import write_random_adapter
 from kvloom.structured.logits_processor import LogitsProcessor
 from tests.engine.helpers import assert_settles_idle, tokens
+from tests.fakes import STRESS
 
-STRESS = os.environ.get("KVLOOM_STRESS") == "1"
 STREAMS = 10_000 if STRESS else 2000
 ROUNDS = 3
 STREAM_LIMIT = 120.0 if STRESS else 60.0  # no single stream may take longer: a hang fails the test

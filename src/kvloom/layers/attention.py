@@ -12,11 +12,15 @@ import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from kvloom.layers.attention_metadata import AttentionMetadata
+
+if TYPE_CHECKING:
+    from kvloom.kernels.paged_decode_attention import DecodeGroup
+    from kvloom.kernels.paged_prefill_attention import PrefillSeq
 
 
 class AttentionBackend(ABC):
@@ -45,11 +49,12 @@ class AttentionBackend(ABC):
 
 
 class PagedAttentionBackend(AttentionBackend):
-    """Runs three ``kvloom.kernels`` ops: ``store_kv``, then ``decode`` on the decode rows (one
-    batched call) and ``prefill`` on the rest, both writing into one preallocated output.
+    """Runs three ``kvloom.kernels`` ops, each planning for itself on every call: ``store_kv``,
+    then ``decode`` on the decode rows (one batched call) and ``prefill`` on the rest, both
+    writing into one preallocated output. The device kernels need nothing planned on the host;
+    the torch backend, which does, plans once per step instead (``TorchAttentionBackend``).
 
-    ``prefill`` takes ``(..., query_start_loc_cpu, seq_lens_cpu, out=)``; the host lists are what
-    keep the torch path free of device syncs.
+    ``prefill`` takes ``(..., query_start_loc_cpu, seq_lens_cpu, out=)``.
     """
 
     def __init__(self, store_kv: Callable[..., None], decode: Callable[..., torch.Tensor],
@@ -87,10 +92,10 @@ class _TorchStepPlan:
 
     has_padding: bool
     """Some ``slot_mapping`` entry is -1."""
-    decode_groups: list[Any]
-    """``kvloom.kernels.paged_decode_attention.DecodeGroup``s of the decode rows."""
-    prefill: list[Any]
-    """``kvloom.kernels.paged_prefill_attention.PrefillSeq``s, rows counted from the step's first token."""
+    decode_groups: list[DecodeGroup]
+    """The decode rows, in groups of similar length."""
+    prefill: list[PrefillSeq]
+    """The prefill sequences, rows counted from the step's first token."""
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -124,8 +129,9 @@ class TorchAttentionBackend(AttentionBackend):
         decode_groups = self._decode.plan_decode(meta.block_tables[:n], meta.seq_lens_cpu[:n], block_size) if n else []
         prefill = []
         if n < meta.num_seqs:
-            prefill = self._prefill.plan_prefill(meta.block_tables[n:], meta.query_start_loc_cpu[n:], meta.seq_lens_cpu[n:],
-                                   block_size)
+            prefill = self._prefill.plan_prefill(
+                meta.block_tables[n:], meta.query_start_loc_cpu[n:], meta.seq_lens_cpu[n:], block_size
+            )
         plan = _TorchStepPlan(bool((meta.slot_mapping < 0).any()), decode_groups, prefill)
         meta.backend_plan = plan
         return plan
