@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -56,6 +56,11 @@ class EngineConfig(BaseModel):
     """``auto``: on CPU bf16 with AMX / AVX512-BF16, else float32; on GPU the checkpoint's (``models/dtype_choice.py``)."""
     device: str = "auto"
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
+    enforce_eager: bool = Field(
+        False, description="Never capture CUDA graphs (on CUDA, decode-only steps otherwise replay one per batch size).")
+    cuda_graph_sizes: tuple[Annotated[int, Field(ge=1, le=1024)], ...] | None = Field(
+        None, min_length=1, description="Decode batch sizes to capture on CUDA; default 1, 2, 4 and multiples of 8 up to "
+        "min(max_num_seqs, 256). Larger decode steps run eagerly.")
     max_model_len: int | None = Field(None, ge=1, description="Default: the model's max_position_embeddings.")
     seed: int = Field(0, ge=0, description="Seeds the RNG of unseeded random sampling.")
     grammar_backend: Literal["xgrammar", "outlines"] = Field(

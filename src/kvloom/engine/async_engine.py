@@ -214,7 +214,8 @@ class AsyncEngine:
         if self._parts is None:
             return stats
         choice = self._parts.core.dtype_choice
-        return dataclasses.replace(stats, dtype=choice.name, dtype_reason=choice.reason)
+        return dataclasses.replace(stats, dtype=choice.name, dtype_reason=choice.reason,
+                                   cuda_graph_sizes=self._parts.core.cuda_graph_sizes)
 
     def prefix_cache_stats(self) -> KVCacheStats | None:
         """Hit rate, cached / pinned / used blocks and evictions, as of the last step."""

@@ -110,6 +110,12 @@ class EngineCore:
         return self._runner.dtype_choice
 
     @property
+    def cuda_graph_sizes(self) -> tuple[int, ...]:
+        """Decode batch sizes captured as CUDA graphs (empty when every step runs eagerly)."""
+        graphs = self._runner.decode_graphs
+        return tuple(graphs.sizes) if graphs is not None else ()
+
+    @property
     def num_running(self) -> int:
         return len(self._scheduler.running)
 

@@ -37,6 +37,9 @@ class EngineStats:
     """What the model and its KV cache run in (``dtype="auto"``: decided by device and CPU)."""
     dtype_reason: str | None = None
     """Why that dtype (e.g. which bf16 matrix units the CPU has, or lacks)."""
+    cuda_graph_sizes: tuple[int, ...] = ()
+    """Decode batch sizes that replay a captured CUDA graph; empty: every step runs eagerly (CPU,
+    ``enforce_eager``, or an attention backend that plans on the host)."""
 
 
 def percentile(values: list[float], q: float) -> float | None:

@@ -31,6 +31,9 @@ class AttentionBackend(ABC):
     """
 
     name: ClassVar[str]
+    supports_cuda_graphs: ClassVar[bool] = False
+    """Whether a forward may be captured in a CUDA graph and replayed with new metadata tensors: true
+    only when every kernel reads lengths and tables on the device, never from the host lists."""
 
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -55,7 +58,13 @@ class PagedAttentionBackend(AttentionBackend):
     the torch backend, which does, plans once per step instead (``TorchAttentionBackend``).
 
     ``prefill`` takes ``(..., query_start_loc_cpu, seq_lens_cpu, out=)``.
+
+    A decode-only step reads the host lists for nothing but the largest length, which picks the
+    decode kernel's key tile; a captured graph keeps the tile it was captured with, and every tile
+    is correct for every length, so decode-only steps may be captured (``supports_cuda_graphs``).
     """
+
+    supports_cuda_graphs: ClassVar[bool] = True
 
     def __init__(self, store_kv: Callable[..., None], decode: Callable[..., torch.Tensor],
                  prefill: Callable[..., torch.Tensor]) -> None:

@@ -68,20 +68,30 @@ def build_inputs(
 
     attn = AttentionMetadata(
         num_decodes=len(decodes),
-        slot_mapping=slot_mapping.to(device, non_blocking=True),
-        query_start_loc=torch.tensor(qsl, dtype=torch.int32).to(device, non_blocking=True),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(device, non_blocking=True),
-        block_tables=tables.to(device, non_blocking=True),
+        slot_mapping=to_device(slot_mapping, device),
+        query_start_loc=to_device(torch.tensor(qsl, dtype=torch.int32), device),
+        seq_lens=to_device(torch.tensor(seq_lens, dtype=torch.int32), device),
+        block_tables=to_device(tables, device),
         max_query_len=max(num_scheduled[s.req_id] for s in order),
         max_seq_len=max(seq_lens),
         query_start_loc_cpu=qsl,
         seq_lens_cpu=seq_lens,
     )
     return ModelInputs(
-        input_ids=torch.tensor(input_ids, dtype=torch.int64).to(device, non_blocking=True),
-        positions=pos.to(device, non_blocking=True),
+        input_ids=to_device(torch.tensor(input_ids, dtype=torch.int64), device),
+        positions=to_device(pos, device),
         attn=attn,
         req_order=order,
         sample_rows=sample_rows,
-        logits_indices=torch.tensor(logits_idx, dtype=torch.int64).to(device, non_blocking=True),
+        logits_indices=to_device(torch.tensor(logits_idx, dtype=torch.int64), device),
     )
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host`` on ``device``. To CUDA through page-locked memory, so the copy is asynchronous:
+    the host goes on building while it runs (from pageable memory the driver would stage it
+    synchronously). torch's caching host allocator keeps the page-locked block alive until the
+    copy is done. On CPU the tensor itself."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)

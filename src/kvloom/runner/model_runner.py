@@ -17,6 +17,12 @@ from kvloom.models.config import load_model_config
 from kvloom.models.dtype_choice import DTypeChoice, choose_dtype
 from kvloom.models.loader import load_model
 from kvloom.outputs import FinishReason
+from kvloom.runner.decode_graphs import (
+    CudaGraphCapture,
+    DecodeGraphs,
+    GraphCapture,
+    default_capture_sizes,
+)
 from kvloom.runner.inputs import ModelInputs, build_inputs
 from kvloom.runner.kv_tensors import KVCaches, allocate_kv_caches, choose_num_blocks
 from kvloom.runner.logits_processing import (
@@ -31,6 +37,7 @@ from kvloom.runner.state import CachedRequestState, make_generator
 from kvloom.scheduler.output import SampledTokens, SchedulerOutput
 
 if TYPE_CHECKING:
+    from kvloom.layers.attention_metadata import AttentionMetadata
     from kvloom.lora.adapter import LoRAAdapter
     from kvloom.lora.slots import LoRASlots
 
@@ -95,6 +102,30 @@ class ModelRunner:
         self._mask_thread: ThreadPoolExecutor | None = None
         """Fills grammar bitmasks alongside the forward; started by the first constrained step."""
         logger.info("kvloom: %d KV blocks of %d tokens on %s", self.num_blocks, self.block_size, self.device)
+        self.max_model_len = max_model_len
+        self.decode_graphs: DecodeGraphs | None = None
+        """Captured decode steps (CUDA, unless ``enforce_eager``); ``None``: every step runs eagerly."""
+        if self.device.type == "cuda" and not config.enforce_eager:
+            if self.attn_backend.supports_cuda_graphs:
+                self.capture_decode_graphs(CudaGraphCapture(self.device))
+            else:
+                logger.info("kvloom: no CUDA graphs: the %r attention backend plans on the host", self.attn_backend.name)
+
+    # ---- decode graphs -------------------------------------------------------------------
+    @torch.inference_mode()
+    def capture_decode_graphs(self, capturer: GraphCapture) -> DecodeGraphs:
+        """Capture the decode forward for the configured batch sizes (after the KV caches exist:
+        graphs record their addresses). CUDA does this at start-up; tests pass an ``EagerCapture``."""
+        sizes = self.config.cuda_graph_sizes or default_capture_sizes(self.config.scheduler.max_num_seqs)
+        self.decode_graphs = DecodeGraphs.capture(
+            self._model_forward, sizes, max_model_len=self.max_model_len, block_size=self.block_size,
+            device=self.device, capturer=capturer,
+        )
+        return self.decode_graphs
+
+    def _model_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        hidden: torch.Tensor = self.model(input_ids, positions, self.kv_caches, meta)
+        return hidden
 
     # ---- state ---------------------------------------------------------------------------
     def _apply(self, sched: SchedulerOutput) -> None:
@@ -154,7 +185,12 @@ class ModelRunner:
             self._mask_thread = None
 
     def _forward(self, inputs: ModelInputs) -> torch.Tensor:
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn)
+        graphs = self.decode_graphs
+        lora_active = self.lora_slots is not None and self.lora_slots.context.mapping is not None
+        if graphs is not None and not lora_active and graphs.fits(inputs.attn):
+            hidden = graphs.run(inputs.input_ids, inputs.positions, inputs.attn)
+        else:
+            hidden = self._model_forward(inputs.input_ids, inputs.positions, inputs.attn)
         return self.model.compute_logits(hidden[inputs.logits_indices])
 
     @torch.inference_mode()
