@@ -1,4 +1,5 @@
-"""Developer sessions: ``nox -s demo``, ``nox -s tests``, ``nox -s lint``, ``nox -s docs``, ``nox -s stress``.
+"""Developer sessions: ``nox -s demo``, ``nox -s tests``, ``nox -s lint``, ``nox -s docs``, ``nox -s stress``,
+``nox -s gpu``.
 
 Each session installs kvloom into its own virtualenv. torch is pinned to the CPU-friendly
 release by default (KVLOOM_TORCH overrides it, e.g. ``KVLOOM_TORCH=torch`` for whatever pip picks).
@@ -46,6 +47,14 @@ def stress(session: nox.Session) -> None:
         "tests/reliability", "tests/kv_cache/test_kv_state_machine.py", "tests/engine/test_scheduler_state_machine.py",
         *session.posargs, env={"KVLOOM_STRESS": "1"},
     )
+
+
+@nox.session
+def gpu(session: nox.Session) -> None:
+    """The CUDA path on a CUDA machine: tests/gpu with the compiled Triton kernels (they skip without a
+    GPU). Use a CUDA build of torch: ``KVLOOM_TORCH=torch nox -s gpu``."""
+    _install(session)
+    session.run("pytest", "-q", "-ra", "tests/gpu", *session.posargs, env={"TRITON_INTERPRET": "0"})
 
 
 @nox.session

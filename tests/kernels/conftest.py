@@ -13,10 +13,12 @@ checks that it took effect and fails loudly (it does not skip) when triton got i
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import pytest
 import torch
+
+from tests.kernels.paged import PagedKV
+from tests.kernels.paged import make_paged_kv as _make_paged_kv
 
 if "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -29,46 +31,6 @@ def triton_interpret() -> None:
     if isinstance(triton.language.zeros, triton.JITFunction):
         pytest.fail("triton's library was compiled for a GPU, not interpreted: run the kernel tests with "
                     f"TRITON_INTERPRET=1 (now {os.environ.get('TRITON_INTERPRET')!r}), set before triton is imported")
-
-
-@dataclass
-class PagedKV:
-    """Random per-sequence K/V scattered into shuffled cache blocks.
-
-    ``keys[b]``/``values[b]``: ``[L_b, Hkv, D]`` dense truth. Cache slots no sequence owns hold NaN,
-    so a kernel that reads past a sequence's length (or a stale block) fails loudly.
-    """
-
-    k_cache: torch.Tensor
-    v_cache: torch.Tensor
-    block_tables: torch.Tensor
-    seq_lens: torch.Tensor
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-
-
-def _make_paged_kv(seq_lens: list[int], block_size: int, num_kv_heads: int, head_dim: int,
-                   dtype: torch.dtype = torch.float32, seed: int = 0) -> PagedKV:
-    gen = torch.Generator().manual_seed(seed)
-    blocks_per_seq = [-(-n // block_size) for n in seq_lens]
-    num_blocks = sum(blocks_per_seq) + 3  # spare blocks stay NaN
-    shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache = torch.full(shape, float("nan"), dtype=dtype)
-    v_cache = torch.full(shape, float("nan"), dtype=dtype)
-    block_tables = torch.zeros(len(seq_lens), max(blocks_per_seq) + 1, dtype=torch.int32)
-    physical = torch.randperm(num_blocks, generator=gen).tolist()  # non-contiguous, shuffled
-    keys, values = [], []
-    for b, seq_len in enumerate(seq_lens):
-        ids = [physical.pop() for _ in range(blocks_per_seq[b])]
-        block_tables[b, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
-        key = torch.randn(seq_len, num_kv_heads, head_dim, generator=gen).to(dtype)
-        value = torch.randn(seq_len, num_kv_heads, head_dim, generator=gen).to(dtype)
-        for pos in range(seq_len):
-            k_cache[ids[pos // block_size], pos % block_size] = key[pos]
-            v_cache[ids[pos // block_size], pos % block_size] = value[pos]
-        keys.append(key)
-        values.append(value)
-    return PagedKV(k_cache, v_cache, block_tables, torch.tensor(seq_lens, dtype=torch.int32), keys, values)
 
 
 @pytest.fixture
