@@ -175,7 +175,7 @@ def test_bench_reports_a_failing_peer_instead_of_crashing(
     assert result["summary"]["best_peer"] is None and result["kvloom"]["tokens_per_s"] > 0
 
 
-@pytest.mark.parametrize("command", [["demo"], ["serve"], ["bench", "throughput"]])
+@pytest.mark.parametrize("command", [["demo"], ["serve"], ["bench", "throughput"], ["bench", "decode"]])
 def test_a_missing_model_directory_is_one_line_and_exit_1(
     command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:

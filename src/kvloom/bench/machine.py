@@ -124,6 +124,38 @@ def measure_ceilings(*, quick: bool = False, bf16: bool | None = None) -> dict[s
     return {k: round(v, 1) for k, v in result.items()}
 
 
+def measure_device_bandwidth(device: str, *, size_bytes: int = 2**30, repeats: int = 10) -> float:
+    """GB/s of copying a ``size_bytes`` tensor on ``device`` into another: bytes read plus bytes
+    written over the fastest of ``repeats`` copies (after one untimed). On CUDA each copy is timed
+    by CUDA events around it (GPU time, no launch or sync overhead) and needs ~2 GiB free; elsewhere
+    by the wall clock. The memory-bandwidth ceiling ``bench decode``'s roofline is timed at."""
+    import torch
+
+    dev = torch.device(device)
+    src = torch.ones(size_bytes, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for rep in range(repeats + 1):
+        if dev.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1e3
+        else:
+            began = time.perf_counter()
+            dst.copy_(src)
+            seconds = time.perf_counter() - began
+        if rep:
+            best = min(best, seconds)
+    del src, dst
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return round(2 * size_bytes / best / 1e9, 1)
+
+
 def format_machine(info: dict[str, Any], ceilings: dict[str, float]) -> str:
     """Two human-readable lines: what the machine is, and what it can do."""
     cores = f"{info.get('cores_available')} cores available of {info.get('cpu_count')}"

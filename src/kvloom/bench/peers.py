@@ -14,6 +14,9 @@ Two families, named on the command line:
 ``serve_cb`` drives a ``cb`` peer online for ``bench serve``: its ``ContinuousBatchingManager``
 directly, requests added at their arrival times, per-token timestamps recorded.
 
+Models load on the CPU; ``load_hf_models(..., device=)`` moves them (``bench decode`` on a GPU),
+and the static peer builds its inputs on the model's device.
+
 Either family takes a dtype suffix: ``static32@bf16``, ``cb512@bf16`` (``@fp32``, or no suffix,
 is float32). Each dtype the peers need is loaded once (``load_hf_models``) and shared by them.
 The default set depends on the machine (``default_peers``): the bf16 twins are added only where
@@ -159,12 +162,14 @@ class HfModels:
         return None, self.errors.get(spec.dtype, f"no {spec.dtype} model was loaded")
 
 
-def load_hf_models(model_dir: Path, specs: list[PeerSpec]) -> HfModels:
-    """Each dtype ``specs`` use, loaded once (in the order first named); nothing when no specs."""
+def load_hf_models(model_dir: Path, specs: list[PeerSpec], device: str | None = None) -> HfModels:
+    """Each dtype ``specs`` use, loaded once (in the order first named) and moved to ``device``
+    (default: where transformers loads it, the CPU); nothing when no specs."""
     loaded = HfModels()
     for dtype in dict.fromkeys(s.dtype for s in specs):
         try:
-            loaded.models[dtype] = load_hf_model(model_dir, dtype)
+            model = load_hf_model(model_dir, dtype)
+            loaded.models[dtype] = model if device is None else model.to(device)
         except Exception as exc:  # a peer failing to load is a result, not a crash
             loaded.errors[dtype] = f"{type(exc).__name__}: {exc}"
     return loaded
@@ -207,6 +212,8 @@ def _run_static(model: Any, prompts: list[list[int]], output_len: int, batch_siz
 
         def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
             if self.first is None:
+                if input_ids.is_cuda:  # kernels run asynchronously: wait for the first token to exist
+                    torch.cuda.synchronize(input_ids.device)
                 self.first = time.perf_counter()
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
@@ -218,8 +225,8 @@ def _run_static(model: Any, prompts: list[list[int]], output_len: int, batch_siz
         for first in range(0, len(prompts), batch_size):
             batch = prompts[first : first + batch_size]
             width = max(len(p) for p in batch)
-            input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+            input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=model.device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=model.device)
             clock = FirstTokenClock()
             out = model.generate(
                 input_ids=input_ids, attention_mask=mask, max_new_tokens=output_len, do_sample=False,

@@ -3,6 +3,7 @@
 The standard CPU workload (docs: BENCHMARKS.md): a Llama-shaped ~155M checkpoint with random
 float32 weights; 64 requests, prompt lengths uniform in [32, 256] from a fixed seed, random
 token ids, exactly 64 output tokens each, greedy, EOS ignored. Every size is overridable.
+``bench decode`` runs on ``DECODE_MODEL_1B`` (TinyLlama-1.1B's shape, bf16) by default.
 
 Checkpoints are built once per spec into the user's cache directory (``cache_root()``): built
 in a temporary sibling directory and renamed into place, so an interrupted build never leaves
@@ -52,6 +53,34 @@ STANDARD_MODEL = ModelSpec(
 )
 """The ~155M checkpoint of the standard CPU workload (prompts are token ids: no tokenizer)."""
 
+DECODE_MODEL_1B = ModelSpec(
+    name="bench-llama-1.1b",
+    version="v1",
+    build_kwargs=dict(
+        arch="llama", vocab_size=32000, hidden_size=2048, num_layers=22, num_heads=32, num_kv_heads=4,
+        intermediate_size=5632, max_position_embeddings=2048, seed=0, with_tokenizer=False, dtype="bfloat16",
+    ),
+)
+"""TinyLlama-1.1B's shape with random weights, saved in bf16 (``bench decode``'s GPU model: on a GPU
+``dtype="auto"`` runs the checkpoint's dtype). ~1.1e9 parameters, 2.2 GB on disk."""
+
+_CONFIG_KEYS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_layers": "num_hidden_layers",
+                "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads",
+                "head_dim": "head_dim", "intermediate_size": "intermediate_size",
+                "max_position_embeddings": "max_position_embeddings", "tie_word_embeddings": "tie_word_embeddings"}
+
+
+def spec_config(spec: ModelSpec) -> dict[str, Any]:
+    """The shape part of the ``config.json`` that ``spec`` builds (config names: ``num_hidden_layers``, ...),
+    without building it; the builder's defaults fill what the spec leaves out."""
+    import inspect
+
+    from kvloom.models.tiny import build_checkpoint
+
+    defaults = {name: p.default for name, p in inspect.signature(build_checkpoint).parameters.items()}
+    kwargs = defaults | spec.build_kwargs
+    return {config_key: kwargs[key] for key, config_key in _CONFIG_KEYS.items() if kwargs[key] is not None}
+
 
 def cache_root() -> Path:
     """``$KVLOOM_CACHE_DIR``, else ``$XDG_CACHE_HOME/kvloom``, else ``~/.cache/kvloom``."""
@@ -81,7 +110,7 @@ def cached_checkpoint(spec: ModelSpec, *, log: bool = True) -> tuple[Path, bool]
     tmp = Path(tempfile.mkdtemp(prefix=f".{spec.cache_key}.", dir=final.parent))
     tmp.chmod(0o755)  # mkdtemp's 0o700 would otherwise stick to the final directory
     try:
-        build_checkpoint(tmp, **spec.build_kwargs)
+        build_checkpoint(tmp, **_builder_kwargs(spec.build_kwargs))
         (tmp / "kvloom_spec.json").write_text(json.dumps(asdict(spec), indent=2, sort_keys=True) + "\n")
         try:
             tmp.rename(final)
@@ -93,6 +122,17 @@ def cached_checkpoint(spec: ModelSpec, *, log: bool = True) -> tuple[Path, bool]
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final, True
+
+
+def _builder_kwargs(build_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``build_kwargs`` as ``build_checkpoint`` takes them: a spec names its dtype (``"bfloat16"``, JSON in
+    the cache key and ``kvloom_spec.json``), the builder takes the ``torch.dtype``."""
+    dtype = build_kwargs.get("dtype")
+    if not isinstance(dtype, str):
+        return build_kwargs
+    import torch
+
+    return build_kwargs | {"dtype": getattr(torch, dtype)}
 
 
 @dataclass(frozen=True, slots=True)
