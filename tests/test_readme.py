@@ -28,6 +28,10 @@ def test_ci_runs_the_readme_test_command_verbatim() -> None:
 
 
 def test_nox_sessions_exist() -> None:
+    """Every ``nox -s NAME`` the README mentions is a session of the noxfile."""
     noxfile = (ROOT / "noxfile.py").read_text()
-    for session in ("demo", "tests", "lint"):
+    named = set(re.findall(r"nox -s ([a-z]+(?: [a-z]+)*)", (ROOT / "README.md").read_text()))
+    sessions = {name for group in named for name in group.split()}
+    assert {"demo", "tests", "lint", "stress", "gpu", "docs"} <= sessions
+    for session in sessions:
         assert re.search(rf"^def {session}\(session", noxfile, flags=re.M), session
