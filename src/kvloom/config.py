@@ -56,6 +56,9 @@ class EngineConfig(BaseModel):
     """``auto``: on CPU bf16 with AMX / AVX512-BF16, else float32; on GPU the checkpoint's (``models/dtype_choice.py``)."""
     device: str = "auto"
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
+    cpu_gemm: Literal["auto", "onednn", "torch"] = Field(
+        "auto", description="CPU linear layers: 'onednn' multiplies with weights prepacked for oneDNN, 'torch' "
+        "calls F.linear (MKL in float32); 'auto' is oneDNN in float32 where it can pack, torch otherwise.")
     enforce_eager: bool = Field(
         False, description="Never capture CUDA graphs (on CUDA, decode-only steps otherwise replay one per batch size).")
     cuda_graph_sizes: tuple[Annotated[int, Field(ge=1, le=1024)], ...] | None = Field(

@@ -54,10 +54,16 @@ class Linear(nn.Module):
         self.bias = (
             nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
         )
+        self.onednn_packed = False
+        """Whether ``weight`` is a oneDNN-packed copy (``pack_onednn``) rather than a dense parameter."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[T, in_features]`` -> ``[T, out_features]`` (+ the ``delta``, if any)."""
-        out = F.linear(x, self.weight, self.bias)
+        out: torch.Tensor
+        if self.onednn_packed:
+            out = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        else:
+            out = F.linear(x, self.weight, self.bias)
         delta = self.delta
         if delta is None:
             return out
@@ -67,6 +73,23 @@ class Linear(nn.Module):
     def lora_output_sizes(self) -> tuple[int, ...]:
         """Output size of each shard named in ``lora_names``."""
         return (self.out_features,)
+
+    @torch.no_grad()
+    def pack_onednn(self) -> None:
+        """Swap the dense weight for a copy packed in oneDNN's blocked layout (CPU; idempotent).
+
+        The packed copy is a buffer named ``weight`` with the same shape, dtype and device, so
+        LoRA slots and logs still read them; its values can only be read back through
+        ``weight.to_dense()``, so code that would use it as a dense matrix fails instead of
+        computing garbage. Load weights before packing: a packed layer takes no more. The dense
+        copy is freed (peak extra memory: one weight).
+        """
+        if self.onednn_packed:
+            return
+        packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
+        del self.weight
+        self.register_buffer("weight", packed)
+        self.onednn_packed = True
 
 
 class MergedLinear(Linear):

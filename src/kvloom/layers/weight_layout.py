@@ -1,43 +1,114 @@
-"""How ``Linear`` weights are laid out in memory for the GEMM library that multiplies them.
+"""How ``Linear`` weights are laid out in memory for the GEMM library that multiplies them (CPU).
 
-A ``Linear`` keeps the HF shape ``weight [out_features, in_features]``; only its strides change.
-On CPU in float32, torch hands ``F.linear`` to MKL's sgemm as ``x @ weight.T``. With the HF
-row-major weight that is a transposed operand; stored input-major (the transpose of a contiguous
-``[in_features, out_features]``), the same ``weight.T`` is a plain row-major matrix, and sgemm runs
-faster at the row counts decode steps have. Measured on a 2-core AMD EPYC (AVX2), torch 2.13,
-``[M, 1024] x [1024, 5632]``: 1.32x at M=16, 1.17x at M=64, 1.02x at M=512; ``[M, 2816] x
-[2816, 1024]``: 1.11x / 1.06x / 1.02x. Results are bitwise equal for M >= 16 (the same kernel
-with different packing); M = 1 goes through a GEMV whose rounding differs in the last bits.
+A ``Linear`` keeps the HF shape ``weight [out_features, in_features]``; the layout is chosen once,
+after loading, by :func:`choose_layout` (``cpu_gemm`` setting, device, dtype, what the CPU and
+torch can do) and applied by :func:`apply_layout`:
 
-Other dtypes (bf16/fp16 go through oneDNN, which packs weights itself) and other devices keep
-the row-major layout.
+- ``onednn-packed``: the weight is reordered once into oneDNN's blocked layout and each forward
+  calls oneDNN's linear on it (``torch.ops.mkldnn._linear_pointwise``, what torch's own CPU
+  compiler emits for frozen linears). MKL's sgemm, which ``F.linear`` uses in float32, packs the
+  weight operand again on every call; at decode's few rows that packing, not the math, is the
+  cost. Measured on a 2-core AMD EPYC (AVX2), torch 2.13, float32, ms per call, MKL
+  (input-major) -> oneDNN packed: ``[M,1024]x[1024,5632]`` M=1 1.17 -> 1.12, M=2 2.30 -> 1.24,
+  M=8 4.86 -> 2.10, M=16 5.82 -> 3.10, M=64 13.2 -> 9.9; ``[M,1024]x[1024,32000]`` (an LM head)
+  M=8 37.9 -> 10.5; at M=512-2048 1.0-1.15x faster. Sums run in another order than MKL's:
+  results differ in the last bits (relative ~1e-6).
+- ``input-major``: MKL's sgemm with the weight stored as the transpose of a contiguous
+  ``[in_features, out_features]`` (a plain row-major operand for ``x @ weight.T``): 1.1-1.3x
+  faster than the HF layout at decode row counts, bitwise equal results for M >= 16. The
+  float32 fallback where oneDNN cannot pack.
+- ``row-major``: the HF layout, untouched: GPUs, and bf16/fp16 on CPU unless ``cpu_gemm="onednn"``
+  (oneDNN already runs those, without prepacking; the AMX machine is where prepacking them is to be
+  measured before ``auto`` takes it).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from kvloom.errors import ConfigError
 from kvloom.layers.linear import Linear
 
+CpuGemm = Literal["auto", "onednn", "torch"]
+LayoutName = Literal["onednn-packed", "input-major", "row-major"]
 
-def prefers_input_major(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``Linear`` weights on ``device`` in ``dtype`` should be stored input-major."""
-    return device.type == "cpu" and dtype == torch.float32
+
+@dataclass(frozen=True, slots=True)
+class WeightLayout:
+    """The layout every ``Linear`` weight gets, and why (logged)."""
+
+    name: LayoutName
+    reason: str
+
+
+def onednn_packs(dtype: torch.dtype) -> bool:
+    """Whether this torch build and CPU pack ``dtype`` weights for oneDNN and multiply with them
+    correctly: a small packed product is computed and compared with ``F.linear``'s. bf16 and fp16
+    packing need CPU features AVX2 machines lack; torch then refuses, and this says False."""
+    ops = torch.ops.mkldnn
+    if not (torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
+            and hasattr(ops, "_reorder_linear_weight")
+            and hasattr(ops, "_linear_pointwise")):
+        return False
+    weight = (torch.arange(48, dtype=torch.float32).reshape(6, 8) / 48).to(dtype)
+    x = (torch.arange(24, dtype=torch.float32).reshape(3, 8) / 24 - 0.5).to(dtype)
+    try:
+        with torch.no_grad():
+            out = ops._linear_pointwise(x, ops._reorder_linear_weight(weight, None), None, "none", [], "")
+    except RuntimeError:
+        return False
+    return bool(torch.allclose(out.float(), F.linear(x, weight).float(), rtol=1e-2, atol=1e-2))
+
+
+def choose_layout(requested: CpuGemm, device: torch.device, dtype: torch.dtype,
+                  onednn: bool | None = None) -> WeightLayout:
+    """The layout for ``Linear`` weights on ``device`` in ``dtype``.
+
+    ``requested`` is the ``cpu_gemm`` setting: ``auto`` (oneDNN-packed in float32 where it packs,
+    else input-major in float32, else row-major), ``onednn`` (packed, or a ``ConfigError`` naming
+    the setting where it cannot pack), ``torch`` (``F.linear``: input-major in float32). ``onednn``
+    is whether oneDNN packs ``dtype`` here (default: :func:`onednn_packs`, asked only on CPU), so
+    tests decide both branches on any machine.
+    """
+    if device.type != "cpu":
+        if requested == "onednn":
+            raise ConfigError(f"cpu_gemm='onednn' is for CPU weights; the model is on {device.type}")
+        return WeightLayout("row-major", f"{device.type}: the checkpoint's layout")
+    name = str(dtype).removeprefix("torch.")
+    if requested in ("auto", "onednn"):
+        packs = onednn_packs(dtype) if onednn is None else onednn
+        if requested == "onednn":
+            if not packs:
+                raise ConfigError(f"cpu_gemm='onednn': this CPU and torch build cannot pack {name} weights for oneDNN")
+            return WeightLayout("onednn-packed", "cpu_gemm='onednn' was asked for")
+        if packs and dtype == torch.float32:
+            return WeightLayout("onednn-packed", "auto on CPU in float32: oneDNN with prepacked weights")
+    if dtype == torch.float32:
+        why = "cpu_gemm='torch'" if requested == "torch" else "oneDNN cannot pack weights here"
+        return WeightLayout("input-major", f"{why}: MKL sgemm on input-major weights")
+    return WeightLayout("row-major", f"{name} on CPU: torch's own dispatch on the checkpoint's layout")
 
 
 @torch.no_grad()
-def make_input_major(model: nn.Module) -> int:
-    """Re-store every ``Linear`` weight of ``model`` input-major, in place; returns how many.
+def apply_layout(model: nn.Module, layout: WeightLayout) -> int:
+    """Give every ``Linear`` of ``model`` the ``layout``, in place; returns how many layers changed.
 
-    Shapes, values and parameter identity are unchanged (``param.data`` is swapped for a
-    column-major copy), so loaders, LoRA and ``state_dict`` see the same ``[out, in]`` tensor.
-    Each weight is copied once, so the peak extra memory is one weight.
+    Shapes and values are unchanged (a packed weight reads back with ``to_dense()``). Each weight
+    is converted once, so the peak extra memory is one weight.
     """
+    if layout.name == "row-major":
+        return 0
     count = 0
     for module in model.modules():
         if isinstance(module, Linear) and module.weight.dim() == 2:
-            weight = module.weight
-            weight.data = weight.data.t().contiguous().t()
+            if layout.name == "onednn-packed":
+                module.pack_onednn()
+            else:
+                module.weight.data = module.weight.data.t().contiguous().t()
             count += 1
     return count

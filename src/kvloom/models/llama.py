@@ -202,14 +202,19 @@ class LlamaForCausalLM(CausalLM):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden ``[N, hidden]`` -> logits ``[N, vocab_size]`` float32."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight).float()
+        if self.lm_head is not None:
+            logits: torch.Tensor = self.lm_head(hidden)  # through the layer: its weight may be packed
+            return logits.float()
+        return torch.nn.functional.linear(hidden, self.model.embed_tokens.weight).float()
 
-    def _weight_targets(self) -> dict[str, tuple[nn.Parameter, slice | None]]:
-        """HF checkpoint name -> (our parameter, its rows that hold it; ``None`` = all of it)."""
-        targets: dict[str, tuple[nn.Parameter, slice | None]] = {}
+    def _weight_targets(self) -> dict[str, tuple[torch.Tensor, slice | None]]:
+        """HF checkpoint name -> (our parameter, its rows that hold it; ``None`` = all of it).
+
+        Linear weights packed for oneDNN (``Linear.pack_onednn``) are buffers, named the same."""
+        targets: dict[str, tuple[torch.Tensor, slice | None]] = {}
         modules = dict(self.named_modules())
-        for name, param in self.named_parameters():
+        packed = [(f"{name}.weight", m.weight) for name, m in modules.items() if isinstance(m, Linear) and m.onednn_packed]
+        for name, param in [*self.named_parameters(), *packed]:
             module_name, _, kind = name.rpartition(".")
             prefix, _, leaf = module_name.rpartition(".")
             module = modules[module_name]
@@ -233,6 +238,8 @@ class LlamaForCausalLM(CausalLM):
         harmless extras (``rotary_emb.inv_freq``, ``lm_head.weight`` when tied) are skipped.
         Completeness is the caller's check: compare the result with ``expected_weight_names()``.
         """
+        if any(isinstance(m, Linear) and m.onednn_packed for m in self.modules()):
+            raise CheckpointError("load_weights after the Linear weights were packed for oneDNN: load them first")
         targets = self._weight_targets()
         loaded: set[str] = set()
         for name, tensor in weights:

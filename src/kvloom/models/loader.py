@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from kvloom.errors import CheckpointError
-from kvloom.layers.weight_layout import make_input_major, prefers_input_major
+from kvloom.layers.weight_layout import CpuGemm, WeightLayout, apply_layout, choose_layout
 from kvloom.models.config import ModelConfig, load_model_config
 from kvloom.models.dtype_choice import choose_dtype
 from kvloom.models.registry import CausalLM, get_model_class
@@ -104,12 +104,15 @@ def load_model(
     attn_backend: AttentionBackend,
     dtype: str = "auto",
     device: str | torch.device = "cpu",
+    cpu_gemm: CpuGemm = "auto",
 ) -> tuple[CausalLM, ModelConfig]:
     """Build the model for ``model_dir`` on ``device`` and load its weights.
 
     Returns ``(model, config)`` where ``config.torch_dtype`` is the dtype the model runs in
     (``resolve_dtype``). Parameters are allocated directly on ``device`` in that dtype, with
-    no random init. The model is in eval mode and holds no autograd state.
+    no random init. Linear weights then take the layout ``layers.weight_layout.choose_layout``
+    picks (``cpu_gemm``), kept as ``model.weight_layout``. The model is in eval mode and holds
+    no autograd state.
     """
     model_dir = Path(model_dir)
     config = load_model_config(model_dir)
@@ -119,7 +122,8 @@ def load_model(
     with torch.device(device):
         model = model_cls(config, attn_backend)
     load_weights_into(model, model_dir)
-    if prefers_input_major(device, config.torch_dtype):
-        make_input_major(model)
+    layout: WeightLayout = choose_layout(cpu_gemm, device, config.torch_dtype)
+    apply_layout(model, layout)
+    model.weight_layout = layout
     model.eval()
     return model, config

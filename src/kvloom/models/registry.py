@@ -20,6 +20,7 @@ from kvloom.models.architectures import MODEL_CLASSES
 if TYPE_CHECKING:
     from kvloom.layers.attention import AttentionBackend
     from kvloom.layers.attention_metadata import AttentionMetadata
+    from kvloom.layers.weight_layout import WeightLayout
     from kvloom.models.config import ModelConfig
 
 
@@ -33,6 +34,8 @@ class CausalLM(nn.Module, ABC):
     def __init__(self, config: ModelConfig, attn_backend: AttentionBackend) -> None:
         super().__init__()
         self.config = config
+        self.weight_layout: WeightLayout | None = None
+        """How the loader laid out the Linear weights (``layers.weight_layout``); None before loading."""
 
     @abstractmethod
     def forward(

@@ -76,8 +76,11 @@ class ModelRunner:
         self.dtype_choice: DTypeChoice = choose_dtype(config.dtype, checkpoint_dtype, self.device)
         logger.info("kvloom: running in %s (%s)", self.dtype_choice.name, self.dtype_choice.reason)
         self.model, self.model_config = load_model(
-            config.model, attn_backend=self.attn_backend, dtype=self.dtype_choice.name, device=self.device
+            config.model, attn_backend=self.attn_backend, dtype=self.dtype_choice.name, device=self.device,
+            cpu_gemm=config.cpu_gemm,
         )
+        if self.model.weight_layout is not None:
+            logger.info("kvloom: linear weights %s (%s)", self.model.weight_layout.name, self.model.weight_layout.reason)
         self.dtype = next(self.model.parameters()).dtype
         available = self._profile_available_bytes(max_model_len) if self.device.type == "cuda" else None
         self.num_blocks = choose_num_blocks(
