@@ -50,7 +50,13 @@ from kvloom.bench.peers import PeerSpec, load_hf_models, parse_peers, run_peer, 
 from kvloom.bench.roofline import DecodeShape, decode_tokens_per_s, roofline
 from kvloom.bench.setup import write_result
 from kvloom.bench.throughput import kvloom_config, parse_config
-from kvloom.bench.workload import DECODE_MODEL_1B, STANDARD_MODEL, Workload, cached_checkpoint
+from kvloom.bench.workload import (
+    DECODE_MODEL_1B,
+    STANDARD_MODEL,
+    Workload,
+    cached_checkpoint,
+    read_vocab_size,
+)
 
 SCHEMA_VERSION = 1
 SIZES = {"1b": DECODE_MODEL_1B, "standard": STANDARD_MODEL}
@@ -261,7 +267,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     spec = None if args.model else SIZES[args.size]
     model_dir = args.model or cached_checkpoint(SIZES[args.size])[0]
     model_config = json.loads((model_dir / "config.json").read_text())
-    vocab = int(model_config.get("vocab_size") or model_config["text_config"]["vocab_size"])
+    vocab = read_vocab_size(model_dir)
 
     def prompts_at(c: int) -> list[list[int]]:
         return Workload(c, args.prompt_len, args.prompt_len, args.output_len, args.seed).prompts(vocab)
@@ -300,13 +306,9 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "device": device, "dtype": dtype, "dtype_reason": kv.llm.dtype_choice.reason,
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in config.items()},
         "max_num_batched_tokens": budget, "block_size": llm_config.cache.block_size,
-        "startup_s": round(kv.startup_s, 3),
+        "startup_s": round(kv.startup_s, 3), "enforce_eager": llm_config.enforce_eager,
+        "cuda_graph_sizes": llm_config.cuda_graph_sizes,
     }
-    from kvloom.config import EngineConfig
-
-    for field in ("enforce_eager", "cuda_graph_sizes"):  # settings newer than this bench: recorded where they exist
-        if field in EngineConfig.model_fields:
-            kvloom_entry[field] = getattr(llm_config, field, None)
     result = {
         "benchmark": "decode", "schema_version": SCHEMA_VERSION, "command": command, "argv": list(argv),
         "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

@@ -130,9 +130,9 @@ def _builder_kwargs(build_kwargs: dict[str, Any]) -> dict[str, Any]:
     dtype = build_kwargs.get("dtype")
     if not isinstance(dtype, str):
         return build_kwargs
-    import torch
+    from kvloom.models.dtype_choice import DTYPES
 
-    return build_kwargs | {"dtype": getattr(torch, dtype)}
+    return build_kwargs | {"dtype": DTYPES[dtype]}
 
 
 @dataclass(frozen=True, slots=True)
