@@ -1,13 +1,16 @@
 """Attention backends over a mixed batch: decodes, fresh prompts and chunks continuing a cached prefix.
 
-The torch backend (the CPU production path) must equal dense float64 causal attention computed from
-contiguous K/V; the triton backend (run on CPU through Triton's interpreter) must equal the torch one.
+The torch backend must equal dense float64 causal attention computed from contiguous K/V; so must the
+cpu backend (the CPU production path: decode rows in a C kernel); the triton backend (run on CPU
+through Triton's interpreter) must equal the torch one.
 """
 
 import importlib.util
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,9 +20,11 @@ import torch
 if "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from kvloom.kernels import native, paged_decode_attention_cpu
 from kvloom.kernels.store_kv import store_kv_ref
 from kvloom.layers.attention import (
     AttentionBackend,
+    CpuAttentionBackend,
     TorchAttentionBackend,
     TritonAttentionBackend,
     get_attention_backend,
@@ -175,10 +180,72 @@ def test_triton_backend_matches_torch_backend(kind: str) -> None:
 
 
 def test_registry_picks_and_rejects_backends() -> None:
-    assert isinstance(get_attention_backend("auto", torch.device("cpu")), TorchAttentionBackend)
-    assert isinstance(get_attention_backend("torch", "cpu"), TorchAttentionBackend)
+    auto = get_attention_backend("auto", torch.device("cpu"))
+    assert type(auto) is CpuAttentionBackend, "this machine has a C compiler: auto takes the C decode kernel"
+    assert "C decode kernel built" in auto.reason
+    assert type(get_attention_backend("torch", "cpu")) is TorchAttentionBackend
+    assert type(get_attention_backend("cpu", "cpu")) is CpuAttentionBackend
     if importlib.util.find_spec("triton") is not None:
         assert isinstance(get_attention_backend("triton", "cpu"), TritonAttentionBackend)
         assert isinstance(get_attention_backend("auto", torch.device("cuda")), TritonAttentionBackend)
-    with pytest.raises(ValueError, match=r"unknown attention backend 'flash'.*auto, torch, triton"):
+    with pytest.raises(ValueError, match=r"unknown attention backend 'flash'.*auto, torch, cpu, triton"):
         get_attention_backend("flash", "cpu")
+    with pytest.raises(ValueError, match=r"'cpu' attention backend runs on CPU tensors"):
+        get_attention_backend("cpu", torch.device("cuda"))
+
+
+@pytest.mark.parametrize("block_size", [1, 16])
+@pytest.mark.parametrize("kind", list(BATCHES))
+def test_cpu_backend_matches_dense_attention_and_the_torch_backend(kind: str, block_size: int) -> None:
+    batch = _make_batch(*BATCHES[kind], block_size)
+    out, k_cache, v_cache = _forward(CpuAttentionBackend(), batch)
+    torch.testing.assert_close(out.double(), _dense_attention(batch), atol=1e-5, rtol=1e-5)
+    batch.meta.backend_plan = None  # the torch backend plans decode groups of its own
+    expected, expected_k, expected_v = _forward(TorchAttentionBackend(), batch)
+    torch.testing.assert_close(out, expected, atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(k_cache, expected_k, equal_nan=True, atol=0, rtol=0)
+    torch.testing.assert_close(v_cache, expected_v, equal_nan=True, atol=0, rtol=0)
+
+
+def test_cpu_backend_plans_no_decode_gathers_and_ignores_padding_tokens() -> None:
+    batch = _make_batch(MANY_DECODES + PREFILLS, len(MANY_DECODES), 16, num_pad_tokens=3)
+    untouched = batch.k_cache.isnan()
+    out, k_cache, _ = _forward(CpuAttentionBackend(), batch)
+    assert batch.meta.backend_plan.decode_groups == [], "the kernel reads the cache in place: nothing to gather"
+    num_tokens = batch.meta.query_start_loc_cpu[-1]
+    torch.testing.assert_close(out[:num_tokens].double(), _dense_attention(batch), atol=1e-5, rtol=1e-5)
+    written = torch.zeros_like(untouched)
+    written.view(-1, NUM_KV_HEADS, HEAD_DIM)[batch.meta.slot_mapping[:num_tokens]] = True
+    assert k_cache[untouched & ~written].isnan().all()
+
+
+def test_cpu_backend_runs_caches_the_kernel_cannot_take_on_the_torch_path() -> None:
+    batch = _make_batch(DECODES + PREFILLS, len(DECODES), 16)
+    half = {name: getattr(batch, name).half() for name in ("q", "k", "v", "k_cache", "v_cache")}
+    backend = CpuAttentionBackend()
+    out = backend.forward(half["q"], half["k"], half["v"], half["k_cache"], half["v_cache"], batch.meta, SCALE)
+    assert batch.meta.backend_plan.decode_groups, "float16: decode rows planned for SDPA over gathers"
+    torch.testing.assert_close(out.double(), _dense_attention(batch), atol=5e-3, rtol=5e-3)
+
+
+@pytest.fixture
+def no_compiler(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """No C compiler, an empty kernel cache, and no build already loaded in this process."""
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setenv("KVLOOM_CACHE_DIR", str(tmp_path))
+    for cached in (native.load_library, paged_decode_attention_cpu.load):
+        cached.cache_clear()
+    yield
+    for cached in (native.load_library, paged_decode_attention_cpu.load):
+        cached.cache_clear()
+
+
+@pytest.mark.usefixtures("no_compiler")
+def test_auto_falls_back_to_torch_and_says_why_without_a_compiler(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="kvloom.layers.attention"):
+        backend = get_attention_backend("auto", "cpu")
+    assert type(backend) is TorchAttentionBackend
+    assert "cannot be built" in backend.reason and "/nonexistent/cc" in backend.reason
+    assert any("falls back to torch" in record.getMessage() for record in caplog.records)
+    with pytest.raises(native.NativeBuildError, match="no C compiler"):
+        get_attention_backend("cpu", "cpu")

@@ -55,7 +55,10 @@ class EngineConfig(BaseModel):
     dtype: DType = "auto"
     """``auto``: on CPU bf16 with AMX / AVX512-BF16, else float32; on GPU the checkpoint's (``models/dtype_choice.py``)."""
     device: str = "auto"
-    attention_backend: Literal["auto", "torch", "triton"] = "auto"
+    attention_backend: Literal["auto", "torch", "cpu", "triton"] = Field(
+        "auto", description="'cpu': decode attention in a C kernel compiled for this CPU on first use (cached); "
+        "'torch': torch ops only; 'triton': the Triton kernels (CUDA). 'auto': triton on CUDA, cpu on CPU where "
+        "a C compiler builds the kernel, torch otherwise.")
     cpu_gemm: Literal["auto", "onednn", "torch"] = Field(
         "auto", description="CPU linear layers: 'onednn' multiplies with weights prepacked for oneDNN, 'torch' "
         "calls F.linear (MKL in float32); 'auto' is oneDNN in float32 where it can pack, torch otherwise.")

@@ -9,6 +9,7 @@ when it is built, so importing this module never imports triton.
 from __future__ import annotations
 
 import importlib.util
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
     from kvloom.kernels.paged_decode_attention import DecodeGroup
     from kvloom.kernels.paged_prefill_attention import PrefillSeq
 
+logger = logging.getLogger(__name__)
+
 
 class AttentionBackend(ABC):
     """Paged attention over one step's flattened batch (decodes first, then prefills).
@@ -31,6 +34,8 @@ class AttentionBackend(ABC):
     """
 
     name: ClassVar[str]
+    reason: str = "chosen by name"
+    """Why this backend runs (set by :func:`get_attention_backend`; shown in ``engine.stats()``)."""
     supports_cuda_graphs: ClassVar[bool] = False
     """Whether a forward may be captured in a CUDA graph and replayed with new metadata tensors: true
     only when every kernel reads lengths and tables on the device, never from the host lists."""
@@ -108,7 +113,7 @@ class _TorchStepPlan:
 
 
 class TorchAttentionBackend(AttentionBackend):
-    """Pure-torch attention: the CPU production path (and a fallback anywhere).
+    """Pure-torch attention: the CPU path where the C decode kernel cannot be built (and a fallback anywhere).
 
     The first layer of a step plans it (``meta.backend_plan``): decode rows split into groups of
     similar length with their gather indices, padding indices and masks; each prefill's block ids
@@ -129,35 +134,82 @@ class TorchAttentionBackend(AttentionBackend):
         # One scratch buffer shared by all layers: the engine thread runs them one after another.
         self._workspace = paged_decode_attention.GatherWorkspace()
 
-    def plan(self, meta: AttentionMetadata, block_size: int) -> _TorchStepPlan:
-        """The step's plan, built once (by the first layer) and kept on ``meta``."""
+    def plan(self, meta: AttentionMetadata, block_size: int, *, decode_groups: bool = True) -> _TorchStepPlan:
+        """The step's plan, built once (by the first layer) and kept on ``meta``; ``decode_groups=False``
+        leaves the decode rows unplanned (a kernel that reads the cache in place needs no gathers)."""
         plan = meta.backend_plan
         if isinstance(plan, _TorchStepPlan):
             return plan
         n = meta.num_decodes
-        decode_groups = self._decode.plan_decode(meta.block_tables[:n], meta.seq_lens_cpu[:n], block_size) if n else []
+        groups = []
+        if n and decode_groups:
+            groups = self._decode.plan_decode(meta.block_tables[:n], meta.seq_lens_cpu[:n], block_size)
         prefill = []
         if n < meta.num_seqs:
             prefill = self._prefill.plan_prefill(
                 meta.block_tables[n:], meta.query_start_loc_cpu[n:], meta.seq_lens_cpu[n:], block_size
             )
-        plan = _TorchStepPlan(bool((meta.slot_mapping < 0).any()), decode_groups, prefill)
+        plan = _TorchStepPlan(bool((meta.slot_mapping < 0).any()), groups, prefill)
         meta.backend_plan = plan
         return plan
 
+    def _decodes_in_place(self, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+        """Whether decode rows go to a kernel that reads the cache in place (never, here: see
+        ``CpuAttentionBackend``) rather than to SDPA over padded gathers."""
+        return False
+
+    def _decode_in_place(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         meta: AttentionMetadata, scale: float, out: torch.Tensor) -> None:
+        raise NotImplementedError
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        plan = self.plan(meta, k_cache.shape[1])
+        in_place = self._decodes_in_place(q, k_cache)
+        plan = self.plan(meta, k_cache.shape[1], decode_groups=not in_place)
         self._store_kv(k, v, k_cache, v_cache, meta.slot_mapping, has_padding=plan.has_padding)
         out = torch.empty_like(q)
         n = meta.num_decodes
-        if plan.decode_groups:
+        if n and in_place:
+            self._decode_in_place(q[:n], k_cache, v_cache, meta, scale, out[:n])
+        elif plan.decode_groups:
             self._decode.paged_decode_attention_planned(q[:n], k_cache, v_cache, plan.decode_groups, scale, out=out[:n],
-                                           workspace=self._workspace)
+                                                        workspace=self._workspace)
         if plan.prefill:
             # Prefill rows keep their step-wide numbering: the plan's starts index q, k and v directly.
             self._prefill.paged_prefill_attention_planned(q, k_cache, v_cache, plan.prefill, scale, out=out, new_k=k, new_v=v)
         return out
+
+
+class CpuAttentionBackend(TorchAttentionBackend):
+    """The CPU production path: the torch backend with its decode rows on a C kernel
+    (``kvloom.kernels.paged_decode_attention_cpu``) that reads each sequence's K/V blocks where they
+    lie, instead of gathering a padded copy of them for SDPA in every layer. ``store_kv`` and prefills
+    stay on torch. Caches the kernel does not take (a dtype other than float32/bf16, a head size that
+    is not a multiple of 8) run on the torch path.
+
+    Building it compiles the kernel for this CPU (once per machine kind; cached on disk) and raises
+    ``NativeBuildError`` where that is impossible: ``get_attention_backend("auto")`` then falls back
+    to ``"torch"`` and says why.
+    """
+
+    name: ClassVar[str] = "cpu"
+
+    def __init__(self) -> None:
+        super().__init__()
+        from kvloom.kernels import paged_decode_attention_cpu
+
+        paged_decode_attention_cpu.load()
+        self._native = paged_decode_attention_cpu
+
+    def _decodes_in_place(self, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+        return q.device.type == "cpu" and q.dtype == k_cache.dtype and self._native.supports(k_cache.dtype,
+                                                                                                k_cache.shape[3])
+
+    def _decode_in_place(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         meta: AttentionMetadata, scale: float, out: torch.Tensor) -> None:
+        n = meta.num_decodes
+        self._native.paged_decode_attention_cpu(q, k_cache, v_cache, meta.block_tables[:n], meta.seq_lens[:n], scale,
+                                                meta.max_seq_len, out=out)
 
 
 class TritonAttentionBackend(PagedAttentionBackend):
@@ -178,21 +230,42 @@ class TritonAttentionBackend(PagedAttentionBackend):
 
 _BACKENDS: dict[str, Callable[[], AttentionBackend]] = {
     TorchAttentionBackend.name: TorchAttentionBackend,
+    CpuAttentionBackend.name: CpuAttentionBackend,
     TritonAttentionBackend.name: TritonAttentionBackend,
 }
 
 
 def get_attention_backend(name: str = "auto", device: torch.device | str = "cpu") -> AttentionBackend:
-    """Build the attention backend ``name`` ("auto", "torch" or "triton") for tensors on ``device``.
+    """Build the attention backend ``name`` ("auto", "torch", "cpu" or "triton") for tensors on ``device``;
+    its ``reason`` says why it runs.
 
-    "auto" is "triton" on CUDA devices when triton is installed, else "torch".
-    Raises ``ValueError`` naming the choices for an unknown ``name``.
+    "auto" is "triton" on CUDA devices when triton is installed; on CPU it is "cpu" (the C decode
+    kernel, compiled for this CPU on first use) where that builds, else "torch", with a warning that
+    names the cause (no C compiler, a compile error). An explicit "cpu" that cannot be built raises
+    ``NativeBuildError``. Raises ``ValueError`` naming the choices for an unknown ``name``.
     """
+    device = torch.device(device)
     if name == "auto":
-        is_cuda = torch.device(device).type == "cuda"
-        name = "triton" if is_cuda and importlib.util.find_spec("triton") is not None else "torch"
+        if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+            return _named(TritonAttentionBackend(), "auto: a CUDA device, and triton is installed")
+        if device.type == "cpu":
+            from kvloom.kernels.native import NativeBuildError
+
+            try:
+                return _named(CpuAttentionBackend(), "auto: the C decode kernel built for this CPU")
+            except NativeBuildError as exc:
+                logger.warning("kvloom: attention falls back to torch: the C decode kernel cannot be built here: %s", exc)
+                return _named(TorchAttentionBackend(), f"auto: the C decode kernel cannot be built here ({exc})")
+        return _named(TorchAttentionBackend(), f"auto: no kernels for {device.type} (torch ops)")
     factory = _BACKENDS.get(name)
     if factory is None:
         choices = ", ".join(["auto", *_BACKENDS])
         raise ValueError(f"unknown attention backend {name!r}; choose one of: {choices}")
-    return factory()
+    if name == CpuAttentionBackend.name and device.type != "cpu":
+        raise ValueError(f"the 'cpu' attention backend runs on CPU tensors, not on {device.type}")
+    return _named(factory(), "chosen by name")
+
+
+def _named(backend: AttentionBackend, reason: str) -> AttentionBackend:
+    backend.reason = reason
+    return backend
