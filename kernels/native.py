@@ -77,9 +77,9 @@ def _compiler_version(compiler: str) -> str:
 
 def build(name: str, *, flags: tuple[str, ...] | None = None, directory: Path | None = None,
           sources: Path = CSRC) -> Path:
-    """Compile ``<sources>/<name>.c`` (unless a build of it for this machine kind is cached in
-    ``directory``, default ``cache_dir() / "native"``) and return the library's path. Concurrent
-    builders are safe: each writes a private file, then renames it.
+    """Compile ``<sources>/<name>.c`` (which may include the headers beside it) unless a build of it for
+    this machine kind is cached in ``directory`` (default ``cache_dir() / "native"``), and return the
+    library's path. Concurrent builders are safe: each writes a private file, then renames it.
 
     Raises :class:`NativeBuildError` with the compiler's own message when compiling fails.
     """
@@ -87,7 +87,8 @@ def build(name: str, *, flags: tuple[str, ...] | None = None, directory: Path | 
     flags = compile_flags() if flags is None else flags
     compiler = _compiler()
     key = hashlib.sha256()
-    for part in (source.read_bytes(), compiler.encode(), _compiler_version(compiler).encode(),
+    headers = [h.read_bytes() for h in sorted(sources.glob("*.h"))]  # what the source may include
+    for part in (source.read_bytes(), *headers, compiler.encode(), _compiler_version(compiler).encode(),
                  " ".join(flags).encode(), platform.machine().encode()):
         key.update(part)
         key.update(b"\0")

@@ -249,3 +249,33 @@ def test_auto_falls_back_to_torch_and_says_why_without_a_compiler(caplog: pytest
     assert any("falls back to torch" in record.getMessage() for record in caplog.records)
     with pytest.raises(native.NativeBuildError, match="no C compiler"):
         get_attention_backend("cpu", "cpu")
+
+
+def test_an_engine_on_the_cpu_backend_generates_what_the_torch_backend_does(llama_dir: Path) -> None:
+    from kvloom import LLM, SamplingParams
+
+    prompts = [[5 + i, 17, 3 * i + 1, 9, 40 + i][: 2 + i % 4] * (1 + i % 3) for i in range(12)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=1)
+    results = {}
+    for name in ("torch", "cpu"):
+        llm = LLM(llama_dir, num_kv_blocks=64, block_size=4, attention_backend=name)
+        try:
+            assert llm.core.attention_backend == (name, "chosen by name")
+            results[name] = llm.generate(prompts[:1], params) + llm.generate(prompts[1:], params)  # alone, batched
+        finally:
+            llm.close()
+    for cpu, torch_ in zip(results["cpu"], results["torch"], strict=True):
+        assert cpu.token_ids == torch_.token_ids
+        cpu_lp = [e.logprob for e in cpu.choices[0].logprobs]
+        torch_lp = [e.logprob for e in torch_.choices[0].logprobs]
+        torch.testing.assert_close(torch.tensor(cpu_lp), torch.tensor(torch_lp), atol=1e-5, rtol=0)
+
+
+@pytest.mark.anyio
+async def test_stats_name_the_attention_backend_and_why(llama_dir: Path) -> None:
+    from kvloom import AsyncEngine
+
+    async with AsyncEngine.from_pretrained(llama_dir, num_kv_blocks=32) as engine:
+        stats = engine.stats()
+    assert stats.attention_backend == "cpu" and stats.attention_reason is not None
+    assert "C decode kernel built" in stats.attention_reason

@@ -18,35 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef uint16_t bf16_t;
-typedef float v8f __attribute__((vector_size(32)));
-
-static inline v8f load8(const float *p) {
-    v8f r;
-    memcpy(&r, p, sizeof r);
-    return r;
-}
-
-static inline void store8(float *p, v8f x) { memcpy(p, &x, sizeof x); }
-
-static inline float hsum8(v8f x) {
-    return ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7]));
-}
-
-static inline float bf16_to_f32(bf16_t x) {
-    uint32_t u = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline bf16_t f32_to_bf16(float f) { /* round to nearest even, as torch does; NaN stays NaN */
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_t)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (bf16_t)(u >> 16);
-}
+#include "vec8.h"
 
 /* scores[g * stride + i] = scale * (q[g] . k[i]) for n keys (rows `row` apart), group q heads. */
 static void block_scores(const float *q, int group, const float *k, int64_t row, int n, int head_dim,
@@ -110,28 +82,6 @@ static void block_values(const float *p, int stride, int group, const float *v, 
     }
 }
 
-/* 8 lanes of exp(x) for x <= 0 (softmax inputs after subtracting the max): Cody-Waite range reduction
- * x = n ln2 + r, |r| <= ln2/2, a degree-6 polynomial for exp(r) (relative error under 2 ulp), then 2^n
- * through the exponent bits. x below -87.3 gives 0 (exp underflows there in float32 anyway). */
-static inline v8f exp8(v8f x) {
-    typedef int32_t v8i __attribute__((vector_size(32)));
-    const v8f floor_x = (v8f){0} - 87.3f;
-    const v8i under = x < floor_x; /* lanes of -1 where x underflows */
-    x = (v8f)(((v8i)x & ~under) | ((v8i)floor_x & under));
-    /* round(x / ln2) to the nearest integer: adding and subtracting 1.5 * 2^23 rounds in float32 */
-    const v8f n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    const v8f r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-    v8f p = (v8f){0} + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = (p * r) * r + r + 1.0f;
-    const v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
-    return (v8f)((v8i)(p * (v8f)bits) & ~under);
-}
-
 /* Softmax of each of `rows` rows of `len` scores in place (row i at s + i * len). */
 static void softmax_rows(float *s, int rows, int len) {
     for (int r = 0; r < rows; ++r) {
@@ -187,35 +137,44 @@ static inline void prefetch_block(const void *c, int elem_size, int32_t block, i
     for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
 }
 
+#define PREFETCH_AHEAD 2 /* blocks: one block's math is shorter than one block's trip from memory */
+
+/* Prefetches block `index` of a sequence of `len` keys in cache `c`, if the sequence has it. */
+static inline void prefetch_index(const void *c, int elem_size, const int32_t *table, int index, int len,
+                                  int block_size, int64_t token_stride) {
+    const int start = index * block_size;
+    if (start < len)
+        prefetch_block(c, elem_size, table[index], len - start < block_size ? len - start : block_size, block_size,
+                       token_stride);
+}
+
 /* One sequence, all its heads: q heads [Hq, D] (float32 in qf) over `len` keys, result in acc [Hq, D].
- * Blocks are read whole and in order, the next one prefetched while this one is used: K's blocks,
- * then (after the softmax) V's. */
+ * Blocks are read whole and in order, PREFETCH_AHEAD blocks prefetched ahead of use: K's blocks, then
+ * (after the softmax) V's, whose first blocks are asked for during K's last ones. */
 static void attend_sequence(const float *qf, float *acc, const void *k, const void *v, int elem_size,
                             const int32_t *table, int len, int block_size, int num_kv_heads, int group,
                             int head_dim, float scale, float *scores, float *widened) {
     const int64_t token_stride = (int64_t)num_kv_heads * head_dim;
-    for (int start = 0; start < len; start += block_size) {
-        const int n = len - start < block_size ? len - start : block_size;
-        const int next = start + block_size;
-        if (next < len)
-            prefetch_block(k, elem_size, table[next / block_size], len - next < block_size ? len - next : block_size,
-                           block_size, token_stride);
+    const int num_blocks = (len + block_size - 1) / block_size;
+    for (int i = 0; i < PREFETCH_AHEAD; ++i) prefetch_index(k, elem_size, table, i, len, block_size, token_stride);
+    for (int i = 0; i < num_blocks; ++i) {
+        const int start = i * block_size, n = len - start < block_size ? len - start : block_size;
+        const int ahead = i + PREFETCH_AHEAD;
+        if (ahead < num_blocks)
+            prefetch_index(k, elem_size, table, ahead, len, block_size, token_stride);
         else
-            prefetch_block(v, elem_size, table[0], len < block_size ? len : block_size, block_size, token_stride);
-        const float *rows = block_rows(k, elem_size, table[start / block_size], n, block_size, token_stride, widened);
+            prefetch_index(v, elem_size, table, ahead - num_blocks, len, block_size, token_stride);
+        const float *rows = block_rows(k, elem_size, table[i], n, block_size, token_stride, widened);
         for (int h = 0; h < num_kv_heads; ++h)
             block_scores(qf + (size_t)h * group * head_dim, group, rows + (size_t)h * head_dim, token_stride, n,
                          head_dim, scale, scores + (size_t)h * group * len + start, len);
     }
     softmax_rows(scores, num_kv_heads * group, len);
     memset(acc, 0, sizeof(float) * (size_t)num_kv_heads * group * head_dim);
-    for (int start = 0; start < len; start += block_size) {
-        const int n = len - start < block_size ? len - start : block_size;
-        const int next = start + block_size;
-        if (next < len)
-            prefetch_block(v, elem_size, table[next / block_size], len - next < block_size ? len - next : block_size,
-                           block_size, token_stride);
-        const float *rows = block_rows(v, elem_size, table[start / block_size], n, block_size, token_stride, widened);
+    for (int i = 0; i < num_blocks; ++i) {
+        const int start = i * block_size, n = len - start < block_size ? len - start : block_size;
+        prefetch_index(v, elem_size, table, i + PREFETCH_AHEAD, len, block_size, token_stride);
+        const float *rows = block_rows(v, elem_size, table[i], n, block_size, token_stride, widened);
         for (int h = 0; h < num_kv_heads; ++h)
             block_values(scores + (size_t)h * group * len + start, len, group, rows + (size_t)h * head_dim,
                          token_stride, n, head_dim, acc + (size_t)h * group * head_dim);

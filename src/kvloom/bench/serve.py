@@ -252,6 +252,7 @@ def kvloom_entry(name: str, config: dict[str, Any], traces: list[RequestTrace], 
                  output_len: int) -> dict[str, Any]:
     """A kvloom system's entry (``dtype``: what its engine resolved ``dtype`` to)."""
     return {"name": name, "dtype": stats.get("dtype"), "dtype_reason": stats.get("dtype_reason"),
+            "attention_backend": stats.get("attention_backend"),
             "config": jsonable(config), "ttft_measured": TTFT_MEASURED["kvloom"], **summarize(traces),
             "output_lens_ok": all(len(t.token_ids) == output_len for t in traces), "engine_stats": stats}
 
@@ -349,7 +350,7 @@ def format_report(result: dict[str, Any]) -> str:
                 f"{ms['p50']:>12.1f} {ms['p99']:>7.1f} | {r['e2e_s']['p50']:>10.3f} {r['e2e_s']['p99']:>7.3f} | {same}")
 
     kvloom = [k for k in (result["kvloom"], result.get("kvloom_fp32")) if k]
-    lines.extend(row(k, f"-  ({k['dtype_reason']})") for k in kvloom)
+    lines.extend(row(k, f"-  ({k['dtype_reason']}; attention: {k.get('attention_backend')})") for k in kvloom)
     for p in result["peers"]:
         if p["error"]:
             lines.append(f"{p['name']:<12} {'':<5} {'error':>7} | {p['error'][:200]}")

@@ -159,7 +159,9 @@ class _KvloomSystem:
         """This system's JSON entry: settings, dtype, timings, KV waste at peak."""
         stats = self.llm.kv_cache_stats()
         choice = self.llm.dtype_choice
+        attention, attention_reason = self.llm.core.attention_backend
         return {"name": self.name, "dtype": choice.name, "dtype_reason": choice.reason,
+                "attention_backend": attention, "attention_reason": attention_reason,
                 "config": {k: str(v) if isinstance(v, Path) else v for k, v in self.config.items()},
                 "load_s": round(self.load_s, 2), **_summary(runs, num_tokens),
                 "output_lens_ok": all(len(t) == output_len for t in runs[0].token_ids),
@@ -327,7 +329,8 @@ def format_report(result: dict[str, Any]) -> str:
     lines = [f"{'system':<14} {'dtype':<5} {'tok/s':>8} {'wall s':>8} {'TTFT s':>8}  same tokens as kvloom (same dtype)"]
     for k in filter(None, (kv, result.get("kvloom_fp32"))):
         lines.append(f"{k['name']:<14} {tag(k['dtype']):<5} {k['tokens_per_s']:>8.1f} {k['wall_s']:>8.2f} "
-                     f"{fmt(k['mean_ttft_s'], '.2f'):>8}  -  ({k['dtype_reason']})")
+                     f"{fmt(k['mean_ttft_s'], '.2f'):>8}  -  ({k['dtype_reason']}; attention: "
+                     f"{k.get('attention_backend', '?')})")
     for p in result["peers"]:
         if p["error"]:
             lines.append(f"{p['name']:<14} {tag(p['dtype']):<5} {'error':>8}  {p['error'][:200]}")

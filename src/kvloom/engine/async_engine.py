@@ -214,7 +214,9 @@ class AsyncEngine:
         if self._parts is None:
             return stats
         choice = self._parts.core.dtype_choice
+        attention, attention_reason = self._parts.core.attention_backend
         return dataclasses.replace(stats, dtype=choice.name, dtype_reason=choice.reason,
+                                   attention_backend=attention, attention_reason=attention_reason,
                                    cuda_graph_sizes=self._parts.core.cuda_graph_sizes)
 
     def prefix_cache_stats(self) -> KVCacheStats | None:

@@ -110,6 +110,12 @@ class EngineCore:
         return self._runner.dtype_choice
 
     @property
+    def attention_backend(self) -> tuple[str, str]:
+        """The attention backend's name and why it runs (``"auto"`` decides by device and compiler)."""
+        backend = self._runner.attn_backend
+        return backend.name, backend.reason
+
+    @property
     def cuda_graph_sizes(self) -> tuple[int, ...]:
         """Decode batch sizes captured as CUDA graphs (empty when every step runs eagerly)."""
         graphs = self._runner.decode_graphs

@@ -37,6 +37,10 @@ class EngineStats:
     """What the model and its KV cache run in (``dtype="auto"``: decided by device and CPU)."""
     dtype_reason: str | None = None
     """Why that dtype (e.g. which bf16 matrix units the CPU has, or lacks)."""
+    attention_backend: str | None = None
+    """The attention backend: ``cpu`` (the C decode kernel), ``torch`` or ``triton``."""
+    attention_reason: str | None = None
+    """Why that backend (e.g. the C kernel built, or why it could not be)."""
     cuda_graph_sizes: tuple[int, ...] = ()
     """Decode batch sizes that replay a captured CUDA graph; empty: every step runs eagerly (CPU,
     ``enforce_eager``, or an attention backend that plans on the host)."""

@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvloom.config import EngineConfig
-from kvloom.layers.attention import get_attention_backend
+from kvloom.layers.activation import SiluAndMul
+from kvloom.layers.attention import CpuAttentionBackend, get_attention_backend
+from kvloom.layers.norm import RMSNorm
 from kvloom.layers.sampler import Sampler
 from kvloom.models.config import load_model_config
 from kvloom.models.dtype_choice import DTypeChoice, choose_dtype
@@ -81,6 +83,8 @@ class ModelRunner:
         )
         if self.model.weight_layout is not None:
             logger.info("kvloom: linear weights %s (%s)", self.model.weight_layout.name, self.model.weight_layout.reason)
+        if isinstance(self.attn_backend, CpuAttentionBackend):
+            self._fuse_elementwise_on_cpu()
         self.dtype = next(self.model.parameters()).dtype
         available = self._profile_available_bytes(max_model_len) if self.device.type == "cuda" else None
         self.num_blocks = choose_num_blocks(
@@ -113,6 +117,18 @@ class ModelRunner:
                 self.capture_decode_graphs(CudaGraphCapture(self.device))
             else:
                 logger.info("kvloom: no CUDA graphs: the %r attention backend plans on the host", self.attn_backend.name)
+
+    def _fuse_elementwise_on_cpu(self) -> None:
+        """With the C attention kernel built, the norms and the gated activation take their C kernels too
+        (same compiler, same cache); where those cannot be built, they stay on torch, and the log says why."""
+        from kvloom.kernels.native import NativeBuildError
+
+        try:
+            for module in self.model.modules():
+                if isinstance(module, RMSNorm | SiluAndMul):
+                    module.fuse_on_cpu()
+        except NativeBuildError as exc:
+            logger.warning("kvloom: norms and activations stay on torch: %s", exc)
 
     # ---- decode graphs -------------------------------------------------------------------
     @torch.inference_mode()

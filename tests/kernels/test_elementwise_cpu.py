@@ -1,0 +1,131 @@
+"""The fused C elementwise kernels (silu_and_mul, add + RMSNorm) against the torch layers they replace:
+float32 within a few ulp (sums in another order), bf16 within one bf16 rounding step, the same bits on
+one thread or two, extreme inputs (exp overflow and underflow) handled as torch handles them, inputs
+never written; and the layers take them only after ``fuse_on_cpu``, for the shapes they cover."""
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvloom.kernels.elementwise_cpu import add_rms_norm_cpu, silu_and_mul_cpu, supports
+from kvloom.layers.activation import SiluAndMul
+from kvloom.layers.norm import RMSNorm
+
+
+def _bf16_steps(a: torch.Tensor, b: torch.Tensor) -> int:
+    """The largest distance between two bf16 tensors in units of bf16's spacing at each value."""
+    spacing = torch.maximum(b.float().abs(), torch.full_like(b.float(), 1e-30)).log2().floor().exp2() * 2**-7
+    return int(((a.float() - b.float()).abs() / spacing).max().item())
+
+
+def _norm(hidden: int, dtype: torch.dtype, seed: int = 0) -> RMSNorm:
+    norm = RMSNorm(hidden, 1e-6, dtype)
+    norm.weight.data = torch.randn(hidden, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    return norm
+
+
+def _with_threads(n: int, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 64, 300])
+def test_silu_and_mul_float32_matches_torch(rows: int) -> None:
+    x = torch.randn(rows, 2 * 176, generator=torch.Generator().manual_seed(rows)) * 6
+    expected = F.silu(x[:, :176]) * x[:, 176:]
+    before = x.clone()
+    torch.testing.assert_close(silu_and_mul_cpu(x), expected, atol=1e-6, rtol=1e-6)
+    assert torch.equal(x, before)
+
+
+def test_silu_and_mul_bfloat16_is_within_one_rounding_of_torch() -> None:
+    x = (torch.randn(64, 2 * 512, generator=torch.Generator().manual_seed(1)) * 6).bfloat16()
+    out = silu_and_mul_cpu(x)
+    assert out.dtype == torch.bfloat16
+    assert _bf16_steps(out, F.silu(x[:, :512]) * x[:, 512:]) <= 1
+
+
+def test_silu_and_mul_handles_exp_overflow_underflow_and_strided_rows() -> None:
+    wide = torch.zeros(2, 64)
+    wide[:, :16] = torch.tensor([-200.0, -100.0, -88.8, -88.0, -20.0, -1e-3, 0.0, 1e-3,
+                                 5.0, 20.0, 87.0, 88.8, 100.0, 200.0, float("inf"), float("-inf")])
+    wide[:, 16:32] = 1.5
+    x = wide[:, :32]  # [2, 32] rows 64 apart: gate 16 | up 16
+    out = silu_and_mul_cpu(x)
+    expected = F.silu(x[:, :16]) * x[:, 16:]
+    torch.testing.assert_close(out[:, :14], expected[:, :14], atol=1e-30, rtol=1e-6)
+    assert out[0, 14] == float("inf") and out[0, 15].isnan() == expected[0, 15].isnan()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_add_rms_norm_matches_the_torch_layer(dtype: torch.dtype, with_residual: bool) -> None:
+    gen = torch.Generator().manual_seed(3)
+    x, residual = (torch.randn(37, 256, generator=gen) * 3).to(dtype), torch.randn(37, 256, generator=gen).to(dtype)
+    norm = _norm(256, dtype)
+    x_before, residual_before = x.clone(), residual.clone()
+    if with_residual:
+        expected, expected_sum = norm.forward_add(x, residual)
+        out, total = add_rms_norm_cpu(x, residual, norm.weight, norm.eps)
+        assert torch.equal(total, expected_sum)  # one rounded add, as torch's
+    else:
+        expected = norm(x)
+        out, total = add_rms_norm_cpu(x, None, norm.weight, norm.eps)
+        assert total is x
+    assert torch.equal(x, x_before) and torch.equal(residual, residual_before)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, expected, atol=2e-6, rtol=2e-6)
+    else:
+        assert _bf16_steps(out, expected) <= 1
+
+
+def test_one_thread_and_two_give_the_same_bits() -> None:
+    gen = torch.Generator().manual_seed(4)
+    x, residual = torch.randn(50, 512, generator=gen), torch.randn(50, 512, generator=gen)
+    norm = _norm(512, torch.float32)
+    for fn in (lambda: silu_and_mul_cpu(x), lambda: add_rms_norm_cpu(x, residual, norm.weight, norm.eps)[0]):
+        assert torch.equal(_with_threads(1, fn), _with_threads(2, fn))
+
+
+def test_what_the_kernels_take_and_refuse() -> None:
+    assert supports(torch.zeros(4, 32)) and supports(torch.zeros(4, 32, dtype=torch.bfloat16))
+    assert not supports(torch.zeros(4, 2, 16))  # per-head q/k norms: 3-D views stay on torch
+    assert not supports(torch.zeros(4, 24))  # halves not a multiple of 8
+    assert not supports(torch.zeros(4, 32, dtype=torch.float16))
+    assert not supports(torch.zeros(32, 4).t())  # columns contiguous, rows not
+    with pytest.raises(ValueError, match="silu_and_mul_cpu"):
+        silu_and_mul_cpu(torch.zeros(4, 24))
+    with pytest.raises(ValueError, match="add_rms_norm_cpu"):
+        add_rms_norm_cpu(torch.zeros(4, 32), torch.zeros(4, 32), torch.zeros(16), 1e-6)
+
+
+def test_layers_take_the_kernels_only_after_fuse_on_cpu_and_only_where_they_apply(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvloom.kernels import elementwise_cpu
+
+    calls: list[str] = []
+    for name in ("silu_and_mul_cpu", "add_rms_norm_cpu"):
+        real = getattr(elementwise_cpu, name)
+        monkeypatch.setattr(elementwise_cpu, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    act, norm = SiluAndMul(), _norm(64, torch.float32)
+    x, residual = torch.randn(5, 64), torch.randn(5, 64)
+    plain = (act(x), norm.forward_add(x, residual), norm(x))
+    assert calls == []
+    act.fuse_on_cpu()
+    norm.fuse_on_cpu()
+    fused = (act(x), norm.forward_add(x, residual), norm(x))
+    assert calls == ["silu_and_mul_cpu", "add_rms_norm_cpu", "add_rms_norm_cpu"]
+    torch.testing.assert_close(fused, plain, atol=2e-6, rtol=2e-6)
+    heads = torch.randn(5, 4, 16)  # a q/k norm over heads: torch
+    per_head = RMSNorm(16, 1e-6)
+    per_head.weight.data = torch.randn(16)
+    per_head.fuse_on_cpu()
+    torch.testing.assert_close(per_head(heads), heads * torch.rsqrt(heads.pow(2).mean(-1, keepdim=True) + 1e-6)
+                               * per_head.weight, atol=1e-6, rtol=1e-6)
+    assert calls == ["silu_and_mul_cpu", "add_rms_norm_cpu", "add_rms_norm_cpu"]
