@@ -8,7 +8,6 @@ through Triton's interpreter) must equal the torch one.
 import importlib.util
 import os
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 if "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kvloom.kernels import native, paged_decode_attention_cpu
+from kvloom.kernels import native
 from kvloom.kernels.store_kv import store_kv_ref
 from kvloom.layers.attention import (
     AttentionBackend,
@@ -229,15 +228,9 @@ def test_cpu_backend_runs_caches_the_kernel_cannot_take_on_the_torch_path() -> N
 
 
 @pytest.fixture
-def no_compiler(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+def no_compiler(monkeypatch: pytest.MonkeyPatch, fresh_kernel_cache: Path) -> None:
     """No C compiler, an empty kernel cache, and no build already loaded in this process."""
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    monkeypatch.setenv("KVLOOM_CACHE_DIR", str(tmp_path))
-    for cached in (native.load_library, paged_decode_attention_cpu.load):
-        cached.cache_clear()
-    yield
-    for cached in (native.load_library, paged_decode_attention_cpu.load):
-        cached.cache_clear()
 
 
 @pytest.mark.usefixtures("no_compiler")

@@ -7,7 +7,7 @@ compiled; what this CPU can run is also run), and a clear error where no compile
 """
 
 import ctypes
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -156,17 +156,6 @@ def test_inputs_that_would_read_outside_the_caches_are_refused(make_paged_kv: Ca
 # ---- the build ---------------------------------------------------------------------------
 
 
-@pytest.fixture
-def fresh_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
-    """An empty kernel cache, and no build already loaded in this process."""
-    monkeypatch.setenv("KVLOOM_CACHE_DIR", str(tmp_path))
-    for cached in (native.load_library, paged_decode_attention_cpu.load):
-        cached.cache_clear()
-    yield tmp_path
-    for cached in (native.load_library, paged_decode_attention_cpu.load):
-        cached.cache_clear()
-
-
 def test_flags_follow_the_cpu_capability() -> None:
     assert "-mavx512f" in native.compile_flags("AVX512") and "-mfma" in native.compile_flags("AVX512")
     assert "-mavx2" in native.compile_flags("AVX2") and "-mavx512f" not in native.compile_flags("AVX2")
@@ -174,46 +163,43 @@ def test_flags_follow_the_cpu_capability() -> None:
     assert "-march=native" not in native.compile_flags()
 
 
-def test_a_build_is_cached_and_keyed_by_its_flags(fresh_cache: Path) -> None:
+def test_a_build_is_cached_and_keyed_by_its_flags(fresh_kernel_cache: Path) -> None:
     first = native.build(paged_decode_attention_cpu.SOURCE)
-    assert first.parent == fresh_cache / "native" and first.exists()
+    assert first.parent == fresh_kernel_cache / "native" and first.exists()
     mtime = first.stat().st_mtime_ns
     assert native.build(paged_decode_attention_cpu.SOURCE) == first and first.stat().st_mtime_ns == mtime
     other = native.build(paged_decode_attention_cpu.SOURCE, flags=native.compile_flags("DEFAULT"))
     assert other != first and other.exists()
-    assert not list((fresh_cache / "native").glob("*.partial"))
+    assert not list((fresh_kernel_cache / "native").glob("*.partial"))
 
 
 @pytest.mark.parametrize("capability", ["DEFAULT", "AVX2", "AVX512"])
 def test_every_capability_compiles_and_the_ones_this_cpu_runs_agree(
-        fresh_cache: Path, make_paged_kv: Callable[..., Any], capability: str) -> None:
+        fresh_kernel_cache: Path, make_paged_kv: Callable[..., Any], capability: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     path = native.build(paged_decode_attention_cpu.SOURCE, flags=native.compile_flags(capability))
+    assert path.exists() and path.parent == fresh_kernel_cache / "native"
     runnable = {"DEFAULT": True, "AVX2": torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"),
                 "AVX512": torch.backends.cpu.get_cpu_capability() == "AVX512"}
     if not runnable[capability]:
-        return  # compiled (the assertion above); this CPU cannot execute it
+        return  # compiled (asserted above); this CPU cannot execute it
     entries = paged_decode_attention_cpu.bind(ctypes.CDLL(str(path)))
     lens = _lens(16)
     kv = make_paged_kv(lens, 16, 2, 64)
     q = _queries(len(lens), 8, 64, torch.float32)
     args = (q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, 0.125, max(lens))
     expected = paged_decode_attention_ref(*args)
-    paged_decode_attention_cpu.load.cache_clear()
-    original = paged_decode_attention_cpu.load
-    try:
-        paged_decode_attention_cpu.load = lambda: entries  # type: ignore[assignment]
-        torch.testing.assert_close(decode_cpu(*args), expected, atol=2e-6, rtol=2e-6)
-    finally:
-        paged_decode_attention_cpu.load = original  # type: ignore[method-assign]
+    monkeypatch.setattr(paged_decode_attention_cpu, "load", lambda: entries)
+    torch.testing.assert_close(decode_cpu(*args), expected, atol=2e-6, rtol=2e-6)
 
 
-def test_no_compiler_is_a_clear_error(fresh_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_compiler_is_a_clear_error(fresh_kernel_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CC", "/nonexistent/cc")
     with pytest.raises(native.NativeBuildError, match=r"no C compiler: '/nonexistent/cc' is not on PATH"):
         paged_decode_attention_cpu.load()
 
 
-def test_a_compile_error_shows_the_compilers_message(fresh_cache: Path, tmp_path: Path) -> None:
+def test_a_compile_error_shows_the_compilers_message(fresh_kernel_cache: Path, tmp_path: Path) -> None:
     (tmp_path / "broken.c").write_text("int f(void) { return undefined_name; }\n")
     with pytest.raises(native.NativeBuildError, match=r"compiling broken.c failed[\s\S]*undefined_name"):
         native.build("broken", sources=tmp_path, directory=tmp_path / "out")
