@@ -36,7 +36,10 @@ def _expected(q: torch.Tensor, kv: Any, scale: float, dense: Callable[..., torch
 
 @pytest.mark.parametrize(
     ("block_size", "group", "num_kv_heads", "head_dim"),
-    [(1, 1, 2, 32), (16, 1, 2, 64), (16, 4, 4, 64), (16, 3, 2, 40), (32, 8, 1, 128), (16, 6, 2, 8), (5, 2, 2, 16)],
+    # The kernel has vector paths (four q heads a kv head, eight q heads at once, 16 columns at once)
+    # and scalar ones for the rest: these cases take each, and mixes of both within one call.
+    [(1, 1, 2, 32), (16, 1, 2, 64), (16, 4, 4, 64), (16, 3, 2, 40), (32, 8, 1, 128), (16, 6, 2, 8), (5, 2, 2, 16),
+     (16, 4, 1, 24), (7, 12, 2, 48)],
     ids=str,
 )
 def test_float32_matches_dense_attention(make_paged_kv: Callable[..., Any], dense_causal_attention: Callable[..., Any],
