@@ -2,7 +2,8 @@
 
 ``silu_and_mul_cpu``: ``[T, 2I] -> [T, I]``, ``silu(gate) * up`` in one pass (torch makes two passes and
 a temporary). ``add_rms_norm_cpu``: the residual add and the RMSNorm in one pass per row (torch makes
-six: add, pow, mean, add, rsqrt, two multiplies). float32 and bfloat16, float32 arithmetic, rounding to
+six: add, pow, mean, add, rsqrt, two multiplies). ``rotary_cpu``: rotary embedding of a ``[T, H, D]``
+view in one pass, bit-equal to torch's four multiplies, add, subtract and cat. float32 and bfloat16, float32 arithmetic, rounding to
 bf16 where the torch reference (``kvloom.layers``, HF's modules) rounds; the sums run in a different
 order than torch's, so results may differ from it in the last bit. Rows are one thread's work each:
 the thread count never changes a result.
@@ -41,7 +42,10 @@ def bind(lib: ctypes.CDLL) -> dict[str, Any]:
     norm = lib.kvloom_add_rms_norm
     norm.restype = None
     norm.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_float, i32, i32]
-    return {"silu_and_mul": silu, "add_rms_norm": norm}
+    rotary = lib.kvloom_rotary
+    rotary.restype = None
+    rotary.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i64, i32, i32, i32, i32]
+    return {"silu_and_mul": silu, "add_rms_norm": norm, "rotary": rotary}
 
 
 @functools.cache
@@ -83,3 +87,31 @@ def add_rms_norm_cpu(x: torch.Tensor, residual: torch.Tensor | None, weight: tor
                                None if residual is None else total.data_ptr(), out.data_ptr(), weight.data_ptr(),
                                rows, hidden, eps, torch.get_num_threads(), int(x.dtype == torch.bfloat16))
     return out, total
+
+
+def supports_rotary(x: torch.Tensor, cos: torch.Tensor) -> bool:
+    """Whether ``rotary_cpu`` takes ``x`` ``[T, H, D]`` and its ``cos``/``sin`` tables: CPU float32/bf16, ``x``'s
+    last dimension contiguous and even, the tables ``[T, D/2]`` (or ``[T, 1, D/2]``) in ``x``'s dtype."""
+    return x.device.type == "cpu" and x.dtype in DTYPES and x.dim() == 3 and x.stride(2) == 1 \
+        and x.shape[2] % 2 == 0 and cos.dtype == x.dtype and cos.device.type == "cpu" \
+        and cos.dim() in (2, 3) and cos.shape[0] == x.shape[0] and cos.shape[-1] == x.shape[2] // 2 \
+        and cos.numel() == x.shape[0] * (x.shape[2] // 2)
+
+
+def rotary_cpu(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (neox halves) of ``x`` ``[T, H, D]`` (any strides, last dimension contiguous) by ``cos``,
+    ``sin`` ``[T, D/2]`` or ``[T, 1, D/2]``: a new contiguous ``[T, H, D]`` equal to
+    ``cat(x1 * cos - x2 * sin, x2 * cos + x1 * sin)`` computed by torch, bit for bit."""
+    if not supports_rotary(x, cos) or sin.shape != cos.shape or sin.dtype != cos.dtype:
+        raise ValueError(f"rotary_cpu: x {x.dtype} {tuple(x.shape)} strides {x.stride()}, cos {cos.dtype} "
+                         f"{tuple(cos.shape)}, sin {sin.dtype} {tuple(sin.shape)} do not fit")
+    tokens, heads, head_dim = x.shape
+    cos = cos.reshape(tokens, head_dim // 2)
+    sin = sin.reshape(tokens, head_dim // 2)
+    if cos.stride(1) != 1 or sin.stride(1) != 1 or cos.stride(0) != sin.stride(0):
+        cos, sin = cos.contiguous(), sin.contiguous()
+    out = torch.empty(tokens, heads, head_dim, dtype=x.dtype)
+    if tokens and heads:
+        load()["rotary"](x.data_ptr(), x.stride(0), x.stride(1), out.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                         cos.stride(0), tokens, heads, head_dim, torch.get_num_threads(), int(x.dtype == torch.bfloat16))
+    return out

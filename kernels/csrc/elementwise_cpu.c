@@ -5,9 +5,11 @@
  *                  out = silu(gate) * up
  *   add_rms_norm:  x, residual [T, H] (contiguous) -> sum [T, H] = x + residual, and
  *                  out [T, H] = w * (sum * rsqrt(mean(sum^2) + eps)); residual NULL: sum is x (not written)
+ *   rotary:        x [T, H, D] (strides x_st, x_sh, 1), cos/sin [T, D/2] (rows cs_st apart) -> out [T, H, D]
+ *                  (contiguous), each head's halves x1, x2 -> (x1 * cos - x2 * sin, x2 * cos + x1 * sin)
  *
  * Each row is one thread's work (OpenMP in torch's pool: see kvloom.kernels.native), so results do not
- * depend on the thread count. I and H must be multiples of 8.
+ * depend on the thread count. I and H must be multiples of 8; D must be even.
  */
 #include <math.h>
 #include <stdint.h>
@@ -68,6 +70,72 @@ static void add_rms_norm(const void *x, const void *residual, void *sum, void *o
     }
 }
 
+/* `x`, kept as the rounded value it holds: the compiler may not fuse the multiply that made it into a
+ * later add (an FMA rounds once where torch rounds twice). A no-op where there is no FMA to fuse into. */
+#if defined(__AVX__) && (defined(__x86_64__) || defined(__i386__))
+#define ROUNDED(x) __asm__("" : "+x"(x))
+#elif defined(__FMA__) || defined(__aarch64__) || defined(__powerpc64__) || defined(__s390x__)
+#define ROUNDED(x) __asm__("" : "+m"(x))
+#else
+#define ROUNDED(x) ((void)0)
+#endif
+
+/* Rotary embedding as torch computes cat(x1 * c - x2 * s, x2 * c + x1 * s): each product rounded, then
+ * the add (bit-equal to torch in float32); for bf16 every op's result is rounded to bf16, as torch's. */
+static void rotary(const void *x, int64_t x_st, int64_t x_sh, void *out, const void *cos, const void *sin,
+                   int64_t cs_st, int64_t tokens, int heads, int head_dim, int num_threads, int bf16) {
+    const int half = head_dim / 2;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t t = 0; t < tokens; ++t) {
+        for (int h = 0; h < heads; ++h) {
+            const int64_t xi = t * x_st + h * x_sh, oi = (t * heads + h) * head_dim, ci = t * cs_st;
+            int j = 0;
+            for (; j + 8 <= half; j += 8) {
+                const v8f a = load8_any(x, xi + j, bf16), b = load8_any(x, xi + half + j, bf16);
+                const v8f c = load8_any(cos, ci + j, bf16), s = load8_any(sin, ci + j, bf16);
+                v8f ac = a * c, bs = b * s, bc = b * c, as = a * s;
+                if (bf16) {
+                    ac = round8_bf16(ac);
+                    bs = round8_bf16(bs);
+                    bc = round8_bf16(bc);
+                    as = round8_bf16(as);
+                }
+                ROUNDED(ac);
+                ROUNDED(bs);
+                ROUNDED(bc);
+                ROUNDED(as);
+                store8_any(out, oi + j, ac - bs, bf16);
+                store8_any(out, oi + half + j, bc + as, bf16);
+            }
+            for (; j < half; ++j) {
+                const float a = bf16 ? bf16_to_f32(((const bf16_t *)x)[xi + j]) : ((const float *)x)[xi + j];
+                const float b = bf16 ? bf16_to_f32(((const bf16_t *)x)[xi + half + j])
+                                     : ((const float *)x)[xi + half + j];
+                const float c = bf16 ? bf16_to_f32(((const bf16_t *)cos)[ci + j]) : ((const float *)cos)[ci + j];
+                const float s = bf16 ? bf16_to_f32(((const bf16_t *)sin)[ci + j]) : ((const float *)sin)[ci + j];
+                float ac = a * c, bs = b * s, bc = b * c, as = a * s;
+                if (bf16) {
+                    ac = round_bf16(ac);
+                    bs = round_bf16(bs);
+                    bc = round_bf16(bc);
+                    as = round_bf16(as);
+                }
+                ROUNDED(ac);
+                ROUNDED(bs);
+                ROUNDED(bc);
+                ROUNDED(as);
+                if (bf16) {
+                    ((bf16_t *)out)[oi + j] = f32_to_bf16(ac - bs);
+                    ((bf16_t *)out)[oi + half + j] = f32_to_bf16(bc + as);
+                } else {
+                    ((float *)out)[oi + j] = ac - bs;
+                    ((float *)out)[oi + half + j] = bc + as;
+                }
+            }
+        }
+    }
+}
+
 void kvloom_silu_and_mul(const void *x, int64_t x_row, void *out, int64_t o_row, int64_t rows, int64_t inter,
                          int num_threads, int bf16) {
     silu_and_mul(x, x_row, out, o_row, rows, inter, num_threads, bf16);
@@ -76,4 +144,9 @@ void kvloom_silu_and_mul(const void *x, int64_t x_row, void *out, int64_t o_row,
 void kvloom_add_rms_norm(const void *x, const void *residual, void *sum, void *out, const void *weight, int64_t rows,
                          int64_t hidden, float eps, int num_threads, int bf16) {
     add_rms_norm(x, residual, sum, out, weight, rows, hidden, eps, num_threads, bf16);
+}
+
+void kvloom_rotary(const void *x, int64_t x_st, int64_t x_sh, void *out, const void *cos, const void *sin, int64_t cs_st,
+                   int64_t tokens, int heads, int head_dim, int num_threads, int bf16) {
+    rotary(x, x_st, x_sh, out, cos, sin, cs_st, tokens, heads, head_dim, num_threads, bf16);
 }

@@ -1,7 +1,8 @@
-"""The fused C elementwise kernels (silu_and_mul, add + RMSNorm) against the torch layers they replace:
-float32 within a few ulp (sums in another order), bf16 within one bf16 rounding step, the same bits on
-one thread or two, extreme inputs (exp overflow and underflow) handled as torch handles them, inputs
-never written; and the layers take them only after ``fuse_on_cpu``, for the shapes they cover."""
+"""The fused C elementwise kernels (silu_and_mul, add + RMSNorm, rotary) against the torch layers they
+replace: float32 within a few ulp (sums in another order; rotary bit-equal), bf16 within one bf16
+rounding step (rotary bit-equal), the same bits on one thread or two, extreme inputs (exp overflow and
+underflow) handled as torch handles them, inputs never written; and the layers take them only after
+``fuse_on_cpu``, for the shapes they cover."""
 
 from collections.abc import Callable
 
@@ -9,9 +10,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvloom.kernels.elementwise_cpu import add_rms_norm_cpu, silu_and_mul_cpu, supports
+from kvloom.kernels.elementwise_cpu import (
+    add_rms_norm_cpu,
+    rotary_cpu,
+    silu_and_mul_cpu,
+    supports,
+    supports_rotary,
+)
 from kvloom.layers.activation import SiluAndMul
 from kvloom.layers.norm import RMSNorm
+from kvloom.layers.rotary import ApplyRotary, RotaryEmbedding, apply_rotary
 
 
 def _bf16_steps(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -129,3 +137,65 @@ def test_layers_take_the_kernels_only_after_fuse_on_cpu_and_only_where_they_appl
     torch.testing.assert_close(per_head(heads), heads * torch.rsqrt(heads.pow(2).mean(-1, keepdim=True) + 1e-6)
                                * per_head.weight, atol=1e-6, rtol=1e-6)
     assert calls == ["silu_and_mul_cpu", "add_rms_norm_cpu", "add_rms_norm_cpu"]
+
+
+def _rotary_case(tokens: int, heads: int, head_dim: int, dtype: torch.dtype,
+                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A strided ``[T, H, D]`` view (rows padded, as q|k inside a fused qkv row) and its cos/sin, at
+    positions up to 8191 (large angles: the products' rounding matters)."""
+    gen = torch.Generator().manual_seed(seed)
+    cos, sin = RotaryEmbedding(head_dim, 8192, 10000.0, None, dtype)(torch.randint(0, 8192, (tokens,), generator=gen))
+    rows = torch.randn(tokens, heads * head_dim + 24, generator=gen).to(dtype)
+    return rows[:, 8: 8 + heads * head_dim].view(tokens, heads, head_dim), cos, sin
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("tokens", "heads", "head_dim"), [(1, 1, 2), (7, 3, 12), (33, 20, 64), (5, 2, 128)], ids=str)
+def test_rotary_is_bit_equal_to_torch(dtype: torch.dtype, tokens: int, heads: int, head_dim: int) -> None:
+    # D/2 = 1, 6 (no 8-wide vector), 32, 64: the scalar tail and the vector path. Bit-equal means the
+    # compiler kept every product rounded before the add (an FMA would round once: a different result).
+    x, cos, sin = _rotary_case(tokens, heads, head_dim, dtype)
+    before = x.clone()
+    out = rotary_cpu(x, cos, sin)
+    assert out.is_contiguous() and out.dtype == dtype
+    assert torch.equal(out, apply_rotary(x, cos, sin))
+    assert torch.equal(x, before)
+
+
+def test_rotary_one_thread_and_two_give_the_same_bits_and_edge_cases() -> None:
+    x, cos, sin = _rotary_case(64, 4, 32, torch.float32, seed=3)
+    assert torch.equal(_with_threads(1, lambda: rotary_cpu(x, cos, sin)), _with_threads(2, lambda: rotary_cpu(x, cos, sin)))
+    assert rotary_cpu(x[:0], cos[:0], sin[:0]).shape == (0, 4, 32)
+    special = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0, -0.0, 3e38, -3e38, 1e-45])
+    x = special.repeat(3, 2, 2).view(3, 2, 16)  # each head's halves hold every special value
+    torch.testing.assert_close(rotary_cpu(x, cos[:3, :, :8], sin[:3, :, :8]),
+                               apply_rotary(x, cos[:3, :, :8], sin[:3, :, :8]), equal_nan=True, atol=0, rtol=0)
+
+
+def test_what_rotary_takes_and_refuses() -> None:
+    x, cos, sin = _rotary_case(4, 2, 16, torch.float32)
+    assert supports_rotary(x, cos) and supports_rotary(x, cos[:, 0])
+    assert not supports_rotary(x.to(torch.float16), cos.to(torch.float16))
+    assert not supports_rotary(x, cos.bfloat16())  # tables in another dtype
+    assert not supports_rotary(x.transpose(1, 2), cos)  # last dimension not contiguous
+    assert not supports_rotary(x[:, :, :15], cos)  # odd head size
+    assert not supports_rotary(x, cos[:3])  # a table row short
+    with pytest.raises(ValueError, match="rotary_cpu"):
+        rotary_cpu(x, cos[:3], sin[:3])
+
+
+def test_apply_rotary_takes_the_kernel_only_after_fuse_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvloom.kernels import elementwise_cpu
+
+    calls: list[int] = []
+    real = elementwise_cpu.rotary_cpu
+    monkeypatch.setattr(elementwise_cpu, "rotary_cpu", lambda *a: calls.append(1) or real(*a))
+    rotary = ApplyRotary()
+    x, cos, sin = _rotary_case(6, 3, 16, torch.float32)
+    expected = apply_rotary(x, cos, sin)
+    assert torch.equal(rotary(x, cos, sin), expected) and calls == []
+    rotary.fuse_on_cpu()
+    assert torch.equal(rotary(x, cos, sin), expected) and calls == [1]
+    half = x.half()
+    assert torch.equal(rotary(half, cos.half(), sin.half()), apply_rotary(half, cos.half(), sin.half()))
+    assert calls == [1]  # float16: torch

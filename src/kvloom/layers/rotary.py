@@ -8,7 +8,9 @@ bit; the cos/sin tables are precomputed once for every position and gathered by 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -98,3 +100,29 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class ApplyRotary(nn.Module):
+    """``apply_rotary`` as a layer: ``x [T, H, D]``, ``cos/sin [T, 1, D // 2]`` -> a new ``[T, H, D]``.
+
+    After :meth:`fuse_on_cpu`, CPU float32/bf16 inputs take one C pass (``kvloom.kernels.elementwise_cpu``,
+    bit-equal to ``apply_rotary``) instead of torch's seven ops; anything else stays on torch.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._kernels: ModuleType | None = None
+
+    def fuse_on_cpu(self) -> None:
+        """Use the C kernel where it applies; raises ``NativeBuildError`` where it cannot be built."""
+        from kvloom.kernels import elementwise_cpu
+
+        elementwise_cpu.load()
+        self._kernels = elementwise_cpu
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        kernels = self._kernels
+        if kernels is not None and kernels.supports_rotary(x, cos):
+            fused: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = kernels.rotary_cpu
+            return fused(x, cos, sin)
+        return apply_rotary(x, cos, sin)

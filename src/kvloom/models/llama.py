@@ -21,7 +21,7 @@ from kvloom.errors import CheckpointError
 from kvloom.layers.activation import SiluAndMul
 from kvloom.layers.linear import Embedding, Linear, MergedLinear
 from kvloom.layers.norm import RMSNorm
-from kvloom.layers.rotary import RotaryEmbedding, apply_rotary
+from kvloom.layers.rotary import ApplyRotary, RotaryEmbedding
 from kvloom.models.config import ModelConfig
 from kvloom.models.registry import CausalLM
 
@@ -54,6 +54,7 @@ class LlamaAttention(nn.Module):
         self.o_proj = Linear(self.q_size, config.hidden_size, config.o_proj_bias, dtype, lora_names=("o_proj",))
         self.q_norm = RMSNorm(d, config.rms_norm_eps, dtype) if config.qk_norm else None
         self.k_norm = RMSNorm(d, config.rms_norm_eps, dtype) if config.qk_norm else None
+        self.rotary = ApplyRotary()
         self.attn_backend = attn_backend
 
     def forward(
@@ -74,12 +75,12 @@ class LlamaAttention(nn.Module):
         v = qkv[:, qk_size:].view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is None or self.k_norm is None:
             # One rotary pass over q and k heads together.
-            qk = apply_rotary(qkv[:, :qk_size].view(num_tokens, -1, self.head_dim), cos, sin)
+            qk = self.rotary(qkv[:, :qk_size].view(num_tokens, -1, self.head_dim), cos, sin)
             q, k = torch.split(qk, [self.num_heads, self.num_kv_heads], dim=1)
         else:
             q = self.q_norm(qkv[:, : self.q_size].view(num_tokens, self.num_heads, self.head_dim))
             k = self.k_norm(qkv[:, self.q_size : qk_size].view(num_tokens, self.num_kv_heads, self.head_dim))
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k = self.rotary(q, cos, sin), self.rotary(k, cos, sin)
         attn = self.attn_backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         out: torch.Tensor = self.o_proj(attn.reshape(num_tokens, self.q_size))
         return out

@@ -14,6 +14,7 @@ from kvloom.config import EngineConfig
 from kvloom.layers.activation import SiluAndMul
 from kvloom.layers.attention import CpuAttentionBackend, get_attention_backend
 from kvloom.layers.norm import RMSNorm
+from kvloom.layers.rotary import ApplyRotary
 from kvloom.layers.sampler import Sampler
 from kvloom.models.config import load_model_config
 from kvloom.models.dtype_choice import DTypeChoice, choose_dtype
@@ -119,16 +120,17 @@ class ModelRunner:
                 logger.info("kvloom: no CUDA graphs: the %r attention backend plans on the host", self.attn_backend.name)
 
     def _fuse_elementwise_on_cpu(self) -> None:
-        """With the C attention kernel built, the norms and the gated activation take their C kernels too
-        (same compiler, same cache); where those cannot be built, they stay on torch, and the log says why."""
+        """With the C attention kernel built, the norms, the gated activation and the rotary embedding take
+        their C kernels too (same compiler, same cache); where those cannot be built, they stay on torch,
+        and the log says why."""
         from kvloom.kernels.native import NativeBuildError
 
         try:
             for module in self.model.modules():
-                if isinstance(module, RMSNorm | SiluAndMul):
+                if isinstance(module, RMSNorm | SiluAndMul | ApplyRotary):
                     module.fuse_on_cpu()
         except NativeBuildError as exc:
-            logger.warning("kvloom: norms and activations stay on torch: %s", exc)
+            logger.warning("kvloom: norms, activations and rotary embeddings stay on torch: %s", exc)
 
     # ---- decode graphs -------------------------------------------------------------------
     @torch.inference_mode()
