@@ -24,6 +24,7 @@ from kvloom.layers.sampler import (
     apply_min_p,
     apply_penalties,
     apply_top_k_top_p,
+    greedy_token_ids,
 )
 
 
@@ -109,6 +110,15 @@ def test_greedy_is_argmax_and_touches_no_rng() -> None:
     gen_states_after = [r.generator.get_state() for r in rows if r.generator is not None]
     assert all(torch.equal(a, b) for a, b in zip(gen_states_before, gen_states_after, strict=True))
     assert out.logprobs is None and out.logprob_token_ids is None and out.sampled_ranks is None
+
+
+def test_greedy_takes_the_first_of_tied_maxima_and_a_nan_as_argmax_does() -> None:
+    logits = torch.tensor([[1.0, 3.0, 3.0, 2.0], [0.0, float("nan"), 5.0, float("nan")],
+                           [float("-inf")] * 4, [float("inf"), 1.0, float("inf"), 0.0]])
+    expected = logits.argmax(dim=-1)
+    assert expected.tolist() == [1, 1, 0, 0]
+    assert torch.equal(greedy_token_ids(logits), expected)
+    assert torch.equal(sample(logits.clone(), [Row(temperature=0.0) for _ in range(4)]).token_ids, expected)
 
 
 def test_temperature_zero_rows_are_greedy_in_a_mixed_batch() -> None:
