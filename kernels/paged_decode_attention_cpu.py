@@ -1,11 +1,17 @@
-"""Decode attention over the paged KV cache on the CPU, in C (``csrc/paged_decode_attention_cpu.c``).
+"""Attention over the paged KV cache on the CPU, one query row at a time, in C
+(``csrc/paged_decode_attention_cpu.c``).
 
-Same contract as :func:`kvloom.kernels.paged_decode_attention.paged_decode_attention_ref` (shapes
-there). The torch reference gathers every sequence's blocks into a padded copy and runs SDPA over
-it: each decode step reads the whole KV cache, writes a copy of it and reads the copy again. This
-kernel reads each block once, where it lies: per sequence, the K blocks in table order (scores for
-all heads of a block at once), an exact softmax over the whole row, then the V blocks. float32 and
-bfloat16 caches, float32 arithmetic, ``head_dim`` a multiple of 8, any GQA group.
+:func:`paged_decode_attention_cpu` has the contract of
+:func:`kvloom.kernels.paged_decode_attention.paged_decode_attention_ref` (shapes there). The torch
+reference gathers every sequence's blocks into a padded copy and runs SDPA over it: each decode step
+reads the whole KV cache, writes a copy of it and reads the copy again. This kernel reads each block
+once, where it lies: per query row, the K rows in table order (each key's row of all kv heads
+against every q head), an exact softmax over the whole row, then the V blocks. float32 and bfloat16
+caches, float32 arithmetic, ``head_dim`` a multiple of 8, any GQA group.
+
+:func:`paged_attention_rows_cpu` runs the same kernel over any query rows, each naming its sequence and
+how many keys it attends: a prefill's row at position ``p`` attends ``p + 1`` keys, so a short prompt's
+causal attention (or a chunk's over its cached prefix) is one call for all the step's rows, no gather.
 
 The library is built on first use for this CPU (:mod:`kvloom.kernels.native`); :func:`load` builds
 it eagerly, so a caller can learn at start-up whether the kernel is available here.
@@ -35,10 +41,10 @@ def bind(lib: ctypes.CDLL) -> dict[torch.dtype, Any]:
     """The kernel's entry points in a loaded build of ``csrc/paged_decode_attention_cpu.c``, by dtype."""
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     entries = {}
-    for dtype, symbol in ((torch.float32, "kvloom_paged_decode_f32"), (torch.bfloat16, "kvloom_paged_decode_bf16")):
+    for dtype, symbol in ((torch.float32, "kvloom_paged_rows_f32"), (torch.bfloat16, "kvloom_paged_rows_bf16")):
         fn = getattr(lib, symbol)
         fn.restype = ctypes.c_int
-        fn.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, ptr, i64, i64, ptr,
+        fn.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, ptr, i64, i64, i64, ptr, ptr,
                        i32, i32, i32, i32, i32, ctypes.c_float, i32]
         entries[dtype] = fn
     return entries
@@ -58,11 +64,25 @@ def paged_decode_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 
     ``block_tables``: ``[B, M]`` int32 (rows may be strided); ``seq_lens``: ``[B]`` int32 (0 gives a
     zero row). The kernel checks every block id it will read against the caches before reading any, and
-    finds the longest length itself; ``max_seq_len`` is accepted for interface parity. ``q`` and ``out`` may be strided views whose last
-    dimension is contiguous. Runs on ``torch.get_num_threads()`` threads, without the GIL.
-    Returns ``out`` (allocated like ``q`` when not given), in the cache's dtype.
+    finds the longest length itself; ``max_seq_len`` is accepted for interface parity. ``q`` and ``out`` may
+    be strided views whose last dimension is contiguous. Runs on ``torch.get_num_threads()`` threads,
+    without the GIL. Returns ``out`` (allocated like ``q`` when not given), in the cache's dtype.
     """
-    num_seqs, num_q_heads, head_dim = q.shape
+    return paged_attention_rows_cpu(q, k_cache, v_cache, block_tables, None, seq_lens, scale, out=out)
+
+
+def paged_attention_rows_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                             block_tables: torch.Tensor, row_seq: torch.Tensor | None, row_lens: torch.Tensor,
+                             scale: float, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention for each query row of ``q`` ``[R, Hq, D]`` over its sequence's first ``row_lens[r]`` keys.
+
+    ``block_tables``: ``[S, M]`` int32, one row per sequence (rows may be strided); ``row_seq``: ``[R]``
+    int32, the table row each query row reads (None: row ``r`` reads table row ``r``, as decode does);
+    ``row_lens``: ``[R]`` int32 (0 gives a zero row). Every table row is checked up to the longest length
+    asked of it, and every id against the caches, before any cache memory is read (a ``ValueError``
+    otherwise). Otherwise as :func:`paged_decode_attention_cpu`.
+    """
+    num_rows, num_q_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, cache_dim = k_cache.shape
     if not supports(k_cache.dtype, head_dim):
         raise ValueError(f"unsupported: dtype {k_cache.dtype}, head_dim {head_dim} (need one of {DTYPES}, "
@@ -70,8 +90,8 @@ def paged_decode_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     for name, t in (("q", q), ("out", out), ("k_cache", k_cache), ("v_cache", v_cache),
-                    ("block_tables", block_tables), ("seq_lens", seq_lens)):
-        if t.device.type != "cpu":
+                    ("block_tables", block_tables), ("row_lens", row_lens), ("row_seq", row_seq)):
+        if t is not None and t.device.type != "cpu":
             raise ValueError(f"{name} is on {t.device}: this kernel runs on CPU tensors")
     if not (q.dtype == out.dtype == v_cache.dtype == k_cache.dtype):
         raise ValueError(f"q {q.dtype}, out {out.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype} differ")
@@ -81,20 +101,22 @@ def paged_decode_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         raise ValueError("k_cache and v_cache must be contiguous")
     if q.stride(2) != 1 or out.stride(2) != 1 or out.shape != q.shape:
         raise ValueError("q and out must be [B, Hq, D] with a contiguous last dimension")
-    if block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.shape[0] != num_seqs \
-            or block_tables.stride(1) != 1:
+    if block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.stride(1) != 1 \
+            or (row_seq is None and block_tables.shape[0] != num_rows):
         raise ValueError("block_tables must be int32 [B, M] with contiguous rows")
-    if seq_lens.dtype != torch.int32 or seq_lens.shape != (num_seqs,) or not seq_lens.is_contiguous():
-        raise ValueError("seq_lens must be a contiguous int32 [B]")
-    if num_seqs == 0:
+    for name, t in (("row_lens", row_lens), ("row_seq", row_seq)):
+        if t is not None and (t.dtype != torch.int32 or t.shape != (num_rows,) or not t.is_contiguous()):
+            raise ValueError(f"{name} must be a contiguous int32 [{num_rows}]")
+    if num_rows == 0:
         return out
     fn = load()[k_cache.dtype]
     status = fn(q.data_ptr(), q.stride(0), q.stride(1), out.data_ptr(), out.stride(0), out.stride(1),
                 k_cache.data_ptr(), v_cache.data_ptr(), num_blocks, block_tables.data_ptr(), block_tables.stride(0),
-                block_tables.shape[1], seq_lens.data_ptr(), num_seqs, num_q_heads, num_kv_heads, head_dim,
-                block_size, scale, torch.get_num_threads())
+                block_tables.shape[1], block_tables.shape[0], None if row_seq is None else row_seq.data_ptr(),
+                row_lens.data_ptr(), num_rows, num_q_heads, num_kv_heads, head_dim, block_size, scale,
+                torch.get_num_threads())
     if status == -2:
-        raise ValueError("a sequence's length or block ids point outside block_tables or the caches")
+        raise ValueError("a row's sequence, length or block ids point outside block_tables or the caches")
     if status != 0:
-        raise MemoryError("paged_decode_attention_cpu could not allocate its per-thread scratch")
+        raise MemoryError("paged_attention_rows_cpu could not allocate its scratch")
     return out

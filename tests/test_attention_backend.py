@@ -1,7 +1,8 @@
 """Attention backends over a mixed batch: decodes, fresh prompts and chunks continuing a cached prefix.
 
 The torch backend must equal dense float64 causal attention computed from contiguous K/V; so must the
-cpu backend (the CPU production path: decode rows in a C kernel); the triton backend (run on CPU
+cpu backend (the CPU production path: decode rows and short prefills in a C kernel, longer prefills on
+SDPA); the triton backend (run on CPU
 through Triton's interpreter) must equal the torch one.
 """
 
@@ -206,16 +207,46 @@ def test_cpu_backend_matches_dense_attention_and_the_torch_backend(kind: str, bl
     torch.testing.assert_close(v_cache, expected_v, equal_nan=True, atol=0, rtol=0)
 
 
-def test_cpu_backend_plans_no_decode_gathers_and_ignores_padding_tokens() -> None:
+def test_cpu_backend_attends_every_row_in_one_kernel_call_and_ignores_padding_tokens(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvloom.kernels import paged_decode_attention_cpu, paged_prefill_attention
+
+    calls: list[str] = []
+    for module, name in ((paged_decode_attention_cpu, "paged_attention_rows_cpu"),
+                         (paged_prefill_attention, "paged_prefill_attention_planned")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
     batch = _make_batch(MANY_DECODES + PREFILLS, len(MANY_DECODES), 16, num_pad_tokens=3)
     untouched = batch.k_cache.isnan()
     out, k_cache, _ = _forward(CpuAttentionBackend(), batch)
-    assert batch.meta.backend_plan.decode_groups == [], "the kernel reads the cache in place: nothing to gather"
+    assert calls == ["paged_attention_rows_cpu"], "decodes, fresh prompts and chunks: one call, no SDPA"
+    plan = batch.meta.backend_plan
+    positions = [p for q_len, seq_len in MANY_DECODES + PREFILLS for p in range(seq_len - q_len, seq_len)]
+    assert plan.row_lens.tolist() == [p + 1 for p in positions] + [0, 0, 0], "causal: position + 1 keys; padding 0"
+    assert plan.long_prefill == []
     num_tokens = batch.meta.query_start_loc_cpu[-1]
     torch.testing.assert_close(out[:num_tokens].double(), _dense_attention(batch), atol=1e-5, rtol=1e-5)
+    assert (out[num_tokens:] == 0).all()
     written = torch.zeros_like(untouched)
     written.view(-1, NUM_KV_HEADS, HEAD_DIM)[batch.meta.slot_mapping[:num_tokens]] = True
     assert k_cache[untouched & ~written].isnan().all()
+
+
+def test_cpu_backend_leaves_prefills_over_many_keys_to_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
+    # With the limit at 20 keys: the 33-token prompt and the chunks over 23, 50 and 64 keys go to SDPA
+    # (the last three are chunks over a cached prefix); decodes of any length, and the short prompts, stay.
+    monkeypatch.setattr(CpuAttentionBackend, "MAX_KERNEL_PREFILL_KEYS", 20)
+    batch = _make_batch(DECODES + PREFILLS, len(DECODES), 16)
+    out = _forward(CpuAttentionBackend(), batch)[0]
+    plan = batch.meta.backend_plan
+    starts = batch.meta.query_start_loc_cpu
+    assert [(seq.start, seq.end, seq.seq_len) for seq in plan.long_prefill] == [
+        (starts[b], starts[b + 1], seq_len) for b, (_, seq_len) in enumerate(DECODES + PREFILLS)
+        if b >= len(DECODES) and seq_len > 20]
+    assert [seq.mask is None for seq in plan.long_prefill] == [True, False, False, False]
+    for seq in plan.long_prefill:
+        assert (plan.row_lens[seq.start:seq.end] == 0).all()
+    torch.testing.assert_close(out.double(), _dense_attention(batch), atol=1e-5, rtol=1e-5)
 
 
 def test_cpu_backend_runs_caches_the_kernel_cannot_take_on_the_torch_path() -> None:

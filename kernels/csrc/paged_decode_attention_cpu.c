@@ -1,16 +1,20 @@
-/* Decode attention over the paged KV cache on the CPU: one query token per sequence, read straight
- * from the cache blocks (no gathered copy), exact softmax (max, exp, sum over all keys), float32
- * arithmetic for float32 and bfloat16 caches alike.
+/* Attention over the paged KV cache on the CPU, one query row at a time: decode rows (one per
+ * sequence) and the rows of short prefills alike, read straight from the cache blocks (no gathered
+ * copy), exact softmax (max, exp, sum over all keys), float32 arithmetic for float32 and bfloat16
+ * caches alike.
  *
  * Shapes, in elements (the innermost dimension D is contiguous everywhere):
  *   q      [B, Hq, D]          strides (q_sb, q_sh, 1)
  *   out    [B, Hq, D]          strides (o_sb, o_sh, 1)
  *   k, v   [num_blocks, block_size, Hkv, D], contiguous
- *   tables [B, M] int32        row stride t_sb, M = table_width; seq_lens [B] int32 (0: a zero row)
- * GQA: q head h reads kv head h / (Hq / Hkv). Sequence b attends keys 0 .. seq_lens[b]-1, key j at
- * block tables[b, j / block_size], offset j % block_size. D must be a multiple of 8.
+ *   tables [S, M] int32        row stride t_sb, M = table_width (one row per sequence)
+ *   row_seq [B] int32          the table row of each query row (NULL: query row b reads table row b)
+ *   row_lens [B] int32         keys each query row attends (0: a zero row)
+ * GQA: q head h reads kv head h / (Hq / Hkv). Query row b attends keys 0 .. row_lens[b]-1 of its
+ * sequence, key j at block tables[s, j / block_size], offset j % block_size. D must be a multiple of 8.
+ * A prefill row at position p of its sequence attends p + 1 keys: causal attention, row by row.
  *
- * Work is split over sequences with OpenMP (dynamic schedule: lengths differ). kvloom.kernels.native
+ * Work is split over query rows with OpenMP (dynamic schedule: lengths differ). kvloom.kernels.native
  * loads this library after torch, so its "libgomp.so.1" is the OpenMP runtime torch already loaded: one thread pool.
  */
 #include <math.h>
@@ -197,26 +201,42 @@ static void attend_sequence(const float *qf, float *acc, const void *k, const vo
         for (int d = 0; d < head_dim; ++d) acc[(size_t)j * head_dim + d] *= inv[j];
 }
 
-/* Shared driver: elem_size 4 reads float32 q/out/caches, 2 reads bfloat16 ones.
+/* Shared driver: elem_size 4 reads float32 q/out/caches, 2 reads bfloat16 ones. Query row r reads the
+ * table row row_seq[r] (r itself when row_seq is NULL) and attends its first row_lens[r] keys.
  * Returns 0; -1 when a thread's scratch could not be allocated (out is then incomplete); -2, having
- * written nothing, when the shapes are inconsistent or a sequence would read a block outside the
- * caches (a length past its table row, an id outside [0, num_blocks)). */
-static int paged_decode(const void *q, int64_t q_sb, int64_t q_sh, void *out, int64_t o_sb, int64_t o_sh,
-                        const void *k_cache, const void *v_cache, int64_t num_blocks, const int32_t *tables,
-                        int64_t t_sb, int64_t table_width, const int32_t *seq_lens, int num_seqs,
-                        int num_q_heads, int num_kv_heads, int head_dim, int block_size, float scale,
-                        int num_threads, int elem_size) {
-    if (num_kv_heads <= 0 || num_q_heads % num_kv_heads != 0 || head_dim % 8 != 0 || block_size <= 0)
+ * written nothing, when the shapes are inconsistent or a row would read a block outside the caches (a
+ * table row outside [0, num_tables), a length past its table row, an id outside [0, num_blocks)). */
+static int paged_rows(const void *q, int64_t q_sb, int64_t q_sh, void *out, int64_t o_sb, int64_t o_sh,
+                      const void *k_cache, const void *v_cache, int64_t num_blocks, const int32_t *tables,
+                      int64_t t_sb, int64_t table_width, int64_t num_tables, const int32_t *row_seq,
+                      const int32_t *row_lens, int num_rows, int num_q_heads, int num_kv_heads, int head_dim,
+                      int block_size, float scale, int num_threads, int elem_size) {
+    if (num_kv_heads <= 0 || num_q_heads % num_kv_heads != 0 || head_dim % 8 != 0 || block_size <= 0 ||
+        (row_seq == NULL && num_tables < num_rows))
         return -2;
-    /* Every block a sequence reads must lie in the caches: check before touching memory. */
-    int max_len = 1;
-    for (int b = 0; b < num_seqs; ++b) {
-        const int len = seq_lens[b];
-        if (len < 0 || (int64_t)(len + block_size - 1) / block_size > table_width) return -2;
-        for (int i = 0; i < (len + block_size - 1) / block_size; ++i)
-            if (tables[b * t_sb + i] < 0 || tables[b * t_sb + i] >= num_blocks) return -2;
-        max_len = len > max_len ? len : max_len;
+    /* Every block a row reads must lie in the caches: check before touching memory, each table row up to
+     * the longest length any row asks of it. */
+    int32_t *need = calloc(num_tables > 0 ? (size_t)num_tables : 1, sizeof(int32_t));
+    if (need == NULL) return -1;
+    int max_len = 1, bad = 0;
+    for (int r = 0; r < num_rows && !bad; ++r) {
+        const int64_t t = row_seq == NULL ? r : row_seq[r];
+        const int len = row_lens[r];
+        if (t < 0 || t >= num_tables || len < 0) {
+            bad = 1;
+        } else {
+            need[t] = len > need[t] ? len : need[t];
+            max_len = len > max_len ? len : max_len;
+        }
     }
+    for (int64_t t = 0; t < num_tables && !bad; ++t) {
+        const int64_t blocks = (need[t] + block_size - 1) / block_size;
+        if (blocks > table_width) bad = 1;
+        for (int64_t i = 0; i < blocks && !bad; ++i)
+            if (tables[t * t_sb + i] < 0 || tables[t * t_sb + i] >= num_blocks) bad = 1;
+    }
+    free(need);
+    if (bad) return -2;
     const int group = num_q_heads / num_kv_heads;
     int failed = 0;
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
@@ -231,21 +251,22 @@ static int paged_decode(const void *q, int64_t q_sb, int64_t q_sh, void *out, in
             float *inv = acc + (size_t)num_q_heads * head_dim;
             float *widened = inv + num_q_heads;
 #pragma omp for schedule(dynamic, 1)
-            for (int b = 0; b < num_seqs; ++b) {
+            for (int r = 0; r < num_rows; ++r) {
                 for (int h = 0; h < num_q_heads; ++h)
                     for (int d = 0; d < head_dim; ++d) {
-                        const int64_t at = b * q_sb + h * q_sh + d;
+                        const int64_t at = r * q_sb + h * q_sh + d;
                         qf[h * head_dim + d] = elem_size == 4 ? ((const float *)q)[at]
                                                               : bf16_to_f32(((const bf16_t *)q)[at]);
                     }
-                if (seq_lens[b] > 0)
-                    attend_sequence(qf, acc, k_cache, v_cache, elem_size, tables + b * t_sb, seq_lens[b],
+                const int64_t t = row_seq == NULL ? r : row_seq[r];
+                if (row_lens[r] > 0)
+                    attend_sequence(qf, acc, k_cache, v_cache, elem_size, tables + t * t_sb, row_lens[r],
                                     block_size, num_kv_heads, group, head_dim, scale, scratch, inv, widened);
                 else /* a padding row: zeros, as the Triton kernel writes */
                     memset(acc, 0, sizeof(float) * (size_t)num_q_heads * head_dim);
                 for (int h = 0; h < num_q_heads; ++h)
                     for (int d = 0; d < head_dim; ++d) {
-                        const int64_t at = b * o_sb + h * o_sh + d;
+                        const int64_t at = r * o_sb + h * o_sh + d;
                         if (elem_size == 4)
                             ((float *)out)[at] = acc[h * head_dim + d];
                         else
@@ -258,20 +279,22 @@ static int paged_decode(const void *q, int64_t q_sb, int64_t q_sh, void *out, in
     return failed ? -1 : 0;
 }
 
-int kvloom_paged_decode_f32(const float *q, int64_t q_sb, int64_t q_sh, float *out, int64_t o_sb, int64_t o_sh,
-                            const float *k_cache, const float *v_cache, int64_t num_blocks, const int32_t *tables,
-                            int64_t t_sb, int64_t table_width, const int32_t *seq_lens, int num_seqs,
-                            int num_q_heads, int num_kv_heads, int head_dim, int block_size, float scale,
-                            int num_threads) {
-    return paged_decode(q, q_sb, q_sh, out, o_sb, o_sh, k_cache, v_cache, num_blocks, tables, t_sb, table_width,
-                        seq_lens, num_seqs, num_q_heads, num_kv_heads, head_dim, block_size, scale, num_threads, 4);
+int kvloom_paged_rows_f32(const float *q, int64_t q_sb, int64_t q_sh, float *out, int64_t o_sb, int64_t o_sh,
+                          const float *k_cache, const float *v_cache, int64_t num_blocks, const int32_t *tables,
+                          int64_t t_sb, int64_t table_width, int64_t num_tables, const int32_t *row_seq,
+                          const int32_t *row_lens, int num_rows, int num_q_heads, int num_kv_heads, int head_dim,
+                          int block_size, float scale, int num_threads) {
+    return paged_rows(q, q_sb, q_sh, out, o_sb, o_sh, k_cache, v_cache, num_blocks, tables, t_sb, table_width,
+                      num_tables, row_seq, row_lens, num_rows, num_q_heads, num_kv_heads, head_dim, block_size, scale,
+                      num_threads, 4);
 }
 
-int kvloom_paged_decode_bf16(const bf16_t *q, int64_t q_sb, int64_t q_sh, bf16_t *out, int64_t o_sb,
-                             int64_t o_sh, const bf16_t *k_cache, const bf16_t *v_cache, int64_t num_blocks,
-                             const int32_t *tables, int64_t t_sb, int64_t table_width, const int32_t *seq_lens,
-                             int num_seqs, int num_q_heads, int num_kv_heads, int head_dim, int block_size,
-                             float scale, int num_threads) {
-    return paged_decode(q, q_sb, q_sh, out, o_sb, o_sh, k_cache, v_cache, num_blocks, tables, t_sb, table_width,
-                        seq_lens, num_seqs, num_q_heads, num_kv_heads, head_dim, block_size, scale, num_threads, 2);
+int kvloom_paged_rows_bf16(const bf16_t *q, int64_t q_sb, int64_t q_sh, bf16_t *out, int64_t o_sb, int64_t o_sh,
+                           const bf16_t *k_cache, const bf16_t *v_cache, int64_t num_blocks, const int32_t *tables,
+                           int64_t t_sb, int64_t table_width, int64_t num_tables, const int32_t *row_seq,
+                           const int32_t *row_lens, int num_rows, int num_q_heads, int num_kv_heads, int head_dim,
+                           int block_size, float scale, int num_threads) {
+    return paged_rows(q, q_sb, q_sh, out, o_sb, o_sh, k_cache, v_cache, num_blocks, tables, t_sb, table_width,
+                      num_tables, row_seq, row_lens, num_rows, num_q_heads, num_kv_heads, head_dim, block_size, scale,
+                      num_threads, 2);
 }
