@@ -16,6 +16,7 @@ import torch
 
 from kvloom.kernels import native, paged_decode_attention_cpu
 from kvloom.kernels.paged_decode_attention import paged_decode_attention_ref
+from kvloom.kernels.paged_decode_attention_cpu import paged_attention_rows_cpu
 from kvloom.kernels.paged_decode_attention_cpu import paged_decode_attention_cpu as decode_cpu
 
 
@@ -153,6 +154,36 @@ def test_inputs_that_would_read_outside_the_caches_are_refused(make_paged_kv: Ca
     out = torch.full((2, 4, q.shape[2]), 7.0, dtype=q.dtype)
     with pytest.raises(ValueError, match=message):
         decode_cpu(q, k_cache, v_cache, tables, lens, 0.25, 20, out=out)
+    assert (out == 7.0).all(), "nothing written"
+
+
+def test_rows_attend_their_sequences_prefix_causally_as_a_prefill_does(
+        make_paged_kv: Callable[..., Any], dense_causal_attention: Callable[..., Any]) -> None:
+    # Two prompts of 37 and 20 tokens, every row of each a query row: row p of a sequence attends its
+    # first p + 1 keys. A trailing row with length 0 is a padding row (zeros).
+    lens = [37, 20]
+    kv = make_paged_kv(lens, 16, 2, 32)
+    q = _queries(sum(lens) + 1, 8, 32, torch.float32)
+    row_seq = torch.tensor([0] * 37 + [1] * 20 + [0], dtype=torch.int32)
+    row_lens = torch.tensor([*range(1, 38), *range(1, 21), 0], dtype=torch.int32)
+    out = paged_attention_rows_cpu(q, kv.k_cache, kv.v_cache, kv.block_tables, row_seq, row_lens, 0.2)
+    expected = torch.cat([dense_causal_attention(q[:37], kv.keys[0], kv.values[0], 0.2),
+                          dense_causal_attention(q[37:57], kv.keys[1], kv.values[1], 0.2)])
+    torch.testing.assert_close(out[:57].double(), expected, atol=2e-6, rtol=2e-6)
+    assert (out[57] == 0).all()
+
+
+@pytest.mark.parametrize(("row", "value"), [("seq", 2), ("seq", -1), ("len", "past_table"), ("len", -1)])
+def test_rows_that_name_no_sequence_or_more_keys_than_their_table_holds_are_refused(
+        make_paged_kv: Callable[..., Any], row: str, value: int | str) -> None:
+    kv = make_paged_kv([37, 20], 16, 2, 16)
+    row_seq, row_lens = torch.tensor([0, 1, 1], dtype=torch.int32), torch.tensor([37, 20, 3], dtype=torch.int32)
+    past_table = 16 * kv.block_tables.shape[1] + 1
+    (row_seq if row == "seq" else row_lens)[2] = past_table if value == "past_table" else value
+    out = torch.full((3, 4, 16), 7.0)
+    with pytest.raises(ValueError, match="outside block_tables"):
+        paged_attention_rows_cpu(_queries(3, 4, 16, torch.float32), kv.k_cache, kv.v_cache, kv.block_tables,
+                                 row_seq, row_lens, 0.25, out=out)
     assert (out == 7.0).all(), "nothing written"
 
 
