@@ -1,4 +1,5 @@
-"""paged_decode_attention_cpu, the C decode kernel: equal to dense float64 attention across block sizes,
+"""paged_decode_attention_cpu, the C kernel for decode rows (and, as paged_attention_rows_cpu, for any
+query rows, a prefill's among them): equal to dense float64 attention across block sizes,
 GQA groups, head sizes and lengths (slots nobody owns hold NaN), in float32 and bf16; exact at the
 edges of its exp (scores far below the row's max underflow to 0, never NaN); the same bits on one
 thread or two; inputs that would read outside the caches are refused before anything is read. The
