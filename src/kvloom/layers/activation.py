@@ -3,30 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvloom.layers.cpu_fusion import FusesOnCpu
 
-class SiluAndMul(nn.Module):
+
+class SiluAndMul(FusesOnCpu, nn.Module):
     """``[..., 2 * d]`` (gate then up, as fused by ``gate_up_proj``) -> ``silu(gate) * up`` ``[..., d]``.
 
     After :meth:`fuse_on_cpu`, CPU float32/bf16 matrices take one C pass
     (``kvloom.kernels.elementwise_cpu``) instead of torch's two; anything else stays on torch.
     """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._kernels: ModuleType | None = None
-
-    def fuse_on_cpu(self) -> None:
-        """Use the C kernel where it applies; raises ``NativeBuildError`` where it cannot be built."""
-        from kvloom.kernels import elementwise_cpu
-
-        elementwise_cpu.load()
-        self._kernels = elementwise_cpu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernels = self._kernels

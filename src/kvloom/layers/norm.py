@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from types import ModuleType
-
 import torch
 from torch import nn
 
+from kvloom.layers.cpu_fusion import FusesOnCpu
 
-class RMSNorm(nn.Module):
+
+class RMSNorm(FusesOnCpu, nn.Module):
     """``weight * (x / sqrt(mean(x^2) + eps))`` over the last dim; ``weight [size]``.
 
     The weight is allocated uninitialised (``torch.empty``) in ``dtype`` on the default
@@ -21,14 +21,6 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(size, dtype=dtype), requires_grad=False)
-        self._kernels: ModuleType | None = None
-
-    def fuse_on_cpu(self) -> None:
-        """Use the C kernel where it applies; raises ``NativeBuildError`` where it cannot be built."""
-        from kvloom.kernels import elementwise_cpu
-
-        elementwise_cpu.load()
-        self._kernels = elementwise_cpu
 
     def _fused(self, x: torch.Tensor) -> bool:
         return self._kernels is not None and self._kernels.supports(x) and x.dtype == self.weight.dtype

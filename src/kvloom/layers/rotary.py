@@ -10,10 +10,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import ModuleType
 
 import torch
 from torch import nn
+
+from kvloom.layers.cpu_fusion import FusesOnCpu
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,23 +103,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-class ApplyRotary(nn.Module):
+class ApplyRotary(FusesOnCpu, nn.Module):
     """``apply_rotary`` as a layer: ``x [T, H, D]``, ``cos/sin [T, 1, D // 2]`` -> a new ``[T, H, D]``.
 
     After :meth:`fuse_on_cpu`, CPU float32/bf16 inputs take one C pass (``kvloom.kernels.elementwise_cpu``,
     bit-equal to ``apply_rotary``) instead of torch's seven ops; anything else stays on torch.
     """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._kernels: ModuleType | None = None
-
-    def fuse_on_cpu(self) -> None:
-        """Use the C kernel where it applies; raises ``NativeBuildError`` where it cannot be built."""
-        from kvloom.kernels import elementwise_cpu
-
-        elementwise_cpu.load()
-        self._kernels = elementwise_cpu
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         kernels = self._kernels

@@ -11,10 +11,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvloom.config import EngineConfig
-from kvloom.layers.activation import SiluAndMul
 from kvloom.layers.attention import CpuAttentionBackend, get_attention_backend
-from kvloom.layers.norm import RMSNorm
-from kvloom.layers.rotary import ApplyRotary
+from kvloom.layers.cpu_fusion import FusesOnCpu
 from kvloom.layers.sampler import Sampler
 from kvloom.models.config import load_model_config
 from kvloom.models.dtype_choice import DTypeChoice, choose_dtype
@@ -127,7 +125,7 @@ class ModelRunner:
 
         try:
             for module in self.model.modules():
-                if isinstance(module, RMSNorm | SiluAndMul | ApplyRotary):
+                if isinstance(module, FusesOnCpu):
                     module.fuse_on_cpu()
         except NativeBuildError as exc:
             logger.warning("kvloom: norms, activations and rotary embeddings stay on torch: %s", exc)
