@@ -80,6 +80,27 @@ static void add_rms_norm(const void *x, const void *residual, void *sum, void *o
 #define ROUNDED(x) ((void)0)
 #endif
 
+/* Lanes [i, i + n) of p (n <= 8; the rest zero), and the store of the first n lanes of x at p + i. */
+static inline v8f load_lanes(const void *p, int64_t i, int n, int bf16) {
+    if (n == 8) return load8_any(p, i, bf16);
+    v8f r = {0};
+    for (int l = 0; l < n; ++l) r[l] = bf16 ? bf16_to_f32(((const bf16_t *)p)[i + l]) : ((const float *)p)[i + l];
+    return r;
+}
+
+static inline void store_lanes(void *p, int64_t i, v8f x, int n, int bf16) {
+    if (n == 8) {
+        store8_any(p, i, x, bf16);
+        return;
+    }
+    for (int l = 0; l < n; ++l) {
+        if (bf16)
+            ((bf16_t *)p)[i + l] = f32_to_bf16(x[l]);
+        else
+            ((float *)p)[i + l] = x[l];
+    }
+}
+
 /* Rotary embedding as torch computes cat(x1 * c - x2 * s, x2 * c + x1 * s): each product rounded, then
  * the add (bit-equal to torch in float32); for bf16 every op's result is rounded to bf16, as torch's. */
 static void rotary(const void *x, int64_t x_st, int64_t x_sh, void *out, const void *cos, const void *sin,
@@ -89,10 +110,10 @@ static void rotary(const void *x, int64_t x_st, int64_t x_sh, void *out, const v
     for (int64_t t = 0; t < tokens; ++t) {
         for (int h = 0; h < heads; ++h) {
             const int64_t xi = t * x_st + h * x_sh, oi = (t * heads + h) * head_dim, ci = t * cs_st;
-            int j = 0;
-            for (; j + 8 <= half; j += 8) {
-                const v8f a = load8_any(x, xi + j, bf16), b = load8_any(x, xi + half + j, bf16);
-                const v8f c = load8_any(cos, ci + j, bf16), s = load8_any(sin, ci + j, bf16);
+            for (int j = 0; j < half; j += 8) {
+                const int n = half - j < 8 ? half - j : 8;
+                const v8f a = load_lanes(x, xi + j, n, bf16), b = load_lanes(x, xi + half + j, n, bf16);
+                const v8f c = load_lanes(cos, ci + j, n, bf16), s = load_lanes(sin, ci + j, n, bf16);
                 v8f ac = a * c, bs = b * s, bc = b * c, as = a * s;
                 if (bf16) {
                     ac = round8_bf16(ac);
@@ -104,33 +125,8 @@ static void rotary(const void *x, int64_t x_st, int64_t x_sh, void *out, const v
                 ROUNDED(bs);
                 ROUNDED(bc);
                 ROUNDED(as);
-                store8_any(out, oi + j, ac - bs, bf16);
-                store8_any(out, oi + half + j, bc + as, bf16);
-            }
-            for (; j < half; ++j) {
-                const float a = bf16 ? bf16_to_f32(((const bf16_t *)x)[xi + j]) : ((const float *)x)[xi + j];
-                const float b = bf16 ? bf16_to_f32(((const bf16_t *)x)[xi + half + j])
-                                     : ((const float *)x)[xi + half + j];
-                const float c = bf16 ? bf16_to_f32(((const bf16_t *)cos)[ci + j]) : ((const float *)cos)[ci + j];
-                const float s = bf16 ? bf16_to_f32(((const bf16_t *)sin)[ci + j]) : ((const float *)sin)[ci + j];
-                float ac = a * c, bs = b * s, bc = b * c, as = a * s;
-                if (bf16) {
-                    ac = round_bf16(ac);
-                    bs = round_bf16(bs);
-                    bc = round_bf16(bc);
-                    as = round_bf16(as);
-                }
-                ROUNDED(ac);
-                ROUNDED(bs);
-                ROUNDED(bc);
-                ROUNDED(as);
-                if (bf16) {
-                    ((bf16_t *)out)[oi + j] = f32_to_bf16(ac - bs);
-                    ((bf16_t *)out)[oi + half + j] = f32_to_bf16(bc + as);
-                } else {
-                    ((float *)out)[oi + j] = ac - bs;
-                    ((float *)out)[oi + half + j] = bc + as;
-                }
+                store_lanes(out, oi + j, ac - bs, n, bf16);
+                store_lanes(out, oi + half + j, bc + as, n, bf16);
             }
         }
     }
