@@ -3,9 +3,10 @@
 ``silu_and_mul_cpu``: ``[T, 2I] -> [T, I]``, ``silu(gate) * up`` in one pass (torch makes two passes and
 a temporary). ``add_rms_norm_cpu``: the residual add and the RMSNorm in one pass per row (torch makes
 six: add, pow, mean, add, rsqrt, two multiplies). ``rotary_cpu``: rotary embedding of a ``[T, H, D]``
-view in one pass, bit-equal to torch's four multiplies, add, subtract and cat. float32 and bfloat16, float32 arithmetic, rounding to
-bf16 where the torch reference (``kvloom.layers``, HF's modules) rounds; the sums run in a different
-order than torch's, so results may differ from it in the last bit. Rows are one thread's work each:
+view in one pass, bit-equal to torch's four multiplies, add, subtract and cat. float32 and bfloat16,
+float32 arithmetic, rounding to bf16 where the torch reference (``kvloom.layers``, HF's modules)
+rounds; the norm's and the activation's sums run in a different order than torch's, so their results
+may differ from it in the last bit. Rows are one thread's work each:
 the thread count never changes a result.
 
 The library is built on first use for this CPU (:mod:`kvloom.kernels.native`); :func:`load` builds it

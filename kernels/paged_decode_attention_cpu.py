@@ -37,22 +37,20 @@ def supports(dtype: torch.dtype, head_dim: int) -> bool:
     return dtype in DTYPES and head_dim % 8 == 0
 
 
-def bind(lib: ctypes.CDLL) -> dict[torch.dtype, Any]:
-    """The kernel's entry points in a loaded build of ``csrc/paged_decode_attention_cpu.c``, by dtype."""
+def bind(lib: ctypes.CDLL) -> Any:
+    """The kernel's entry point in a loaded build of ``csrc/paged_decode_attention_cpu.c`` (its last argument:
+    1 for bfloat16 tensors, 0 for float32)."""
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
-    entries = {}
-    for dtype, symbol in ((torch.float32, "kvloom_paged_rows_f32"), (torch.bfloat16, "kvloom_paged_rows_bf16")):
-        fn = getattr(lib, symbol)
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, ptr, i64, i64, i64, ptr, ptr,
-                       i32, i32, i32, i32, i32, ctypes.c_float, i32]
-        entries[dtype] = fn
-    return entries
+    fn = lib.kvloom_paged_rows
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, ptr, i64, i64, i64, ptr, ptr,
+                   i32, i32, i32, i32, i32, ctypes.c_float, i32, i32]
+    return fn
 
 
 @functools.cache
-def load() -> dict[torch.dtype, Any]:
-    """The entry points of this machine's build, built and loaded once per process (raises
+def load() -> Any:
+    """The entry point of this machine's build, built and loaded once per process (raises
     ``native.NativeBuildError`` where it cannot be built)."""
     return bind(native.load_library(SOURCE))
 
@@ -109,12 +107,11 @@ def paged_attention_rows_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
             raise ValueError(f"{name} must be a contiguous int32 [{num_rows}]")
     if num_rows == 0:
         return out
-    fn = load()[k_cache.dtype]
-    status = fn(q.data_ptr(), q.stride(0), q.stride(1), out.data_ptr(), out.stride(0), out.stride(1),
+    status = load()(q.data_ptr(), q.stride(0), q.stride(1), out.data_ptr(), out.stride(0), out.stride(1),
                 k_cache.data_ptr(), v_cache.data_ptr(), num_blocks, block_tables.data_ptr(), block_tables.stride(0),
                 block_tables.shape[1], block_tables.shape[0], None if row_seq is None else row_seq.data_ptr(),
                 row_lens.data_ptr(), num_rows, num_q_heads, num_kv_heads, head_dim, block_size, scale,
-                torch.get_num_threads())
+                torch.get_num_threads(), int(k_cache.dtype == torch.bfloat16))
     if status == -2:
         raise ValueError("a row's sequence, length or block ids point outside block_tables or the caches")
     if status != 0:

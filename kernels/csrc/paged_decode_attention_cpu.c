@@ -15,7 +15,8 @@
  * A prefill row at position p of its sequence attends p + 1 keys: causal attention, row by row.
  *
  * Work is split over query rows with OpenMP (dynamic schedule: lengths differ). kvloom.kernels.native
- * loads this library after torch, so its "libgomp.so.1" is the OpenMP runtime torch already loaded: one thread pool.
+ * loads this library after torch, so its "libgomp.so.1" is the OpenMP runtime torch already loaded:
+ * one thread pool.
  */
 #include <math.h>
 #include <stdint.h>
@@ -279,22 +280,13 @@ static int paged_rows(const void *q, int64_t q_sb, int64_t q_sh, void *out, int6
     return failed ? -1 : 0;
 }
 
-int kvloom_paged_rows_f32(const float *q, int64_t q_sb, int64_t q_sh, float *out, int64_t o_sb, int64_t o_sh,
-                          const float *k_cache, const float *v_cache, int64_t num_blocks, const int32_t *tables,
-                          int64_t t_sb, int64_t table_width, int64_t num_tables, const int32_t *row_seq,
-                          const int32_t *row_lens, int num_rows, int num_q_heads, int num_kv_heads, int head_dim,
-                          int block_size, float scale, int num_threads) {
+/* The entry point: bf16 0 reads float32 q/out/caches, 1 reads bfloat16 ones (see paged_rows). */
+int kvloom_paged_rows(const void *q, int64_t q_sb, int64_t q_sh, void *out, int64_t o_sb, int64_t o_sh,
+                      const void *k_cache, const void *v_cache, int64_t num_blocks, const int32_t *tables,
+                      int64_t t_sb, int64_t table_width, int64_t num_tables, const int32_t *row_seq,
+                      const int32_t *row_lens, int num_rows, int num_q_heads, int num_kv_heads, int head_dim,
+                      int block_size, float scale, int num_threads, int bf16) {
     return paged_rows(q, q_sb, q_sh, out, o_sb, o_sh, k_cache, v_cache, num_blocks, tables, t_sb, table_width,
                       num_tables, row_seq, row_lens, num_rows, num_q_heads, num_kv_heads, head_dim, block_size, scale,
-                      num_threads, 4);
-}
-
-int kvloom_paged_rows_bf16(const bf16_t *q, int64_t q_sb, int64_t q_sh, bf16_t *out, int64_t o_sb, int64_t o_sh,
-                           const bf16_t *k_cache, const bf16_t *v_cache, int64_t num_blocks, const int32_t *tables,
-                           int64_t t_sb, int64_t table_width, int64_t num_tables, const int32_t *row_seq,
-                           const int32_t *row_lens, int num_rows, int num_q_heads, int num_kv_heads, int head_dim,
-                           int block_size, float scale, int num_threads) {
-    return paged_rows(q, q_sb, q_sh, out, o_sb, o_sh, k_cache, v_cache, num_blocks, tables, t_sb, table_width,
-                      num_tables, row_seq, row_lens, num_rows, num_q_heads, num_kv_heads, head_dim, block_size, scale,
-                      num_threads, 2);
+                      num_threads, bf16 ? 2 : 4);
 }

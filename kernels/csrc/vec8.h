@@ -88,6 +88,9 @@ static inline void store8_bf16(bf16_t *p, v8f x) {
 
 static inline v8f round8_bf16(v8f x) { return (v8f)bf16_bits8(x); }
 
+/* 8 lanes of exp(x): Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2, a degree-6 polynomial
+ * for exp(r) (relative error under 2 ulp), then 2^n through the exponent bits. Below -87.3 gives 0,
+ * above 88.7 gives +inf (float32's range ends there), NaN stays NaN. */
 static inline v8f exp8(v8f x) {
     const v8f lo = (v8f){0} - 87.3f, hi = (v8f){0} + 88.7f;
     const v8i under = x < lo, over = x > hi;
