@@ -67,6 +67,11 @@ class EngineConfig(BaseModel):
     cuda_graph_sizes: tuple[Annotated[int, Field(ge=1, le=1024)], ...] | None = Field(
         None, min_length=1, description="Decode batch sizes to capture on CUDA; default 1, 2, 4 and multiples of 8 up to "
         "min(max_num_seqs, 256). Larger decode steps run eagerly.")
+    async_scheduling: bool | None = Field(
+        None, description="Schedule and launch each step while the one before it runs, one step ahead (the host's "
+        "work then hides behind the device's). None: on for CUDA; off on CPU, where the forward runs on the engine "
+        "thread itself and there is nothing to hide behind. Requests with grammars, logits processors or penalties "
+        "run their steps one at a time either way.")
     max_model_len: int | None = Field(None, ge=1, description="Default: the model's max_position_embeddings.")
     seed: int = Field(0, ge=0, description="Seeds the RNG of unseeded random sampling.")
     grammar_backend: Literal["xgrammar", "outlines"] = Field(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -173,3 +174,48 @@ def test_bf16_on_cuda_stays_close_to_float32(checkpoint_factory: Callable[..., P
             llm.close()
     agree = sum(a == b for a, b in zip(first["float32"], first["bfloat16"], strict=True))
     assert agree >= 6, first  # near-ties may flip in bf16; most first tokens agree
+
+
+def test_steps_scheduled_ahead_give_the_same_tokens_and_never_wait_for_the_device(
+    checkpoint_factory: Callable[..., Path], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On CUDA, ``async_scheduling`` (the default there) equals one step at a time, and launching a
+    step (schedule, inputs, forward, sampling) makes no call that waits for the device: torch's
+    sync debug mode turns any such call into an error while a step is launched."""
+    from kvloom import LLM, SamplingParams
+    from kvloom.engine.core import EngineCore
+
+    model_dir = checkpoint_factory(arch="llama")
+    prompts = [[(3 * i + j) % 180 + 3 for j in range(3 + 5 * i)] for i in range(12)]
+    params = [SamplingParams(temperature=0.0 if i % 2 else 0.8, seed=i, max_tokens=3 + i, ignore_eos=True,
+                             logprobs=2 if i % 3 == 0 else None) for i in range(12)]
+    launch = EngineCore._launch
+
+    def launch_without_waiting(self: EngineCore, sched: Any) -> Any:
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return launch(self, sched)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    def run(async_scheduling: bool) -> list[tuple[list[int], Any]]:
+        llm = LLM(model_dir, device="cuda", dtype="float32", block_size=4, num_kv_blocks=96, max_num_seqs=8,
+                  async_scheduling=async_scheduling)
+        try:
+            out = llm.generate(prompts, params, use_tqdm=False)
+            assert (llm.core.num_steps_ahead > 0) is async_scheduling
+            llm.core.assert_idle()
+            return [(r.token_ids, r.logprobs) for r in out]
+        finally:
+            llm.close()
+
+    one_at_a_time = run(False)
+    monkeypatch.setattr(EngineCore, "_launch", launch_without_waiting)
+    ahead = run(True)
+    # Batches differ by a step between the two (admissions wait for the step in flight), and cuBLAS
+    # may pick another kernel for another batch size: tokens equal, logprobs to float32 noise.
+    assert [tokens for tokens, _ in ahead] == [tokens for tokens, _ in one_at_a_time]
+    for (_, got), (_, want) in zip(ahead, one_at_a_time, strict=True):
+        assert (got is None) == (want is None)
+        for a, b in zip(got or [], want or [], strict=True):
+            assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-4

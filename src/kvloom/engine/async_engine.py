@@ -217,7 +217,8 @@ class AsyncEngine:
         attention, attention_reason = self._parts.core.attention_backend
         return dataclasses.replace(stats, dtype=choice.name, dtype_reason=choice.reason,
                                    attention_backend=attention, attention_reason=attention_reason,
-                                   cuda_graph_sizes=self._parts.core.cuda_graph_sizes)
+                                   cuda_graph_sizes=self._parts.core.cuda_graph_sizes,
+                                   async_scheduling=self._parts.core.async_scheduling)
 
     def prefix_cache_stats(self) -> KVCacheStats | None:
         """Hit rate, cached / pinned / used blocks and evictions, as of the last step."""

@@ -1,5 +1,13 @@
 """The synchronous engine core: one step = schedule, execute, sample, update.
 
+Scheduling ahead (``EngineConfig.async_scheduling``): each ``step`` launches the next step (its
+schedule, inputs, forward and sampling queued on the device) before it reads back the one in
+flight, whose sampled tokens the new step's inputs take from the device. On CUDA the host's work
+(scheduling, inputs, read-back, detokenizing) then overlaps the device's instead of alternating
+with it. Each ``step`` still returns one step's outputs. When a request needs its last token
+before its next step (``Request.needs_sync_steps``) or a step ahead could not get its blocks,
+the core lets the step in flight finish first and goes on one step at a time.
+
 ``EngineCore`` is the only door to the scheduler, the KV cache manager and the model runner:
 everything above it (the driver, the facades) adds, aborts, pins and steps through the
 methods below and never touches their internals. Not thread-safe: one thread drives it.
@@ -8,6 +16,7 @@ methods below and never touches their internals. Not thread-safe: one thread dri
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kvloom.config import EngineConfig
@@ -17,8 +26,8 @@ from kvloom.kv_cache.manager import KVCacheManager, KVCacheStats
 from kvloom.models.config import ModelConfig, load_model_config
 from kvloom.models.dtype_choice import DTypeChoice
 from kvloom.outputs import FinishReason
-from kvloom.runner.model_runner import ModelRunner
-from kvloom.scheduler.output import EngineCoreOutput
+from kvloom.runner.model_runner import LaunchedSample, ModelRunner
+from kvloom.scheduler.output import EngineCoreOutput, SchedulerOutput
 from kvloom.scheduler.request import Request
 from kvloom.scheduler.scheduler import Scheduler
 
@@ -35,6 +44,14 @@ def resolve_max_model_len(config: EngineConfig, model: ModelConfig) -> int:
     return config.max_model_len
 
 
+@dataclass(slots=True)
+class _InFlight:
+    """A step launched and not yet read back."""
+
+    sched: SchedulerOutput
+    sample: LaunchedSample
+
+
 class EngineCore:
     """Owns the scheduler, KV manager and runner. Not thread-safe: one thread drives it."""
 
@@ -47,6 +64,12 @@ class EngineCore:
             self._runner.num_blocks, config.cache.block_size, enable_caching=config.cache.enable_prefix_caching
         )
         self._scheduler = Scheduler(config.scheduler, self._kv, self.max_model_len, config.lora.max_loras)
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else self._runner.device.type == "cuda")
+        """Whether steps are scheduled one ahead (see the module docstring)."""
+        self._in_flight: _InFlight | None = None
+        self.num_steps_ahead = 0
+        """Steps launched while another was in flight."""
 
     # ---- sizes -----------------------------------------------------------------------------
     @property
@@ -73,7 +96,8 @@ class EngineCore:
         self._scheduler.finish_requests(list(req_ids), reason)
 
     def has_unfinished(self) -> bool:
-        return self._scheduler.has_unfinished()
+        """Requests in flight, or a step whose results have not been read back."""
+        return self._scheduler.has_unfinished() or self._in_flight is not None
 
     # ---- prefix pins and adapter pins --------------------------------------------------------
     def unpin_prefix(self, block_ids: Sequence[int]) -> None:
@@ -98,10 +122,23 @@ class EngineCore:
         return self._kv.num_pinned
 
     def step(self) -> list[EngineCoreOutput]:
-        sched = self._scheduler.schedule()
-        logits = self._runner.execute(sched)
-        sampled = self._runner.sample(logits)
-        return self._scheduler.update(sched, sampled)
+        """Run one step and return its outputs; with ``async_scheduling``, launch the next one first."""
+        if not self.async_scheduling:
+            sched = self._scheduler.schedule()
+            return self._scheduler.update(sched, self._runner.sample(self._runner.execute(sched)))
+        current = self._in_flight if self._in_flight is not None else self._launch(self._scheduler.schedule())
+        self._in_flight = None
+        if self._scheduler.can_schedule_ahead():
+            ahead = self._launch(self._scheduler.schedule(ahead=True))
+            if ahead.sched.is_empty:  # nothing to run; the runner has dropped the finished requests' state
+                self._scheduler.update(ahead.sched, self._runner.collect(ahead.sample))
+            else:
+                self._in_flight = ahead
+                self.num_steps_ahead += 1
+        return self._scheduler.update(current.sched, self._runner.collect(current.sample))
+
+    def _launch(self, sched: SchedulerOutput) -> _InFlight:
+        return _InFlight(sched, self._runner.launch_sample(self._runner.execute(sched)))
 
     # ---- observability ---------------------------------------------------------------------
     @property
@@ -156,7 +193,8 @@ class EngineCore:
         return self._kv.stats()
 
     def close(self) -> None:
-        """Stop the runner's helper thread (idempotent)."""
+        """Stop the runner's helper thread (idempotent). A step still in flight is dropped."""
+        self._in_flight = None
         self._runner.close()
 
     def reset_prefix_cache(self) -> int:
@@ -167,6 +205,7 @@ class EngineCore:
         """Invariant once all work is done: no request queued or running, every block free,
         every refcount zero, and the runner holds state only for requests it will drop at the
         next step."""
+        assert self._in_flight is None, "a step is still in flight"
         assert not self._scheduler.requests, f"requests left: {sorted(self._scheduler.requests)}"
         assert not self._scheduler.waiting and not self._scheduler.running
         self._kv.check_all_free()

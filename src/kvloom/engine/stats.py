@@ -44,6 +44,9 @@ class EngineStats:
     cuda_graph_sizes: tuple[int, ...] = ()
     """Decode batch sizes that replay a captured CUDA graph; empty: every step runs eagerly (CPU,
     ``enforce_eager``, or an attention backend that plans on the host)."""
+    async_scheduling: bool = False
+    """Whether each step is scheduled and launched while the one before it runs (``async_scheduling``;
+    by default on CUDA only)."""
 
 
 def percentile(values: list[float], q: float) -> float | None:

@@ -29,6 +29,7 @@ import itertools
 
 import torch
 
+from kvloom.layers.host_copy import tensor_on, to_device
 from kvloom.layers.sampling_metadata import GREEDY_TEMPERATURE, SamplerOutput, SamplingMetadata
 
 __all__ = [
@@ -240,7 +241,7 @@ def random_sample(
     else:
         unseeded = [i for i, g in enumerate(generators) if g is None]
         if unseeded:
-            rows = torch.tensor(unseeded, dtype=torch.int64, device=probs.device)
+            rows = tensor_on(unseeded, torch.int64, probs.device)
             draws = torch.empty((len(unseeded), 1), dtype=probs.dtype, device=probs.device).uniform_(generator=default)
             u.index_copy_(0, rows, draws)
         for i, generator in seeded:
@@ -287,7 +288,7 @@ def _flat_index(token_ids: list[list[int]], device: torch.device) -> tuple[torch
     lens = torch.tensor([len(ids) for ids in token_ids], dtype=torch.int64)
     rows = torch.repeat_interleave(torch.arange(len(token_ids)), lens)
     cols = torch.tensor(list(itertools.chain.from_iterable(token_ids)), dtype=torch.int64)
-    return rows.to(device), cols.to(device)
+    return to_device(rows, device), to_device(cols, device)
 
 
 def _token_counts(

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from kvloom.layers.attention_metadata import AttentionMetadata
-from kvloom.runner.state import CachedRequestState
+from kvloom.layers.host_copy import to_device
+from kvloom.runner.state import PENDING_TOKEN, CachedRequestState
 
 
 @dataclass(slots=True)
@@ -23,6 +24,11 @@ class ModelInputs:
     """Indices into ``req_order`` of the sequences that sample a token this step."""
     logits_indices: torch.Tensor
     """``[len(sample_rows)]`` int64: the row of each sampling sequence's last token."""
+    pending_index: list[int]
+    """Positions in ``input_ids`` holding ``PENDING_TOKEN``: a token the previous step samples, still
+    on the device only (scheduling ahead). The runner fills them from that step's output."""
+    pending_states: list[CachedRequestState]
+    """The sequence of each ``pending_index`` entry."""
 
 
 def build_inputs(
@@ -31,7 +37,8 @@ def build_inputs(
     """Order sequences decodes-first and build every per-token and per-sequence tensor.
 
     Positions of sequence ``s`` are ``[c, c + n)`` with ``c`` its computed tokens and ``n``
-    its scheduled tokens; it samples when ``c + n`` reaches its known tokens.
+    its scheduled tokens; it samples when ``c + n`` reaches its known tokens (``PENDING_TOKEN``
+    placeholders included). Only the last input of a sequence may be a placeholder.
     """
     decodes = [s for s in states if num_scheduled[s.req_id] == 1]
     prefills = [s for s in states if num_scheduled[s.req_id] != 1]
@@ -43,12 +50,17 @@ def build_inputs(
     seq_lens: list[int] = []
     sample_rows: list[int] = []
     logits_idx: list[int] = []
+    pending_index: list[int] = []
+    pending_states: list[CachedRequestState] = []
     max_blocks = 1
     for row, s in enumerate(order):
         start = s.num_computed_tokens
         n = num_scheduled[s.req_id]
         end = start + n
         input_ids.extend(s.token_ids[start:end])
+        if s.token_ids[end - 1] == PENDING_TOKEN:
+            pending_index.append(len(input_ids) - 1)
+            pending_states.append(s)
         positions.extend(range(start, end))
         qsl.append(qsl[-1] + n)
         seq_lens.append(end)
@@ -84,14 +96,6 @@ def build_inputs(
         req_order=order,
         sample_rows=sample_rows,
         logits_indices=to_device(torch.tensor(logits_idx, dtype=torch.int64), device),
+        pending_index=pending_index,
+        pending_states=pending_states,
     )
-
-
-def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``host`` on ``device``. To CUDA through page-locked memory, so the copy is asynchronous:
-    the host goes on building while it runs (from pageable memory the driver would stage it
-    synchronously). torch's caching host allocator keeps the page-locked block alive until the
-    copy is done. On CPU the tensor itself."""
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)

@@ -13,7 +13,8 @@ import torch
 from kvloom.config import EngineConfig
 from kvloom.layers.attention import CpuAttentionBackend, get_attention_backend
 from kvloom.layers.cpu_fusion import FusesOnCpu
-from kvloom.layers.sampler import Sampler
+from kvloom.layers.host_copy import tensor_on
+from kvloom.layers.sampler import Sampler, SamplerOutput
 from kvloom.models.config import load_model_config
 from kvloom.models.dtype_choice import DTypeChoice, choose_dtype
 from kvloom.models.loader import load_model
@@ -34,7 +35,7 @@ from kvloom.runner.logits_processing import (
     has_masks,
 )
 from kvloom.runner.sampling import build_sampling_metadata, to_token_logprobs
-from kvloom.runner.state import CachedRequestState, make_generator
+from kvloom.runner.state import PENDING_TOKEN, CachedRequestState, make_generator
 from kvloom.scheduler.output import SampledTokens, SchedulerOutput
 
 if TYPE_CHECKING:
@@ -60,6 +61,23 @@ class StepLogits:
     states: list[CachedRequestState]
     masks: Future[FilledMasks] | None = None
     """The sampling rows' grammar bitmask, filled on the mask thread while the forward ran."""
+
+
+@dataclass(slots=True)
+class LaunchedSample:
+    """A step's sampling, queued on the device; ``ModelRunner.collect`` reads it back.
+
+    Until then each sampling row's sequence holds a ``PENDING_TOKEN`` at ``slots[i]`` of its
+    ``token_ids``, and the next step's inputs take that token from ``token_ids`` here.
+    """
+
+    states: list[CachedRequestState]
+    out: SamplerOutput | None
+    """``token_ids`` ``[len(states)]`` int64 on the device, plus logprobs when asked for."""
+    slots: list[int]
+    """Per row, the index of its placeholder in its sequence's ``token_ids``."""
+    reasons: dict[str, FinishReason]
+    constrained: bool
 
 
 class ModelRunner:
@@ -105,6 +123,8 @@ class ModelRunner:
         self.num_constrained_steps = 0
         self.lora_slots: LoRASlots | None = None
         """Adapter slots, allocated when the first adapter is needed (base-only engines never pay)."""
+        self._last_sample: LaunchedSample | None = None
+        """The latest sampling launched: a step scheduled ahead reads its placeholders' tokens from it."""
         self._mask_thread: ThreadPoolExecutor | None = None
         """Fills grammar bitmasks alongside the forward; started by the first constrained step."""
         logger.info("kvloom: %d KV blocks of %d tokens on %s", self.num_blocks, self.block_size, self.device)
@@ -178,6 +198,7 @@ class ModelRunner:
         sampling = [inputs.req_order[r] for r in inputs.sample_rows]
         masks = self._fill_masks_async(sampling)
         try:
+            self._fill_pending(inputs)
             self._route_lora(inputs.req_order, sched.num_scheduled_tokens)
             logits = self._forward(inputs)
         except BaseException:
@@ -187,6 +208,18 @@ class ModelRunner:
         for s in states:
             s.num_computed_tokens += sched.num_scheduled_tokens[s.req_id]
         return StepLogits(logits, sampling, masks)
+
+    def _fill_pending(self, inputs: ModelInputs) -> None:
+        """Write the previous step's sampled tokens, still on the device, into this step's inputs
+        where the sequences' placeholders stand: no wait for that step to finish."""
+        if not inputs.pending_states:
+            return
+        last = self._last_sample
+        assert last is not None and last.out is not None, "a placeholder with no sampling in flight"
+        row_of = {id(s): i for i, s in enumerate(last.states)}
+        rows = [row_of[id(s)] for s in inputs.pending_states]
+        index = tensor_on(inputs.pending_index, torch.int64, self.device)
+        inputs.input_ids.index_copy_(0, index, last.out.token_ids[tensor_on(rows, torch.int64, self.device)])
 
     def _fill_masks_async(self, sampling: list[CachedRequestState]) -> Future[FilledMasks] | None:
         """Start filling the sampling rows' grammar bitmask on the mask thread (it depends only on
@@ -212,11 +245,17 @@ class ModelRunner:
             hidden = self._model_forward(inputs.input_ids, inputs.positions, inputs.attn)
         return self.model.compute_logits(hidden[inputs.logits_indices])
 
-    @torch.inference_mode()
     def sample(self, step: StepLogits) -> SampledTokens:
         """Sample one token per sampling row and append it to the runner's own state."""
+        return self.collect(self.launch_sample(step))
+
+    @torch.inference_mode()
+    def launch_sample(self, step: StepLogits) -> LaunchedSample:
+        """Queue the sampling of one token per sampling row; each row's sequence gets a placeholder
+        until ``collect``. Grammar-constrained steps apply their masks first, which waits for the
+        logits (they are never scheduled ahead)."""
         if not step.states:
-            return SampledTokens([], [])
+            return LaunchedSample([], None, [], {}, False)
         meta = build_sampling_metadata(step.states, self.eos_token_ids, self.device, self.generator)
         constrained = any(s.processors for s in step.states)
         reasons: dict[str, FinishReason] = {}
@@ -230,19 +269,34 @@ class ModelRunner:
             reasons = apply_processors(step.logits, step.states, masks)
             self.processor_time_s += time.perf_counter() - start + (masks.seconds if masks is not None else 0.0)
         out = self.sampler(step.logits, meta, raw_logprobs)
-        token_ids: list[int] = out.token_ids.tolist()
-        for s, tok in zip(step.states, token_ids, strict=True):
-            s.token_ids.append(tok)
-        if constrained:
+        slots = []
+        for s in step.states:
+            slots.append(len(s.token_ids))
+            s.token_ids.append(PENDING_TOKEN)
+        self._last_sample = LaunchedSample(step.states, out, slots, reasons, constrained)
+        return self._last_sample
+
+    @torch.inference_mode()
+    def collect(self, launched: LaunchedSample) -> SampledTokens:
+        """Read a launched sampling back (waits for its step on the device) and put each token in
+        place of its placeholder. Launches are collected in order."""
+        if launched.out is None:
+            return SampledTokens([], [])
+        token_ids: list[int] = launched.out.token_ids.tolist()
+        for s, slot, tok in zip(launched.states, launched.slots, token_ids, strict=True):
+            s.token_ids[slot] = tok
+        if self._last_sample is launched:
+            self._last_sample = None
+        if launched.constrained:
             start = time.perf_counter()
-            accept_tokens(step.states, token_ids, reasons)
+            accept_tokens(launched.states, token_ids, launched.reasons)
             self.processor_time_s += time.perf_counter() - start
             self.num_constrained_steps += 1
         return SampledTokens(
-            req_ids=[s.req_id for s in step.states],
+            req_ids=[s.req_id for s in launched.states],
             token_ids=token_ids,
-            logprobs=to_token_logprobs(step.states, out),
-            finish_reasons=reasons,
+            logprobs=to_token_logprobs(launched.states, launched.out),
+            finish_reasons=launched.reasons,
         )
 
     # ---- LoRA ----------------------------------------------------------------------------
@@ -282,8 +336,8 @@ class ModelRunner:
     def _copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         if not pairs:
             return
-        src = torch.tensor([p[0] for p in pairs], device=self.device)
-        dst = torch.tensor([p[1] for p in pairs], device=self.device)
+        src = tensor_on([p[0] for p in pairs], torch.int64, self.device)
+        dst = tensor_on([p[1] for p in pairs], torch.int64, self.device)
         for k, v in self.kv_caches:
             k[dst] = k[src]
             v[dst] = v[src]

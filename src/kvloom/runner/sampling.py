@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from kvloom.layers.host_copy import tensor_on
 from kvloom.layers.sampler import GREEDY_TEMPERATURE, SamplerOutput, SamplingMetadata
 from kvloom.outputs import TokenLogprob
 from kvloom.runner.state import CachedRequestState
@@ -19,11 +20,12 @@ def build_sampling_metadata(
     def col(values: list[float], off: float) -> torch.Tensor | None:
         if all(v == off for v in values):
             return None
-        return torch.tensor(values, dtype=torch.float32, device=device)
+        return tensor_on(values, torch.float32, device)
 
-    temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+    # Host lists reach the device through ``tensor_on``: no wait for a step still in flight.
+    temperature = tensor_on([p.temperature for p in params], torch.float32, device)
     top_k_vals = [p.top_k for p in params]
-    top_k = None if all(k == 0 for k in top_k_vals) else torch.tensor(top_k_vals, dtype=torch.int64, device=device)
+    top_k = None if all(k == 0 for k in top_k_vals) else tensor_on(top_k_vals, torch.int64, device)
     rep = col([p.repetition_penalty for p in params], 1.0)
     presence = col([p.presence_penalty for p in params], 0.0)
     frequency = col([p.frequency_penalty for p in params], 0.0)

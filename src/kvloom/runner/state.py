@@ -18,11 +18,17 @@ if TYPE_CHECKING:
     from kvloom.lora.adapter import LoRAAdapter
 
 
+PENDING_TOKEN = -1
+"""In ``CachedRequestState.token_ids``: a token a step in flight samples (scheduling ahead). Its
+value is on the device until the runner collects that step; inputs read it from there."""
+
+
 @dataclass(slots=True, eq=False)
 class CachedRequestState:
     req_id: str
     token_ids: list[int]
-    """Prompt then outputs; the runner appends each token it samples."""
+    """Prompt then outputs; the runner appends each token it samples (a ``PENDING_TOKEN`` when it
+    launches the sampling, the token when it collects it)."""
     num_prompt_tokens: int
     params: SamplingParams
     block_ids: list[int]

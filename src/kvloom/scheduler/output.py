@@ -57,6 +57,9 @@ class SchedulerOutput:
     """Requests that ended since the last step: the runner drops their state."""
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
     """(src, dst) block copies to apply before the forward (forks, copy-on-write)."""
+    step_id: int = 0
+    """The scheduler's number for this step: ``update`` finds the requests it scheduled by it (an id may
+    be reused by a new request while the step is in flight)."""
 
     @property
     def is_empty(self) -> bool:

@@ -27,8 +27,11 @@ class RequestStatus(enum.Enum):
 class Request:
     """Token-level state. ``token_ids`` is the prompt followed by the outputs so far.
 
-    Invariant: ``0 <= num_computed_tokens <= num_tokens``; KV exists in the cache for the
-    first ``num_computed_tokens`` tokens.
+    Invariants: ``0 <= num_computed_tokens <= num_tokens``; KV exists in the cache for the
+    first ``num_computed_tokens`` tokens. Steps scheduled and not yet reported (``update``) compute
+    the next ``num_inflight_tokens`` positions and sample ``num_pending`` tokens not yet in
+    ``token_ids``: ``num_computed_tokens + num_inflight_tokens <= num_tokens + num_pending``.
+    Both are 0 whenever no step is in flight.
     """
 
     request_id: str
@@ -54,6 +57,10 @@ class Request:
     never changes a request in flight)."""
     lora_skips: int = 0
     """Steps it waited because ``max_loras`` other adapters were running (see the scheduler)."""
+    num_inflight_tokens: int = 0
+    """Positions scheduled in steps whose results ``update`` has not yet applied."""
+    num_pending: int = 0
+    """Tokens those steps sample for it (at most one a step): known on the device, not yet here."""
     pin_prefix: bool = False
     """When it finishes, pin the whole cached blocks of its prompt before freeing its own
     (a prefix handle's request; see ``Scheduler.update``)."""
@@ -86,6 +93,15 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
+
+    @property
+    def needs_sync_steps(self) -> bool:
+        """Whether its next step must see its last token first: its logits processors (a grammar)
+        accept every token before the next mask, and penalties count every output token. Such a
+        request is never scheduled a step ahead (``Scheduler.can_schedule_ahead``)."""
+        p = self.params
+        return bool(self.processors) or (
+            p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0)
 
     def stop_reason_after(self, token_id: int, max_model_len: int) -> FinishReason | None:
         """Why generation ends after ``token_id`` was appended, or None to go on."""

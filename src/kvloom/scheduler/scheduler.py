@@ -16,6 +16,14 @@ ends (the runner makes the pinned adapters resident as slots allow). A request o
 unpinned adapter while every slot is pinned to others could never run: ``set_pinned_loras``
 returns those so the engine fails them instead of letting them block the queue.
 
+Scheduling ahead (``schedule(ahead=True)``, see ``EngineCore``): the next step is scheduled while
+the current one is in flight, as if each of its sampling requests had its token already (each has
+``num_pending`` tokens the device knows and the scheduler does not yet). It never preempts (a
+victim's KV may still be being written): where a running request cannot get a block it stops
+there and says so (``can_schedule_ahead`` is false until a step scheduled in the ordinary way).
+A request its pending tokens will end by length is left out; one that turns out to stop (EOS, a
+stop string, an abort) has its extra step's token dropped by ``update``.
+
 Chunked prefill off: a prompt is prefilled in one step, so it must fit in
 ``max_num_batched_tokens`` (the engine refuses longer prompts at submit). A preempted request
 recomputes its prompt and outputs, which may no longer fit: that recompute is chunked anyway,
@@ -65,6 +73,11 @@ class Scheduler:
         """Source request id -> choices waiting for its prompt's KV (see ``_start_forks``)."""
         self._copies: list[tuple[int, int]] = []
         self.num_preemptions = 0
+        self._step_id = 0
+        self._in_flight: dict[int, list[tuple[Request, int]]] = {}
+        """Step id -> the requests it scheduled and their token counts, until ``update`` applies it."""
+        self._ahead_blocked = False
+        """A step scheduled ahead could not give a running request its blocks: the next one preempts."""
         self.stuck_beside_pins: list[str] = []
         """Set by ``schedule``: waiting requests that cannot start while the pinned prefix blocks are
         held (nothing else runs). The engine fails them rather than let them wait forever."""
@@ -168,37 +181,55 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
+    def can_schedule_ahead(self) -> bool:
+        """Whether the next step may be scheduled before the one in flight reports: no request needs
+        to see its last token first (``Request.needs_sync_steps``), and the last step scheduled ahead
+        found the blocks it needed."""
+        return not self._ahead_blocked and not any(r.needs_sync_steps for r in self.requests.values())
+
     # ---- one step ------------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, ahead: bool = False) -> SchedulerOutput:
+        """The next step. ``ahead``: a step is in flight (see the module docstring)."""
         budget = self.config.max_num_batched_tokens
         num_scheduled: dict[str, int] = {}
         new_reqs: list[NewRequestData] = []
         cached_reqs: list[CachedRequestData] = []
         preempted_now = False
 
+        if not ahead:
+            self._ahead_blocked = False
         self.running.sort(key=_importance)
+        scheduled: list[tuple[Request, int]] = []
         idx = 0
         while idx < len(self.running) and budget > 0:
             req = self.running[idx]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            new_blocks = self.kv.allocate_slots(req.request_id, req.num_computed_tokens + num_new)
-            while new_blocks is None:
+            idx += 1
+            start = req.num_computed_tokens + req.num_inflight_tokens
+            if ahead and (req.num_output_tokens + req.num_pending >= req.params.max_tokens
+                          or req.num_tokens + req.num_pending >= self.max_model_len):
+                continue  # its pending token ends it by length
+            num_new = min(req.num_tokens + req.num_pending - start, budget)
+            new_blocks = self.kv.allocate_slots(req.request_id, start + num_new)
+            while new_blocks is None and not ahead:
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted_now = True
                 if victim is req:
                     break
-                new_blocks = self.kv.allocate_slots(req.request_id, req.num_computed_tokens + num_new)
+                new_blocks = self.kv.allocate_slots(req.request_id, start + num_new)
             if new_blocks is None:
+                # Ahead: no preemption while a step is in flight; admit nobody, and preempt next step.
+                self._ahead_blocked = ahead
+                preempted_now = True
                 break
             num_scheduled[req.request_id] = num_new
+            scheduled.append((req, num_new))
             budget -= num_new
             if req.request_id in self._known_to_runner:
-                cached_reqs.append(CachedRequestData(req.request_id, list(new_blocks), req.num_computed_tokens, False))
+                cached_reqs.append(CachedRequestData(req.request_id, list(new_blocks), start, False))
             else:  # a fork, running from its first step
                 self._known_to_runner.add(req.request_id)
                 new_reqs.append(self._new_request_data(req))
-            idx += 1
 
         loras = {r.lora.content_hash for r in self.running if r.lora is not None} | self.pinned_loras
         skipped: list[Request] = []
@@ -232,6 +263,7 @@ class Scheduler:
             self.waiting.popleft()
             self.running.append(req)
             num_scheduled[req.request_id] = num_new
+            scheduled.append((req, num_new))
             budget -= num_new
             block_ids = [int(b) for b in self.kv.get_block_ids(req.request_id)]
             if req.request_id in self._known_to_runner:
@@ -248,6 +280,12 @@ class Scheduler:
             # pool (every other block is free or evictable), and they stay until the app releases them.
             self.stuck_beside_pins = [self.waiting[0].request_id]
 
+        for req, n in scheduled:
+            if req.num_computed_tokens + req.num_inflight_tokens + n == req.num_tokens + req.num_pending:
+                req.num_pending += 1  # it reaches its last known token: this step samples one
+            req.num_inflight_tokens += n
+        self._step_id += 1
+        self._in_flight[self._step_id] = scheduled
         finished = self._finished_since_last_step
         self._finished_since_last_step = set()
         copies, self._copies = self._copies, []
@@ -258,6 +296,7 @@ class Scheduler:
             total_num_scheduled_tokens=self.config.max_num_batched_tokens - budget,
             finished_req_ids=finished,
             blocks_to_copy=copies,
+            step_id=self._step_id,
         )
 
     def _new_request_data(self, req: Request) -> NewRequestData:
@@ -268,6 +307,7 @@ class Scheduler:
         )
 
     def _preempt(self, req: Request) -> None:
+        assert req.num_inflight_tokens == 0, "preempting a request with a step in flight"
         self._release_forks(req.request_id)
         self.running.remove(req)
         self.kv.free(req.request_id)
@@ -280,18 +320,22 @@ class Scheduler:
         self._insert_waiting(req)
 
     def update(self, sched: SchedulerOutput, sampled: SampledTokens) -> list[EngineCoreOutput]:
-        """Advance computed counts, append sampled tokens, finish requests that hit a stop."""
-        for rid, n in sched.num_scheduled_tokens.items():
-            req = self.requests.get(rid)
-            if req is not None:
+        """Apply a step's results (steps in the order scheduled): advance computed counts, append
+        sampled tokens, finish requests that hit a stop. Requests that ended while the step was in
+        flight are skipped."""
+        step = {req.request_id: req for req, _ in self._in_flight.pop(sched.step_id)}
+        for req, n in ((step[rid], n) for rid, n in sched.num_scheduled_tokens.items()):
+            if not req.is_finished:
                 req.num_computed_tokens += n
-                self.kv.cache_computed_blocks(rid, req.token_ids, req.num_computed_tokens, req.cache_keys)
+                req.num_inflight_tokens -= n
+                self.kv.cache_computed_blocks(req.request_id, req.token_ids, req.num_computed_tokens, req.cache_keys)
         outputs: list[EngineCoreOutput] = []
         logprobs = sampled.logprobs
         for i, (rid, token) in enumerate(zip(sampled.req_ids, sampled.token_ids, strict=True)):
-            req = self.requests.get(rid)
-            if req is None or req.is_finished:
+            req = step[rid]
+            if req.is_finished:
                 continue
+            req.num_pending -= 1
             req.token_ids.append(token)
             reason = sampled.finish_reasons.get(rid) or req.stop_reason_after(token, self.max_model_len)
             lp: TokenLogprob | None = logprobs[i] if logprobs is not None else None
