@@ -142,12 +142,14 @@ def test_bench_decode_tiny(tmp_path: Path, checkpoint_factory: Callable[..., Pat
     assert "command: python -m kvloom bench decode" in printed and "machine:" in printed
     assert "concurrency 2: roofline " in printed and "kvloom / best transformers (" in printed
     assert "same greedy tokens as kvloom, float32, all concurrencies: static 3/3, cb 3/3" in printed
+    assert "decode graphs: none sizes captured; scheduling ahead: off" in printed  # CPU defaults
 
     result = json.loads(out_json.read_text())
     assert result["benchmark"] == "decode" and result["schema_version"] == 1
     assert result["machine"]["bandwidth"]["gbps"] == result["machine"]["ceilings"]["copy_gbps"] > 0
     kv = result["kvloom"]
     assert kv["device"] == "cpu" and kv["dtype"] == "float32" and kv["startup_s"] > 0
+    assert kv["captured_graph_sizes"] == [] and kv["async_scheduling"] is False
     assert kv["config"]["max_num_seqs"] >= 2 and kv["config"]["num_kv_blocks"] >= 2
     assert [r["concurrency"] for r in result["results"]] == [1, 2]
     for r in result["results"]:

@@ -83,17 +83,20 @@ def test_bench_throughput_tiny(
     model_dir = checkpoint_factory(arch="llama", with_tokenizer=False)
     out_json = tmp_path / "bench.json"
     argv = ["bench", "throughput", "--model", str(model_dir), "--num-requests", "4", "--output-len", "4",
-            "--peers", "static8,cb512", "--json", str(out_json), "--quick", "--kvloom-config", "block_size=8"]
+            "--peers", "static8,cb512", "--json", str(out_json), "--quick",
+            "--kvloom-config", "block_size=8", "async_scheduling=true"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "command: python -m kvloom bench throughput" in printed and "machine:" in printed
     assert "kvloom (fp32) / best transformers (" in printed and "; kvloom at " in printed
+    assert "scheduling ahead: on)" in printed
 
     result = json.loads(out_json.read_text())
     assert {"command", "machine", "workload", "kvloom", "peers", "floor", "summary"} <= result.keys()
     assert result["machine"]["ceilings"]["matmul_2048_gflops"] > 0
     kv = result["kvloom"]
     assert kv["config"]["block_size"] == 8 and "dtype" not in kv["config"]  # kvloom's default: dtype="auto"
+    assert kv["async_scheduling"] is True  # asked for: its tokens too must equal transformers' below
     assert kv["dtype"] == "float32" and "no AMX or AVX512-BF16" in kv["dtype_reason"]  # conftest's CPU
     assert kv["tokens_per_s"] > 0 and kv["output_lens_ok"]
     assert kv["kv_cache"]["peak_waste"] >= 1.0

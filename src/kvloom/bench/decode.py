@@ -307,7 +307,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in config.items()},
         "max_num_batched_tokens": budget, "block_size": llm_config.cache.block_size,
         "startup_s": round(kv.startup_s, 3), "enforce_eager": llm_config.enforce_eager,
-        "cuda_graph_sizes": llm_config.cuda_graph_sizes,
+        "cuda_graph_sizes": llm_config.cuda_graph_sizes, "captured_graph_sizes": list(kv.llm.core.cuda_graph_sizes),
+        "async_scheduling": kv.llm.core.async_scheduling,
     }
     result = {
         "benchmark": "decode", "schema_version": SCHEMA_VERSION, "command": command, "argv": list(argv),

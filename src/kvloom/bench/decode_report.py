@@ -82,7 +82,10 @@ def format_report(result: dict[str, Any]) -> str:
     startup = f"start-up (LLM(...): load, KV allocation, graph capture if any) {kv['startup_s']:.2f} s"
     if s["startup_target_met"] is not None:
         startup += f"; target < {s['startup_target_s']:g} s on GPU: {'met' if s['startup_target_met'] else 'NOT met'}"
+    graphs = kv.get("captured_graph_sizes")
+    ahead = "on" if kv.get("async_scheduling") else "off"
     lines = [f"kvloom: {kv['device']}, {kv['dtype']} ({kv['dtype_reason']}); {startup}",
+             f"decode graphs: {len(graphs) if graphs else 'none'} sizes captured; scheduling ahead: {ahead}",
              f"bandwidth: {bw['gbps']:g} GB/s ({bw['source']})"]
     for r, row in zip(result["results"], s["by_concurrency"], strict=True):
         roof, c = r["roofline"], r["concurrency"]

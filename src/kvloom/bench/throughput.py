@@ -162,6 +162,7 @@ class _KvloomSystem:
         attention, attention_reason = self.llm.core.attention_backend
         return {"name": self.name, "dtype": choice.name, "dtype_reason": choice.reason,
                 "attention_backend": attention, "attention_reason": attention_reason,
+                "async_scheduling": self.llm.core.async_scheduling,
                 "config": {k: str(v) if isinstance(v, Path) else v for k, v in self.config.items()},
                 "load_s": round(self.load_s, 2), **_summary(runs, num_tokens),
                 "output_lens_ok": all(len(t) == output_len for t in runs[0].token_ids),
@@ -330,7 +331,7 @@ def format_report(result: dict[str, Any]) -> str:
     for k in filter(None, (kv, result.get("kvloom_fp32"))):
         lines.append(f"{k['name']:<14} {tag(k['dtype']):<5} {k['tokens_per_s']:>8.1f} {k['wall_s']:>8.2f} "
                      f"{fmt(k['mean_ttft_s'], '.2f'):>8}  -  ({k['dtype_reason']}; attention: "
-                     f"{k.get('attention_backend', '?')})")
+                     f"{k.get('attention_backend', '?')}; scheduling ahead: {'on' if k.get('async_scheduling') else 'off'})")
     for p in result["peers"]:
         if p["error"]:
             lines.append(f"{p['name']:<14} {tag(p['dtype']):<5} {'error':>8}  {p['error'][:200]}")
