@@ -113,3 +113,12 @@ def test_bf16_ceilings_are_measured_only_where_the_cpu_has_fast_bf16(
             "copy_gbps"} <= ceilings.keys()
     assert len(timed) == 4 * (2 if onednn else 1) + (2 if fast_bf16 else 0) + 1  # fp32, bf16 GEMMs, the copy
     assert ceilings.get("matmul_2048_bf16_gflops", 0) == (round(2 * 2048**3 / 0.01 / 1e9, 1) if fast_bf16 else 0)
+
+
+def test_each_ceiling_is_its_best_over_the_measurements() -> None:
+    from kvloom.bench.machine import best_ceilings
+
+    before = {"matmul_2048_gflops": 42.3, "linear_m64_gflops": 67.0, "copy_gbps": 14.6}
+    after = {"matmul_2048_gflops": 70.1, "linear_m64_gflops": 46.4, "copy_gbps": 16.3}
+    assert best_ceilings(before, after) == {"matmul_2048_gflops": 70.1, "linear_m64_gflops": 67.0, "copy_gbps": 16.3}
+    assert best_ceilings(before) == before

@@ -89,7 +89,7 @@ def test_bench_throughput_tiny(
     printed = capsys.readouterr().out
     assert "command: python -m kvloom bench throughput" in printed and "machine:" in printed
     assert "kvloom (fp32) / best transformers (" in printed and "; kvloom at " in printed
-    assert "scheduling ahead: on)" in printed
+    assert "scheduling ahead: on)" in printed and "ceilings, best of before and after the runs: matmul_2048" in printed
 
     result = json.loads(out_json.read_text())
     assert {"command", "machine", "workload", "kvloom", "peers", "floor", "summary"} <= result.keys()

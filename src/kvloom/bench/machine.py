@@ -144,6 +144,12 @@ def measure_ceilings(*, quick: bool = False, bf16: bool | None = None) -> dict[s
     return {k: round(v, 1) for k, v in result.items()}
 
 
+def best_ceilings(first: dict[str, float], *later: dict[str, float]) -> dict[str, float]:
+    """Each of ``first``'s rates at its best over every measurement. A ceiling is the best the machine
+    did: a moment when a shared host was busy lowers one measurement, not the run's floor."""
+    return {k: max([v, *(m[k] for m in later if k in m)]) for k, v in first.items()}
+
+
 def measure_device_bandwidth(device: str, *, size_bytes: int = 2**30, repeats: int = 10) -> float:
     """GB/s of copying a ``size_bytes`` tensor on ``device`` into another: bytes read plus bytes
     written over the fastest of ``repeats`` copies (after one untimed). On CUDA each copy is timed
