@@ -70,8 +70,8 @@ class EngineConfig(BaseModel):
     async_scheduling: bool | None = Field(
         None, description="Schedule and launch each step while the one before it runs, one step ahead (the host's "
         "work then hides behind the device's). None: on for CUDA; off on CPU, where the forward runs on the engine "
-        "thread itself and there is nothing to hide behind. Requests with grammars, logits processors or penalties "
-        "run their steps one at a time either way.")
+        "thread itself and there is nothing to hide behind. A step with grammars, logits processors or penalties "
+        "launches its forward ahead and samples once the step before it is read back.")
     max_model_len: int | None = Field(None, ge=1, description="Default: the model's max_position_embeddings.")
     seed: int = Field(0, ge=0, description="Seeds the RNG of unseeded random sampling.")
     grammar_backend: Literal["xgrammar", "outlines"] = Field(

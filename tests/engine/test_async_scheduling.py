@@ -10,9 +10,10 @@ ends while a step is in flight drops that step's token and frees its blocks.
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 import pytest
@@ -122,26 +123,101 @@ def test_an_id_reused_while_its_old_request_is_in_flight_gets_only_its_own_token
     assert got == reference
 
 
-class AcceptsEverything(LogitsProcessor):
-    """A user processor that changes nothing: it still accepts each token before the next step, so its
-    request is never scheduled ahead."""
+class NoRepeats(LogitsProcessor):
+    """A user processor whose mask follows every token it accepted: it bans them all. It records the
+    order of its calls: each step's ``process_logits`` must come after the previous step's accept."""
+
+    calls: ClassVar[list[str]] = []
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+        self.order: list[str] = []
+        NoRepeats.calls = self.order
+
+    def process_logits(self, logits: torch.Tensor) -> None:
+        self.order.append("process")
+        logits[self.seen] = float("-inf")
 
     def accept_token(self, token_id: int) -> bool:
+        self.order.append("accept")
+        self.seen.append(token_id)
         return True
 
 
-def test_requests_that_need_their_last_token_run_one_step_at_a_time(llama_dir: Path) -> None:
-    prompts = [[5, 6, 7], [8, 9, 10, 11]]
-    plain = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+def test_steps_that_sample_from_host_tokens_launch_their_sampling_after_the_step_before(llama_dir: Path) -> None:
+    """Penalties and logits processors read the tokens so far on the host: the step ahead runs its
+    forward at once and samples once the step before it is read back, with the same tokens."""
+    prompts = [[5, 6, 7], [8, 9, 10, 11], [12, 13]]
+    plain = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     for special in (plain.model_copy(update={"repetition_penalty": 1.3}),
-                    plain.model_copy(update={"presence_penalty": 0.5}),
-                    plain.model_copy(update={"logits_processors": [AcceptsEverything]})):
-        sync = _run(llama_dir, False, prompts, [plain, special])[0]
-        ahead, core = _run(llama_dir, True, prompts, [plain, special])
+                    plain.model_copy(update={"presence_penalty": 0.5, "frequency_penalty": 0.4}),
+                    plain.model_copy(update={"logits_processors": [NoRepeats]})):
+        sync = _run(llama_dir, False, prompts, [plain, special, special])[0]
+        ahead, core = _run(llama_dir, True, prompts, [plain, special, special])
         assert _choices(ahead) == _choices(sync)
-        assert core.num_steps_ahead == 0
-    _, core = _run(llama_dir, True, prompts, [plain, plain])
-    assert core.num_steps_ahead > 0
+        assert core.num_steps_ahead > 5
+    assert all(len(set(c.token_ids)) == len(c.token_ids) for c in ahead[1:]), "no token repeats"
+    assert NoRepeats.calls == ["process", "accept"] * 12, "a mask was built before the last token was accepted"
+
+
+class EndsAfterThree(LogitsProcessor):
+    """Ends its sequence after three tokens, and records any call made to it after that."""
+
+    late_calls: ClassVar[list[str]] = []
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def process_logits(self, logits: torch.Tensor) -> None:
+        if self.is_terminated():
+            EndsAfterThree.late_calls.append("process_logits")
+
+    def accept_token(self, token_id: int) -> bool:
+        if self.is_terminated():
+            EndsAfterThree.late_calls.append("accept_token")
+        self.count += 1
+        return True
+
+    def is_terminated(self) -> bool:
+        return self.count >= 3
+
+
+def test_a_sequence_its_processor_ends_is_never_processed_again(llama_dir: Path) -> None:
+    """Its step ahead was launched before the end was known: that step samples its row without the
+    processor and drops the token."""
+    EndsAfterThree.late_calls = []
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logits_processors=[EndsAfterThree])
+    plain = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    sync = _run(llama_dir, False, [[5, 6, 7], [8, 9]], [params, plain])[0]
+    ahead, core = _run(llama_dir, True, [[5, 6, 7], [8, 9]], [params, plain])
+    assert _choices(ahead) == _choices(sync)
+    assert len(ahead[0].token_ids) == 3 and ahead[0].finish_reason == "stop"
+    assert core.num_steps_ahead > 5
+    assert EndsAfterThree.late_calls == []
+
+
+def test_grammars_validate_and_match_one_step_at_a_time(llama_dir: Path) -> None:
+    """A JSON schema sampled at temperature 1 (seeded) and a choice grammar that ends its request
+    while the next step is already launched (that row is sampled without its grammar and dropped)."""
+    schema = {"type": "object", "properties": {"id": {"type": "integer"}, "tag": {"enum": ["a", "b", "c"]}},
+              "required": ["id", "tag"], "additionalProperties": False}
+    params = [
+        SamplingParams(temperature=1.0, seed=3, max_tokens=60, response_format={"type": "json_schema",
+                                                                               "json_schema": schema}),
+        SamplingParams(temperature=1.0, seed=4, max_tokens=20, response_format={"type": "choice",
+                                                                               "choice": ["aa", "bb"]}),
+        SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True),
+    ]
+    prompts = [[20, 21, 22], [23, 24], [25, 26, 27, 28]]
+    sync = _run(llama_dir, False, prompts, params, max_model_len=256)[0]
+    ahead, core = _run(llama_dir, True, prompts, params, max_model_len=256)
+    assert _choices(ahead) == _choices(sync)
+    assert [c.text for c in ahead] == [c.text for c in sync]
+    assert core.num_steps_ahead > 10
+    assert ahead[1].text in ("aa", "bb") and ahead[1].finish_reason == "stop"
+    if ahead[0].finish_reason == "stop":
+        document = json.loads(ahead[0].text)
+        assert set(document) == {"id", "tag"} and document["tag"] in ("a", "b", "c")
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])

@@ -4,9 +4,10 @@ Scheduling ahead (``EngineConfig.async_scheduling``): each ``step`` launches the
 schedule, inputs, forward and sampling queued on the device) before it reads back the one in
 flight, whose sampled tokens the new step's inputs take from the device. On CUDA the host's work
 (scheduling, inputs, read-back, detokenizing) then overlaps the device's instead of alternating
-with it. Each ``step`` still returns one step's outputs. When a request needs its last token
-before its next step (``Request.needs_sync_steps``) or a step ahead could not get its blocks,
-the core lets the step in flight finish first and goes on one step at a time.
+with it. Each ``step`` still returns one step's outputs. A step whose sampling reads tokens on the
+host (grammars and other logits processors, penalties) launches its forward ahead and its sampling
+once the step before it is read back and its tokens accepted, as vLLM does for structured output.
+When a step ahead could not get its blocks, the core lets the step in flight finish first.
 
 ``EngineCore`` is the only door to the scheduler, the KV cache manager and the model runner:
 everything above it (the driver, the facades) adds, aborts, pins and steps through the
@@ -26,7 +27,7 @@ from kvloom.kv_cache.manager import KVCacheManager, KVCacheStats
 from kvloom.models.config import ModelConfig, load_model_config
 from kvloom.models.dtype_choice import DTypeChoice
 from kvloom.outputs import FinishReason
-from kvloom.runner.model_runner import LaunchedSample, ModelRunner
+from kvloom.runner.model_runner import LaunchedSample, ModelRunner, StepLogits
 from kvloom.scheduler.output import EngineCoreOutput, SchedulerOutput
 from kvloom.scheduler.request import Request
 from kvloom.scheduler.scheduler import Scheduler
@@ -128,14 +129,23 @@ class EngineCore:
             return self._scheduler.update(sched, self._runner.sample(self._runner.execute(sched)))
         current = self._in_flight if self._in_flight is not None else self._launch(self._scheduler.schedule())
         self._in_flight = None
+        deferred: tuple[SchedulerOutput, StepLogits] | None = None
         if self._scheduler.can_schedule_ahead():
-            ahead = self._launch(self._scheduler.schedule(ahead=True))
-            if ahead.sched.is_empty:  # nothing to run; the runner has dropped the finished requests' state
-                self._scheduler.update(ahead.sched, self._runner.collect(ahead.sample))
+            sched = self._scheduler.schedule(ahead=True)
+            logits = self._runner.execute(sched, ahead=True)
+            if sched.is_empty:  # nothing to run; the runner has dropped the finished requests' state
+                self._scheduler.update(sched, self._runner.collect(self._runner.launch_sample(logits)))
+            elif logits.needs_host_tokens:
+                deferred = sched, logits
             else:
-                self._in_flight = ahead
+                self._in_flight = _InFlight(sched, self._runner.launch_sample(logits))
+            if not sched.is_empty:
                 self.num_steps_ahead += 1
-        return self._scheduler.update(current.sched, self._runner.collect(current.sample))
+        outputs = self._scheduler.update(current.sched, self._runner.collect(current.sample))
+        if deferred is not None:
+            ended = frozenset(o.req_id for o in outputs if o.finish_reason is not None)
+            self._in_flight = _InFlight(deferred[0], self._runner.launch_sample(deferred[1], ended))
+        return outputs
 
     def _launch(self, sched: SchedulerOutput) -> _InFlight:
         return _InFlight(sched, self._runner.launch_sample(self._runner.execute(sched)))
@@ -204,8 +214,9 @@ class EngineCore:
     def assert_idle(self) -> None:
         """Invariant once all work is done: no request queued or running, every block free,
         every refcount zero, and the runner holds state only for requests it will drop at the
-        next step."""
-        assert self._in_flight is None, "a step is still in flight"
+        next step (a step in flight for ended requests is allowed: the next step drops it)."""
+        # A step may still be in flight (scheduling ahead) for requests that ended since: their blocks
+        # are free already, and the next step drops its tokens.
         assert not self._scheduler.requests, f"requests left: {sorted(self._scheduler.requests)}"
         assert not self._scheduler.waiting and not self._scheduler.running
         self._kv.check_all_free()

@@ -47,12 +47,15 @@ def has_masks(states: list[CachedRequestState]) -> bool:
     return any(p.uses_bitmask for s in states for p in s.processors)
 
 
-def fill_masks(states: list[CachedRequestState], vocab_width: int) -> FilledMasks:
+def fill_masks(states: list[CachedRequestState], vocab_width: int,
+               ended: frozenset[str] = frozenset()) -> FilledMasks:
     """Fill the bitmask of every row of ``states`` with a bitmask processor. Touches only those
     processors (their ``fill_bitmask``), so it may run on another thread while nothing else uses
-    them; never raises for a processor's failure (that row lands in ``failed``)."""
+    them; never raises for a processor's failure (that row lands in ``failed``). Rows of ``ended``
+    sequences (a step scheduled ahead of their end) are left alone: their tokens are dropped."""
     start = time.perf_counter()
-    rows = [i for i, s in enumerate(states) if any(p.uses_bitmask for p in s.processors)]
+    rows = [i for i, s in enumerate(states)
+            if s.req_id not in ended and any(p.uses_bitmask for p in s.processors)]
     if not rows:
         return FilledMasks(None)
     failed: dict[str, FinishReason] = {}
@@ -74,21 +77,21 @@ def fill_masks(states: list[CachedRequestState], vocab_width: int) -> FilledMask
 
 
 def apply_processors(logits: torch.Tensor, states: list[CachedRequestState],
-                     masks: FilledMasks | None = None) -> dict[str, FinishReason]:
+                     masks: FilledMasks | None = None, ended: frozenset[str] = frozenset()) -> dict[str, FinishReason]:
     """Mask and edit ``logits`` ``[B, V]`` (row ``i`` belongs to ``states[i]``) in place.
 
     ``masks``: this batch's bitmask if it was filled ahead (``fill_masks``), else it is filled
     here. Returns the sequences whose processors failed (``"error"``): they still sample this
-    step (from whatever their row holds) and then end.
+    step (from whatever their row holds) and then end. Rows of ``ended`` sequences are left alone.
     """
     if masks is None:
-        masks = fill_masks(states, logits.shape[1])
+        masks = fill_masks(states, logits.shape[1], ended)
     failed = dict(masks.failed)
     if masks.bitmask is not None:
         apply_bitmask(logits, masks.bitmask.to(logits.device, non_blocking=True), masks.rows)
     for i, s in enumerate(states):
         for p in s.processors:
-            if s.req_id in failed:
+            if s.req_id in failed or s.req_id in ended:
                 break
             try:
                 p.process_logits(logits[i])
@@ -99,11 +102,13 @@ def apply_processors(logits: torch.Tensor, states: list[CachedRequestState],
 
 
 def accept_tokens(
-    states: list[CachedRequestState], token_ids: list[int], reasons: dict[str, FinishReason]
+    states: list[CachedRequestState], token_ids: list[int], reasons: dict[str, FinishReason],
+    ended: frozenset[str] = frozenset(),
 ) -> dict[str, FinishReason]:
-    """Feed each row's sampled token to its processors; add ``stop``/``error`` ends to ``reasons``."""
+    """Feed each row's sampled token to its processors; add ``stop``/``error`` ends to ``reasons``.
+    Rows of ``ended`` sequences are skipped."""
     for s, token in zip(states, token_ids, strict=True):
-        if not s.processors or s.req_id in reasons:
+        if not s.processors or s.req_id in reasons or s.req_id in ended:
             continue
         try:
             accepted = all([p.accept_token(token) for p in s.processors])  # every processor sees it

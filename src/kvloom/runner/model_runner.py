@@ -34,7 +34,7 @@ from kvloom.runner.logits_processing import (
     fill_masks,
     has_masks,
 )
-from kvloom.runner.sampling import build_sampling_metadata, to_token_logprobs
+from kvloom.runner.sampling import build_sampling_metadata, needs_host_tokens, to_token_logprobs
 from kvloom.runner.state import PENDING_TOKEN, CachedRequestState, make_generator
 from kvloom.scheduler.output import SampledTokens, SchedulerOutput
 
@@ -61,6 +61,8 @@ class StepLogits:
     states: list[CachedRequestState]
     masks: Future[FilledMasks] | None = None
     """The sampling rows' grammar bitmask, filled on the mask thread while the forward ran."""
+    needs_host_tokens: bool = False
+    """Sampling reads the sequences' tokens on the host (processors, penalties: ``needs_host_tokens``)."""
 
 
 @dataclass(slots=True)
@@ -78,6 +80,9 @@ class LaunchedSample:
     """Per row, the index of its placeholder in its sequence's ``token_ids``."""
     reasons: dict[str, FinishReason]
     constrained: bool
+    ended: frozenset[str] = frozenset()
+    """Sequences that had ended before this sampling launched (it was scheduled ahead of their end):
+    their processors are left alone, and the scheduler drops their tokens."""
 
 
 class ModelRunner:
@@ -187,8 +192,11 @@ class ModelRunner:
 
     # ---- one step ------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> StepLogits:
-        """Run the forward over every scheduled token; return logits of the sampling rows."""
+    def execute(self, sched: SchedulerOutput, ahead: bool = False) -> StepLogits:
+        """Run the forward over every scheduled token; return logits of the sampling rows.
+
+        ``ahead``: the step before it is still in flight, so its sequences' processors have not yet
+        accepted their last tokens: their masks are filled when its sampling launches, not now."""
         self._apply(sched)
         if sched.is_empty:
             return StepLogits(torch.empty(0, 0), [])
@@ -196,7 +204,7 @@ class ModelRunner:
         states = [self.states[rid] for rid in sched.num_scheduled_tokens]
         inputs = build_inputs(states, sched.num_scheduled_tokens, self.block_size, self.device)
         sampling = [inputs.req_order[r] for r in inputs.sample_rows]
-        masks = self._fill_masks_async(sampling)
+        masks = None if ahead else self._fill_masks_async(sampling)
         try:
             self._fill_pending(inputs)
             self._route_lora(inputs.req_order, sched.num_scheduled_tokens)
@@ -207,7 +215,7 @@ class ModelRunner:
             raise
         for s in states:
             s.num_computed_tokens += sched.num_scheduled_tokens[s.req_id]
-        return StepLogits(logits, sampling, masks)
+        return StepLogits(logits, sampling, masks, needs_host_tokens(sampling))
 
     def _fill_pending(self, inputs: ModelInputs) -> None:
         """Write the previous step's sampled tokens, still on the device, into this step's inputs
@@ -250,10 +258,11 @@ class ModelRunner:
         return self.collect(self.launch_sample(step))
 
     @torch.inference_mode()
-    def launch_sample(self, step: StepLogits) -> LaunchedSample:
+    def launch_sample(self, step: StepLogits, ended: frozenset[str] = frozenset()) -> LaunchedSample:
         """Queue the sampling of one token per sampling row; each row's sequence gets a placeholder
-        until ``collect``. Grammar-constrained steps apply their masks first, which waits for the
-        logits (they are never scheduled ahead)."""
+        until ``collect``. Steps with logits processors or penalties read the sequences' tokens on
+        the host (``needs_host_tokens``): a step scheduled ahead launches its sampling only after the
+        step before it is collected, and ``ended`` names the sequences that ended meanwhile."""
         if not step.states:
             return LaunchedSample([], None, [], {}, False)
         meta = build_sampling_metadata(step.states, self.eos_token_ids, self.device, self.generator)
@@ -266,14 +275,14 @@ class ModelRunner:
                 raw_logprobs = step.logits.float().log_softmax(dim=-1)
             masks = step.masks.result() if step.masks is not None else None
             start = time.perf_counter()
-            reasons = apply_processors(step.logits, step.states, masks)
+            reasons = apply_processors(step.logits, step.states, masks, ended)
             self.processor_time_s += time.perf_counter() - start + (masks.seconds if masks is not None else 0.0)
         out = self.sampler(step.logits, meta, raw_logprobs)
         slots = []
         for s in step.states:
             slots.append(len(s.token_ids))
             s.token_ids.append(PENDING_TOKEN)
-        self._last_sample = LaunchedSample(step.states, out, slots, reasons, constrained)
+        self._last_sample = LaunchedSample(step.states, out, slots, reasons, constrained, ended)
         return self._last_sample
 
     @torch.inference_mode()
@@ -289,7 +298,7 @@ class ModelRunner:
             self._last_sample = None
         if launched.constrained:
             start = time.perf_counter()
-            accept_tokens(launched.states, token_ids, launched.reasons)
+            accept_tokens(launched.states, token_ids, launched.reasons, launched.ended)
             self.processor_time_s += time.perf_counter() - start
             self.num_constrained_steps += 1
         return SampledTokens(

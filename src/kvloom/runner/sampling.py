@@ -7,7 +7,19 @@ import torch
 from kvloom.layers.host_copy import tensor_on
 from kvloom.layers.sampler import GREEDY_TEMPERATURE, SamplerOutput, SamplingMetadata
 from kvloom.outputs import TokenLogprob
-from kvloom.runner.state import CachedRequestState
+from kvloom.runner.state import PENDING_TOKEN, CachedRequestState
+
+
+def needs_host_tokens(states: list[CachedRequestState]) -> bool:
+    """Whether sampling these rows reads each sequence's tokens so far on the host: logits processors
+    (a grammar's mask follows every accepted token) and penalties (they count the output). Such a
+    step scheduled ahead samples only once the step before it is read back
+    (``ModelRunner.launch_sample``)."""
+    return any(
+        s.processors or s.params.repetition_penalty != 1.0 or s.params.presence_penalty != 0.0
+        or s.params.frequency_penalty != 0.0
+        for s in states
+    )
 
 
 def build_sampling_metadata(
@@ -29,6 +41,11 @@ def build_sampling_metadata(
     rep = col([p.repetition_penalty for p in params], 1.0)
     presence = col([p.presence_penalty for p in params], 0.0)
     frequency = col([p.frequency_penalty for p in params], 0.0)
+    outputs = [s.output_token_ids for s in states] if rep is not None or presence is not None or frequency is not None \
+        else None
+    if outputs is not None and any(PENDING_TOKEN in o for o in outputs):
+        raise RuntimeError("penalties over a token still on the device: this step's sampling was launched before "
+                           "the step before it was collected (needs_host_tokens)")
 
     banned: list[list[int]] = []
     for s in states:
@@ -54,10 +71,7 @@ def build_sampling_metadata(
         frequency_penalty=frequency,
         prompt_token_ids=[s.token_ids[: s.num_prompt_tokens] for s in states] if rep is not None else None,
         # Copying every row's output each step costs O(tokens so far): only penalties need it.
-        output_token_ids=(
-            [s.output_token_ids for s in states] if rep is not None or presence is not None or frequency is not None
-            else None
-        ),
+        output_token_ids=outputs,
         generators=[s.generator if s.params.temperature >= GREEDY_TEMPERATURE else None for s in states],
         banned_token_ids=banned if any(banned) else None,
         max_num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=None),

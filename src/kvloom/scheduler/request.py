@@ -94,15 +94,6 @@ class Request:
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
-    @property
-    def needs_sync_steps(self) -> bool:
-        """Whether its next step must see its last token first: its logits processors (a grammar)
-        accept every token before the next mask, and penalties count every output token. Such a
-        request is never scheduled a step ahead (``Scheduler.can_schedule_ahead``)."""
-        p = self.params
-        return bool(self.processors) or (
-            p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0)
-
     def stop_reason_after(self, token_id: int, max_model_len: int) -> FinishReason | None:
         """Why generation ends after ``token_id`` was appended, or None to go on."""
         num_out = self.num_output_tokens

@@ -182,10 +182,9 @@ class Scheduler:
         return bool(self.requests)
 
     def can_schedule_ahead(self) -> bool:
-        """Whether the next step may be scheduled before the one in flight reports: no request needs
-        to see its last token first (``Request.needs_sync_steps``), and the last step scheduled ahead
-        found the blocks it needed."""
-        return not self._ahead_blocked and not any(r.needs_sync_steps for r in self.requests.values())
+        """Whether the next step may be scheduled before the one in flight reports: not when the last
+        step scheduled ahead could not get the blocks it needed (the next one preempts)."""
+        return not self._ahead_blocked
 
     # ---- one step ------------------------------------------------------------------------
     def schedule(self, ahead: bool = False) -> SchedulerOutput:
