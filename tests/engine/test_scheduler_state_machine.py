@@ -96,6 +96,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         for rid, n in self.outputs.items():
             assert n <= self.max_tokens[rid], f"{rid} generated {n} > max_tokens {self.max_tokens[rid]}"
 
+    def has_work(self) -> bool:
+        """Requests left, or (a machine that schedules ahead) a step in flight."""
+        return self.sched.has_unfinished()
+
     def teardown(self) -> None:
         if self.s is None:
             return
@@ -104,7 +108,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         # in tokens (recomputed after each preemption), so this bound is generous.
         bound = 50 + 4 * sum(len(r.token_ids) + self.max_tokens[r.request_id] for r in s.requests.values())
         steps = 0
-        while s.has_unfinished():
+        while self.has_work():
             self.step(eos=False)
             steps += 1
             assert steps <= bound, f"not finished after {bound} steps: waiting {len(s.waiting)}, running {len(s.running)}"
