@@ -15,16 +15,11 @@ nox.options.reuse_venv = "yes"
 nox.options.sessions = ["tests", "lint"]
 
 TORCH = os.environ.get("KVLOOM_TORCH", "torch==2.13.0")
-TRANSFORMERS = "transformers<5.25"
-"""transformers 5.25 depends on the hub's ``kernels`` package and imports it whenever it is installed.
-Run from this checkout, whose root is on ``sys.path`` (``python -m``, pytest), ``import kernels`` finds
-the top-level ``kernels/`` directory (installed as ``kvloom.kernels``) instead, and transformers fails to
-import. An installed kvloom has no top-level ``kernels`` and is unaffected: the pin is for checkouts."""
 
 
 def _install(session: nox.Session) -> None:
     session.install(TORCH)
-    session.install("-e", ".[dev]", TRANSFORMERS)
+    session.install("-e", ".[dev]")  # the dev extra pins transformers below 5.25 (see pyproject.toml)
 
 
 @nox.session
