@@ -180,23 +180,23 @@ def test_steps_scheduled_ahead_give_the_same_tokens_and_never_wait_for_the_devic
     checkpoint_factory: Callable[..., Path], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """On CUDA, ``async_scheduling`` (the default there) equals one step at a time, and launching a
-    step (schedule, inputs, forward, sampling) makes no call that waits for the device: torch's
-    sync debug mode turns any such call into an error while a step is launched."""
+    step (inputs, forward, sampling) makes no call that waits for the device: torch's sync debug
+    mode turns any such call into an error in every ``execute`` and ``launch_sample``."""
     from kvloom import LLM, SamplingParams
-    from kvloom.engine.core import EngineCore
+    from kvloom.runner.model_runner import ModelRunner
 
     model_dir = checkpoint_factory(arch="llama")
     prompts = [[(3 * i + j) % 180 + 3 for j in range(3 + 5 * i)] for i in range(12)]
     params = [SamplingParams(temperature=0.0 if i % 2 else 0.8, seed=i, max_tokens=3 + i, ignore_eos=True,
                              logprobs=2 if i % 3 == 0 else None) for i in range(12)]
-    launch = EngineCore._launch
-
-    def launch_without_waiting(self: EngineCore, sched: Any) -> Any:
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            return launch(self, sched)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+    def without_waiting(launch: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return launch(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return run
 
     def run(async_scheduling: bool) -> list[tuple[list[int], Any]]:
         llm = LLM(model_dir, device="cuda", dtype="float32", block_size=4, num_kv_blocks=96, max_num_seqs=8,
@@ -210,7 +210,8 @@ def test_steps_scheduled_ahead_give_the_same_tokens_and_never_wait_for_the_devic
             llm.close()
 
     one_at_a_time = run(False)
-    monkeypatch.setattr(EngineCore, "_launch", launch_without_waiting)
+    for name in ("execute", "launch_sample"):
+        monkeypatch.setattr(ModelRunner, name, without_waiting(getattr(ModelRunner, name)))
     ahead = run(True)
     # Batches differ by a step between the two (admissions wait for the step in flight), and cuBLAS
     # may pick another kernel for another batch size: tokens equal, logprobs to float32 noise.

@@ -94,6 +94,12 @@ class Request:
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
+    def at_length(self, max_model_len: int, pending: int = 0) -> bool:
+        """Whether it has reached ``max_tokens`` or the model's length, counting ``pending`` tokens
+        sampled by steps in flight as its own."""
+        return (self.num_output_tokens + pending >= self.params.max_tokens
+                or self.num_tokens + pending >= max_model_len)
+
     def stop_reason_after(self, token_id: int, max_model_len: int) -> FinishReason | None:
         """Why generation ends after ``token_id`` was appended, or None to go on."""
         num_out = self.num_output_tokens
@@ -102,6 +108,6 @@ class Request:
                 return "stop"
             if token_id in self.params.stop_token_ids:
                 return "stop"
-        if num_out >= self.params.max_tokens or self.num_tokens >= max_model_len:
+        if self.at_length(max_model_len):
             return "length"
         return None

@@ -204,8 +204,7 @@ class Scheduler:
             req = self.running[idx]
             idx += 1
             start = req.num_computed_tokens + req.num_inflight_tokens
-            if ahead and (req.num_output_tokens + req.num_pending >= req.params.max_tokens
-                          or req.num_tokens + req.num_pending >= self.max_model_len):
+            if ahead and req.at_length(self.max_model_len, req.num_pending):
                 continue  # its pending token ends it by length
             num_new = min(req.num_tokens + req.num_pending - start, budget)
             new_blocks = self.kv.allocate_slots(req.request_id, start + num_new)
@@ -322,8 +321,9 @@ class Scheduler:
         """Apply a step's results (steps in the order scheduled): advance computed counts, append
         sampled tokens, finish requests that hit a stop. Requests that ended while the step was in
         flight are skipped."""
-        step = {req.request_id: req for req, _ in self._in_flight.pop(sched.step_id)}
-        for req, n in ((step[rid], n) for rid, n in sched.num_scheduled_tokens.items()):
+        scheduled = self._in_flight.pop(sched.step_id)
+        step = {req.request_id: req for req, _ in scheduled}
+        for req, n in scheduled:
             if not req.is_finished:
                 req.num_computed_tokens += n
                 req.num_inflight_tokens -= n
