@@ -61,7 +61,7 @@ class EngineConfig(BaseModel):
         "a C compiler builds the kernel, torch otherwise.")
     cpu_gemm: Literal["auto", "onednn", "torch"] = Field(
         "auto", description="CPU linear layers: 'onednn' multiplies with weights prepacked for oneDNN, 'torch' "
-        "calls F.linear (MKL in float32); 'auto' is oneDNN in float32 where it can pack, torch otherwise.")
+        "calls F.linear (MKL in float32); 'auto' is oneDNN in float32 and bf16 where it can pack, torch otherwise.")
     enforce_eager: bool = Field(
         False, description="Never capture CUDA graphs (on CUDA, decode-only steps otherwise replay one per batch size).")
     cuda_graph_sizes: tuple[Annotated[int, Field(ge=1, le=1024)], ...] | None = Field(

@@ -1,4 +1,4 @@
-"""Linear weights on CPU: oneDNN-packed in float32 where oneDNN packs (the default), input-major
+"""Linear weights on CPU: oneDNN-packed in float32 and bf16 where oneDNN packs (the default), input-major
 float32 for MKL otherwise (``cpu_gemm="torch"`` or no packing), the HF layout for other dtypes and
 devices. Every layout keeps the HF shape and the checkpoint's values and computes the same
 products; the choice is decided with the CPU's capability faked both ways."""
@@ -34,8 +34,11 @@ def test_the_choice_by_setting_dtype_device_and_capability() -> None:
     assert choose_layout("auto", CPU, fp32, onednn=True).name == "onednn-packed"
     assert choose_layout("auto", CPU, fp32, onednn=False).name == "input-major"
     assert choose_layout("torch", CPU, fp32, onednn=True).name == "input-major"
-    # bf16 stays with torch's dispatch unless asked: prepacking it is unmeasured (no AMX machine yet).
-    assert choose_layout("auto", CPU, bf16, onednn=True).name == "row-major"
+    # bf16 is packed where oneDNN packs it (AMX / AVX512-BF16), torch's dispatch elsewhere; fp16 never by default.
+    assert choose_layout("auto", CPU, bf16, onednn=True).name == "onednn-packed"
+    assert choose_layout("auto", CPU, bf16, onednn=False).name == "row-major"
+    assert choose_layout("auto", CPU, torch.float16, onednn=True).name == "row-major"
+    assert choose_layout("torch", CPU, bf16, onednn=True).name == "row-major"
     assert choose_layout("onednn", CPU, bf16, onednn=True).name == "onednn-packed"
     with pytest.raises(ConfigError, match=r"cpu_gemm='onednn'.*cannot pack bfloat16"):
         choose_layout("onednn", CPU, bf16, onednn=False)
@@ -92,9 +95,25 @@ def test_a_packed_weight_cannot_be_used_as_a_dense_matrix() -> None:
         F.linear(x, layer.weight)
 
 
-def test_other_dtypes_and_devices_keep_the_row_major_layout(
+def test_bf16_is_packed_where_onednn_packs_it_and_computes_the_same_products(
         checkpoints: dict[str, Path], attn_backend: AttentionBackend) -> None:
     model, _ = load_model(checkpoints["llama"], attn_backend=attn_backend, dtype="bfloat16")
+    packs = onednn_packs(torch.bfloat16)
+    assert model.weight_layout is not None
+    assert model.weight_layout.name == ("onednn-packed" if packs else "row-major")
+    assert all(layer.onednn_packed == packs for layer in _linears(model).values())
+    down = _linears(model)["model.layers.0.mlp.down_proj"]
+    expected = load_file(checkpoints["llama"] / "model.safetensors")["model.layers.0.mlp.down_proj.weight"]
+    assert torch.equal(_dense(down).float(), expected.to(torch.bfloat16).float())
+    for rows in (1, 3, 32):
+        x = torch.randn(rows, down.in_features).to(torch.bfloat16)
+        # One bf16 rounding of the output apart at most: both accumulate in float32, in other orders.
+        torch.testing.assert_close(down(x), F.linear(x, expected.to(torch.bfloat16)), rtol=1.6e-2, atol=1e-2)
+
+
+def test_float16_and_other_devices_keep_the_row_major_layout(
+        checkpoints: dict[str, Path], attn_backend: AttentionBackend) -> None:
+    model, _ = load_model(checkpoints["llama"], attn_backend=attn_backend, dtype="float16")
     assert model.weight_layout is not None and model.weight_layout.name == "row-major"
     assert all(layer.weight.is_contiguous() and not layer.onednn_packed for layer in _linears(model).values())
 
