@@ -249,6 +249,32 @@ def test_cpu_backend_leaves_prefills_over_many_keys_to_sdpa(monkeypatch: pytest.
     torch.testing.assert_close(out.double(), _dense_attention(batch), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("amx", [True, False])
+def test_bf16_prefills_go_to_sdpa_sooner_where_the_cpu_has_amx(amx: bool) -> None:
+    # With AMX, SDPA's flash kernel multiplies bf16 on the tiles: every prefill over 32 keys goes to it.
+    # Without, bf16 keeps the float32 limit. float32 keeps it either way. Decided with AMX faked both ways.
+    backend = CpuAttentionBackend(amx=amx)
+    assert backend.max_kernel_prefill_keys(torch.float32) == CpuAttentionBackend.MAX_KERNEL_PREFILL_KEYS
+    assert backend.max_kernel_prefill_keys(torch.bfloat16) == (
+        CpuAttentionBackend.MAX_KERNEL_PREFILL_KEYS_AMX_BF16 if amx else CpuAttentionBackend.MAX_KERNEL_PREFILL_KEYS)
+    batch = _make_batch(DECODES + PREFILLS, len(DECODES), 16)
+    bf16 = {name: getattr(batch, name).to(torch.bfloat16) for name in ("q", "k", "v", "k_cache", "v_cache")}
+    out = backend.forward(bf16["q"], bf16["k"], bf16["v"], bf16["k_cache"], bf16["v_cache"], batch.meta, SCALE)
+    plan = batch.meta.backend_plan
+    starts = batch.meta.query_start_loc_cpu
+    expected = [starts[b] for b, (_, seq_len) in enumerate(DECODES + PREFILLS)
+                if b >= len(DECODES) and seq_len > 32] if amx else []
+    assert [seq.start for seq in plan.long_prefill] == expected
+    if amx:
+        assert len(expected) == 3, "the 33-token prompt and the chunks over 50 and 64 keys"
+    # bf16 inputs: the result within a few bf16 roundings of float64 attention on the same (rounded) inputs.
+    reference = _dense_attention(Batch(q=bf16["q"].double(), k=batch.k, v=batch.v, k_cache=batch.k_cache,
+                                       v_cache=batch.v_cache, meta=batch.meta,
+                                       keys=[k.to(torch.bfloat16).double() for k in batch.keys],
+                                       values=[v.to(torch.bfloat16).double() for v in batch.values]))
+    torch.testing.assert_close(out.double(), reference, atol=3e-2, rtol=2e-2)
+
+
 def test_cpu_backend_runs_caches_the_kernel_cannot_take_on_the_torch_path() -> None:
     batch = _make_batch(DECODES + PREFILLS, len(DECODES), 16)
     half = {name: getattr(batch, name).half() for name in ("q", "k", "v", "k_cache", "v_cache")}

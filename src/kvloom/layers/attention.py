@@ -179,12 +179,12 @@ class _CpuStepPlan:
     """``[T]`` int32: the keys each row attends (its position + 1); 0 for padding rows and for the rows
     of the prefills SDPA takes."""
     long_prefill: list[PrefillSeq]
-    """Prefills over more than ``CpuAttentionBackend.MAX_KERNEL_PREFILL_KEYS`` keys, for SDPA."""
+    """Prefills over more keys than ``CpuAttentionBackend.max_kernel_prefill_keys``, for SDPA."""
 
 
 class CpuAttentionBackend(TorchAttentionBackend):
     """The CPU production path: one C kernel call a layer (``kvloom.kernels.paged_decode_attention_cpu``)
-    attends every decode row and every row of a prefill over at most ``MAX_KERNEL_PREFILL_KEYS`` keys,
+    attends every decode row and every row of a prefill over at most ``max_kernel_prefill_keys`` keys,
     each over its sequence's K/V blocks where they lie: no padded gathers for decode, no gather for a
     chunk over a cached prefix, no per-prompt SDPA calls. Longer prefills go to SDPA, as on the torch
     backend; ``store_kv`` stays on torch. Caches the kernel does not take (a dtype other than
@@ -200,20 +200,35 @@ class CpuAttentionBackend(TorchAttentionBackend):
     """Row by row, the kernel re-reads a prompt's K/V for each query row; SDPA's blocked kernel reuses
     them. Measured on a 2-core AMD EPYC (Hq 16, Hkv 4, D 64, float32): the kernel takes a causal prompt
     of L tokens 1.4-1.5x faster than SDPA for L = 64-512, 1.1x at 1024, 0.89x at 2048."""
+    MAX_KERNEL_PREFILL_KEYS_AMX_BF16: ClassVar[int] = 32
+    """The same limit for bf16 caches on a CPU with AMX, where SDPA's flash kernel multiplies bf16 blocks
+    on the AMX tiles. Measured on a 2-core Intel Xeon with AMX (same shapes, bf16, ms per causal prompt,
+    kernel against SDPA): L=32 0.054/0.049, 64 0.138/0.088, 128 0.42/0.21, 256 1.85/0.50, 512 6.5/1.75.
+    In float32 the same machine's SDPA is no faster than the kernel up to 512 tokens."""
 
-    def __init__(self) -> None:
+    def __init__(self, amx: bool | None = None) -> None:
+        """``amx``: whether the CPU has AMX tiles (default: asked of torch), so tests decide both ways."""
         super().__init__()
         from kvloom.kernels import paged_decode_attention_cpu
 
         paged_decode_attention_cpu.load()
         self._native = paged_decode_attention_cpu
+        self.amx = _cpu_has_amx() if amx is None else amx
+
+    def max_kernel_prefill_keys(self, dtype: torch.dtype) -> int:
+        """Prefills over more keys than this go to SDPA (see the two limits above)."""
+        if dtype == torch.bfloat16 and self.amx:
+            return self.MAX_KERNEL_PREFILL_KEYS_AMX_BF16
+        return self.MAX_KERNEL_PREFILL_KEYS
 
     def _takes(self, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
         return q.device.type == "cpu" and q.dtype == k_cache.dtype and self._native.supports(k_cache.dtype,
                                                                                                 k_cache.shape[3])
 
-    def plan_rows(self, meta: AttentionMetadata, block_size: int, num_rows: int) -> _CpuStepPlan:
-        """The step's row plan, built once (by the first layer) and kept on ``meta``, from the host lists."""
+    def plan_rows(self, meta: AttentionMetadata, block_size: int, num_rows: int,
+                  dtype: torch.dtype = torch.float32) -> _CpuStepPlan:
+        """The step's row plan, built once (by the first layer) and kept on ``meta``, from the host lists;
+        ``dtype`` is the cache's (it decides which prefills SDPA takes)."""
         plan = meta.backend_plan
         if isinstance(plan, _CpuStepPlan):
             return plan
@@ -230,8 +245,8 @@ class CpuAttentionBackend(TorchAttentionBackend):
             offset = torch.arange(real) - torch.tensor(starts[:num_seqs], dtype=torch.int64)[seq_of_row]
             row_seq[:real] = seq_of_row.to(torch.int32)
             row_lens[:real] = (first_pos[seq_of_row] + offset + 1).to(torch.int32)
-        long = [b for b in range(meta.num_decodes, num_seqs)
-                if lens[b] > self.MAX_KERNEL_PREFILL_KEYS and starts[b + 1] - starts[b] > 1]
+        max_keys = self.max_kernel_prefill_keys(dtype)
+        long = [b for b in range(meta.num_decodes, num_seqs) if lens[b] > max_keys and starts[b + 1] - starts[b] > 1]
         long_prefill = []
         for b in long:
             row_lens[starts[b]:starts[b + 1]] = 0
@@ -246,7 +261,7 @@ class CpuAttentionBackend(TorchAttentionBackend):
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         if not self._takes(q, k_cache) or meta.num_seqs == 0:
             return super().forward(q, k, v, k_cache, v_cache, meta, scale)
-        plan = self.plan_rows(meta, k_cache.shape[1], q.shape[0])
+        plan = self.plan_rows(meta, k_cache.shape[1], q.shape[0], k_cache.dtype)
         self._store_kv(k, v, k_cache, v_cache, meta.slot_mapping, has_padding=plan.has_padding)
         out = torch.empty_like(q)
         self._native.paged_attention_rows_cpu(q, k_cache, v_cache, meta.block_tables, plan.row_seq, plan.row_lens,
@@ -309,6 +324,12 @@ def get_attention_backend(name: str = "auto", device: torch.device | str = "cpu"
     if name == CpuAttentionBackend.name and device.type != "cpu":
         raise ValueError(f"the 'cpu' attention backend runs on CPU tensors, not on {device.type}")
     return _named(factory(), "chosen by name")
+
+
+def _cpu_has_amx() -> bool:
+    """Whether torch reports AMX tiles on this CPU (False where this torch build cannot tell)."""
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(check()) if check is not None else False
 
 
 def _named(backend: AttentionBackend, reason: str) -> AttentionBackend:
