@@ -1,5 +1,6 @@
 /* Shared helpers of kvloom's C kernels: 8-lane float32 vectors (GCC vector extensions: AVX with
- * -mavx2, SSE pairs without), bfloat16 conversions that round like torch, and a vector exp. */
+ * -mavx2, SSE pairs without), VW-lane ones (16 with AVX512), bfloat16 conversions that round like torch,
+ * and a vector exp. */
 #ifndef KVLOOM_VEC8_H
 #define KVLOOM_VEC8_H
 
@@ -73,13 +74,46 @@ static inline v8f load8_bf16(const bf16_t *p) {
 
 /* The bits of round-to-nearest-even bf16(x) in the top half of each lane (the low half zero), as
  * f32_to_bf16 computes them lane by lane: NaN stays a (quiet) NaN. */
-static inline v8u bf16_bits8(v8f x) {
-    const v8u u = (v8u)x;
-    const v8i nan = (v8i)((u & 0x7fffffffu) > 0x7f800000u);
-    const v8u rounded = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-    const v8u quiet = (u & 0xffff0000u) | 0x00400000u;
-    return (rounded & ~(v8u)nan) | (quiet & (v8u)nan);
-}
+#define KV_DEFINE_BF16_BITS(NAME, VF, VI, VU)                                                       \
+    static inline VU NAME(VF x) {                                                                   \
+        const VU u = (VU)x;                                                                         \
+        const VI nan = (VI)((u & 0x7fffffffu) > 0x7f800000u);                                       \
+        const VU rounded = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;                          \
+        const VU quiet = (u & 0xffff0000u) | 0x00400000u;                                           \
+        return (rounded & ~(VU)nan) | (quiet & (VU)nan);                                           \
+    }
+
+/* Lanes of exp(x): Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2, a degree-6 polynomial for
+ * exp(r) (relative error under 2 ulp), then 2^n through the exponent bits. Below -87.3 gives 0, above
+ * 88.7 gives +inf (float32's range ends there), NaN stays NaN. Lane by lane, so every vector width gives
+ * the same bits. */
+#define KV_DEFINE_EXP(NAME, VF, VI)                                                                 \
+    static inline VF NAME(VF x) {                                                                   \
+        const VF lo = (VF){0} - 87.3f, hi = (VF){0} + 88.7f;                                        \
+        const VI under = x < lo, over = x > hi;                                                     \
+        x = (VF)(((VI)x & ~under) | ((VI)lo & under));                                              \
+        x = (VF)(((VI)x & ~over) | ((VI)hi & over));                                                \
+        /* round(x / ln2) to the nearest integer: adding and subtracting 1.5 * 2^23 rounds */       \
+        const VF n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;                        \
+        const VF r = (x - n * 0.693359375f) + n * 2.12194440e-4f;                                   \
+        VF p = (VF){0} + 1.9875691500e-4f;                                                          \
+        p = p * r + 1.3981999507e-3f;                                                               \
+        p = p * r + 8.3334519073e-3f;                                                               \
+        p = p * r + 4.1665795894e-2f;                                                               \
+        p = p * r + 1.6666665459e-1f;                                                               \
+        p = p * r + 5.0000001201e-1f;                                                               \
+        p = (p * r) * r + r + 1.0f;                                                                 \
+        /* 2^n as 2^(n/2) squared keeps n = 128 (x near 88.7) representable */                      \
+        const VI half = __builtin_convertvector(n, VI) >> 1;                                        \
+        const VI rest = __builtin_convertvector(n, VI) - half;                                      \
+        const VF s1 = (VF)((half + 127) << 23), s2 = (VF)((rest + 127) << 23);                      \
+        const VF inf = (VF)((VI){0} + 0x7f800000);                                                  \
+        const VF result = p * s1 * s2;                                                              \
+        return (VF)((((VI)result & ~over) | ((VI)inf & over)) & ~under);                            \
+    }
+
+KV_DEFINE_BF16_BITS(bf16_bits8, v8f, v8i, v8u)
+KV_DEFINE_EXP(exp8, v8f, v8i)
 
 static inline void store8_bf16(bf16_t *p, v8f x) {
     const v8h h = __builtin_convertvector(bf16_bits8(x) >> 16, v8h);
@@ -88,31 +122,46 @@ static inline void store8_bf16(bf16_t *p, v8f x) {
 
 static inline v8f round8_bf16(v8f x) { return (v8f)bf16_bits8(x); }
 
-/* 8 lanes of exp(x): Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2, a degree-6 polynomial
- * for exp(r) (relative error under 2 ulp), then 2^n through the exponent bits. Below -87.3 gives 0,
- * above 88.7 gives +inf (float32's range ends there), NaN stays NaN. */
-static inline v8f exp8(v8f x) {
-    const v8f lo = (v8f){0} - 87.3f, hi = (v8f){0} + 88.7f;
-    const v8i under = x < lo, over = x > hi;
-    x = (v8f)(((v8i)x & ~under) | ((v8i)lo & under));
-    x = (v8f)(((v8i)x & ~over) | ((v8i)hi & over));
-    /* round(x / ln2) to the nearest integer: adding and subtracting 1.5 * 2^23 rounds in float32 */
-    const v8f n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    const v8f r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-    v8f p = (v8f){0} + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = (p * r) * r + r + 1.0f;
-    /* 2^n as 2^(n/2) squared keeps n = 128 (x near 88.7) representable */
-    const v8i half = __builtin_convertvector(n, v8i) >> 1;
-    const v8i rest = __builtin_convertvector(n, v8i) - half;
-    const v8f s1 = (v8f)((half + 127) << 23), s2 = (v8f)((rest + 127) << 23);
-    const v8f inf = (v8f)((v8i){0} + 0x7f800000);
-    const v8f result = p * s1 * s2;
-    return (v8f)((((v8i)result & ~over) | ((v8i)inf & over)) & ~under);
+/* Wide vectors: VW lanes, 16 (one 512-bit register) where the build targets AVX512, else 8. Kernels whose
+ * results are lane by lane (no sums across lanes) give the same bits at either width. */
+#if defined(__AVX512F__)
+#define VW 16
+#else
+#define VW 8
+#endif
+typedef float vwf __attribute__((vector_size(VW * 4)));
+typedef int32_t vwi __attribute__((vector_size(VW * 4)));
+typedef uint32_t vwu __attribute__((vector_size(VW * 4)));
+typedef uint16_t vwh __attribute__((vector_size(VW * 2)));
+
+static inline vwf loadw(const float *p) {
+    vwf r;
+    memcpy(&r, p, sizeof r);
+    return r;
+}
+
+static inline void storew(float *p, vwf x) { memcpy(p, &x, sizeof x); }
+
+static inline vwf loadw_bf16(const bf16_t *p) {
+    vwh h;
+    memcpy(&h, p, sizeof h);
+    return (vwf)(__builtin_convertvector(h, vwu) << 16);
+}
+
+KV_DEFINE_BF16_BITS(bf16_bitsw, vwf, vwi, vwu)
+KV_DEFINE_EXP(expw, vwf, vwi)
+
+static inline void storew_bf16(bf16_t *p, vwf x) {
+    const vwh h = __builtin_convertvector(bf16_bitsw(x) >> 16, vwh);
+    memcpy(p, &h, sizeof h);
+}
+
+static inline vwf roundw_bf16(vwf x) { return (vwf)bf16_bitsw(x); }
+
+static inline float hsumw(vwf x) {
+    float s = 0.0f;
+    for (int i = 0; i < VW; ++i) s += x[i];
+    return s;
 }
 
 #endif

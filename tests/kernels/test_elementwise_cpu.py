@@ -4,12 +4,15 @@ rounding step (rotary bit-equal), the same bits on one thread or two, extreme in
 underflow) handled as torch handles them, inputs never written; and the layers take them only after
 ``fuse_on_cpu``, for the shapes they cover."""
 
+import ctypes
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from kvloom.kernels import elementwise_cpu, native
 from kvloom.kernels.elementwise_cpu import (
     add_rms_norm_cpu,
     rotary_cpu,
@@ -199,3 +202,37 @@ def test_apply_rotary_takes_the_kernel_only_after_fuse_on_cpu(monkeypatch: pytes
     half = x.half()
     assert torch.equal(rotary(half, cos.half(), sin.half()), apply_rotary(half, cos.half(), sin.half()))
     assert calls == [1]  # float16: torch
+
+
+@pytest.mark.parametrize("capability", ["DEFAULT", "AVX2", "AVX512"])
+def test_every_vector_width_gives_the_same_bits(capability: str, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # silu_and_mul runs 16 lanes at a time in an AVX512 build and 8 otherwise (halves of 24: 16 then 8):
+    # lane by lane, so the same bits (the AVX2 and AVX512 builds; the DEFAULT build has no FMA). The norm's sum of squares runs in another order per width: within a few float32 ulp of the
+    # bf16/fp32 result. Each build is compiled; the ones this CPU can execute are compared.
+    path = native.build(elementwise_cpu.SOURCE, flags=native.compile_flags(capability), directory=tmp_path)
+    assert path.exists()
+    runnable = {"DEFAULT": True, "AVX2": torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"),
+                "AVX512": torch.backends.cpu.get_cpu_capability() == "AVX512"}
+    if not runnable[capability]:
+        return  # compiled (asserted above); this CPU cannot execute it
+    gen = torch.Generator().manual_seed(11)
+    cases = [(dtype, rows, width) for dtype in (torch.float32, torch.bfloat16) for rows, width in ((5, 2 * 2816), (3, 48))]
+    expected = {case: _run_elementwise(case, gen.initial_seed()) for case in cases}
+    monkeypatch.setattr(elementwise_cpu, "load", lambda: elementwise_cpu.bind(ctypes.CDLL(str(path))))
+    for case in cases:
+        silu, norm = _run_elementwise(case, gen.initial_seed())
+        if capability == "DEFAULT":  # no FMA there: exp's polynomial rounds twice a step
+            torch.testing.assert_close(silu, expected[case][0], atol=0, rtol=1e-6 if case[0] == torch.float32 else 8e-3)
+        else:
+            assert torch.equal(silu, expected[case][0]), (capability, case)
+        torch.testing.assert_close(norm, expected[case][1], atol=0, rtol=2e-6 if case[0] == torch.float32 else 8e-3)
+
+
+def _run_elementwise(case: tuple[torch.dtype, int, int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    dtype, rows, width = case
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, width, generator=gen) * 4).to(dtype)
+    h, r = torch.randn(rows, width, generator=gen).to(dtype), torch.randn(rows, width, generator=gen).to(dtype)
+    w = torch.randn(width, generator=gen).to(dtype)
+    return silu_and_mul_cpu(x), add_rms_norm_cpu(h, r, w, 1e-6)[0]
