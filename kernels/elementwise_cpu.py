@@ -29,7 +29,7 @@ DTYPES = (torch.float32, torch.bfloat16)
 
 def supports(x: torch.Tensor) -> bool:
     """Whether ``x`` (``[T, N]``) can go to these kernels: a CPU float32/bf16 matrix with contiguous rows
-    and ``N`` a multiple of 16 (both halves of a gate|up row, and a norm's row, are multiples of 8)."""
+    and ``N`` a multiple of 16 (a gate|up row's halves are then multiples of 8; a norm's row must be a multiple of 16)."""
     return x.device.type == "cpu" and x.dtype in DTYPES and x.dim() == 2 and x.stride(1) == 1 \
         and x.shape[1] % 16 == 0
 

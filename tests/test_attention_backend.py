@@ -30,6 +30,8 @@ from kvloom.layers.attention import (
     get_attention_backend,
 )
 from kvloom.layers.attention_metadata import AttentionMetadata
+from kvloom.layers.cpu_support import CpuMatmulSupport
+from tests.fakes import fake_cpu
 
 NUM_KV_HEADS, GROUP, HEAD_DIM = 2, 4, 32
 SCALE = HEAD_DIM**-0.5
@@ -247,6 +249,12 @@ def test_cpu_backend_leaves_prefills_over_many_keys_to_sdpa(monkeypatch: pytest.
     for seq in plan.long_prefill:
         assert (plan.row_lens[seq.start:seq.end] == 0).all()
     torch.testing.assert_close(out.double(), _dense_attention(batch), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_the_backend_asks_the_same_probe_as_the_dtype_choice(amx: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_cpu(monkeypatch, CpuMatmulSupport(amx=amx, avx512_bf16=amx))
+    assert CpuAttentionBackend().amx is amx
 
 
 @pytest.mark.parametrize("amx", [True, False])

@@ -9,8 +9,9 @@
  *                  (contiguous), each head's halves x1, x2 -> (x1 * cos - x2 * sin, x2 * cos + x1 * sin)
  *
  * Each row is one thread's work (OpenMP in torch's pool: see kvloom.kernels.native), so results do not
- * depend on the thread count. I and H must be multiples of 8; D must be even. silu_and_mul and add_rms_norm
- * run VW lanes at a time (16 where the build targets AVX512; vec8.h), then 8.
+ * depend on the thread count. I must be a multiple of 8, H of 16 (what elementwise_cpu.supports() lets
+ * through); D must be even. silu_and_mul runs VW lanes at a time (16 where the build targets AVX512;
+ * vec8.h), then 8; add_rms_norm VW at a time.
  */
 #include <math.h>
 #include <stdint.h>
@@ -18,27 +19,20 @@
 
 #include "vec8.h"
 
-static inline v8f load8_any(const void *p, int64_t i, int bf16) {
-    return bf16 ? load8_bf16((const bf16_t *)p + i) : load8((const float *)p + i);
-}
+/* loadS_any / storeS_any: float32 or bf16 lanes, by the kernel's dtype flag (S: 8 or w, see vec8.h). */
+#define KV_DEFINE_ANY(S, VF)                                                                        \
+    static inline VF load##S##_any(const void *p, int64_t i, int bf16) {                            \
+        return bf16 ? load##S##_bf16((const bf16_t *)p + i) : load##S((const float *)p + i);        \
+    }                                                                                               \
+    static inline void store##S##_any(void *p, int64_t i, VF x, int bf16) {                         \
+        if (bf16)                                                                                   \
+            store##S##_bf16((bf16_t *)p + i, x);                                                    \
+        else                                                                                        \
+            store##S((float *)p + i, x);                                                            \
+    }
 
-static inline void store8_any(void *p, int64_t i, v8f x, int bf16) {
-    if (bf16)
-        store8_bf16((bf16_t *)p + i, x);
-    else
-        store8((float *)p + i, x);
-}
-
-static inline vwf loadw_any(const void *p, int64_t i, int bf16) {
-    return bf16 ? loadw_bf16((const bf16_t *)p + i) : loadw((const float *)p + i);
-}
-
-static inline void storew_any(void *p, int64_t i, vwf x, int bf16) {
-    if (bf16)
-        storew_bf16((bf16_t *)p + i, x);
-    else
-        storew((float *)p + i, x);
-}
+KV_DEFINE_ANY(8, v8f)
+KV_DEFINE_ANY(w, vwf)
 
 /* silu(g) * u as torch computes it: g / (1 + exp(-g)) (rounded to bf16 for bf16 tensors), times u.
  * VW lanes at a time, then 8: lane by lane, so the same bits at either width. */
@@ -64,16 +58,14 @@ static void silu_and_mul(const void *x, int64_t x_row, void *out, int64_t o_row,
 }
 
 /* The HF RMSNorm: float32 statistics; for bf16 the sum is a bf16 tensor, and the normalised row is
- * rounded to bf16 before the (bf16) weight multiplies it. VW lanes at a time, then 8. */
+ * rounded to bf16 before the (bf16) weight multiplies it. VW lanes at a time: H must be a multiple of 16. */
 static void add_rms_norm(const void *x, const void *residual, void *sum, void *out, const void *weight, int64_t rows,
                          int64_t hidden, float eps, int num_threads, int bf16) {
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t t = 0; t < rows; ++t) {
         const int64_t base = t * hidden;
         vwf squares = {0};
-        v8f tail = {0};
-        int64_t j = 0;
-        for (; j + VW <= hidden; j += VW) {
+        for (int64_t j = 0; j < hidden; j += VW) {
             vwf v = loadw_any(x, base + j, bf16);
             if (residual != NULL) {
                 v += loadw_any(residual, base + j, bf16);
@@ -82,26 +74,12 @@ static void add_rms_norm(const void *x, const void *residual, void *sum, void *o
             }
             squares += v * v;
         }
-        for (; j < hidden; j += 8) {
-            v8f v = load8_any(x, base + j, bf16);
-            if (residual != NULL) {
-                v += load8_any(residual, base + j, bf16);
-                if (bf16) v = round8_bf16(v);
-                store8_any(sum, base + j, v, bf16);
-            }
-            tail += v * v;
-        }
-        const float scale = 1.0f / sqrtf((hsumw(squares) + hsum8(tail)) / (float)hidden + eps);
+        const float scale = 1.0f / sqrtf(hsumw(squares) / (float)hidden + eps);
         const void *src = residual != NULL ? (const void *)sum : x;
-        for (j = 0; j + VW <= hidden; j += VW) {
+        for (int64_t j = 0; j < hidden; j += VW) {
             vwf v = loadw_any(src, base + j, bf16) * scale;
             if (bf16) v = roundw_bf16(v);
             storew_any(out, base + j, loadw_any(weight, j, bf16) * v, bf16);
-        }
-        for (; j < hidden; j += 8) {
-            v8f v = load8_any(src, base + j, bf16) * scale;
-            if (bf16) v = round8_bf16(v);
-            store8_any(out, base + j, load8_any(weight, j, bf16) * v, bf16);
         }
     }
 }

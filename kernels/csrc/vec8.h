@@ -16,14 +16,6 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 typedef uint32_t v8u __attribute__((vector_size(32)));
 typedef uint16_t v8h __attribute__((vector_size(16)));
 
-static inline v8f load8(const float *p) {
-    v8f r;
-    memcpy(&r, p, sizeof r);
-    return r;
-}
-
-static inline void store8(float *p, v8f x) { memcpy(p, &x, sizeof x); }
-
 static inline float hsum8(v8f x) {
     return ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7]));
 }
@@ -66,12 +58,6 @@ static inline bf16_t f32_to_bf16(float f) { /* round to nearest even, as torch d
 
 static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
-static inline v8f load8_bf16(const bf16_t *p) {
-    v8h h;
-    memcpy(&h, p, sizeof h);
-    return (v8f)(__builtin_convertvector(h, v8u) << 16);
-}
-
 /* The bits of round-to-nearest-even bf16(x) in the top half of each lane (the low half zero), as
  * f32_to_bf16 computes them lane by lane: NaN stays a (quiet) NaN. */
 #define KV_DEFINE_BF16_BITS(NAME, VF, VI, VU)                                                       \
@@ -112,15 +98,29 @@ static inline v8f load8_bf16(const bf16_t *p) {
         return (VF)((((VI)result & ~over) | ((VI)inf & over)) & ~under);                            \
     }
 
-KV_DEFINE_BF16_BITS(bf16_bits8, v8f, v8i, v8u)
-KV_DEFINE_EXP(exp8, v8f, v8i)
+/* Loads and stores of float32 and bf16 lanes, bf16 rounding and exp for one vector width (suffix S):
+ * loadS, storeS, loadS_bf16, storeS_bf16, roundS_bf16, bf16_bitsS, expS. */
+#define KV_DEFINE_LANES(S, VF, VI, VU, VH)                                                          \
+    static inline VF load##S(const float *p) {                                                      \
+        VF r;                                                                                       \
+        memcpy(&r, p, sizeof r);                                                                    \
+        return r;                                                                                   \
+    }                                                                                               \
+    static inline void store##S(float *p, VF x) { memcpy(p, &x, sizeof x); }                        \
+    static inline VF load##S##_bf16(const bf16_t *p) {                                              \
+        VH h;                                                                                       \
+        memcpy(&h, p, sizeof h);                                                                    \
+        return (VF)(__builtin_convertvector(h, VU) << 16);                                          \
+    }                                                                                               \
+    KV_DEFINE_BF16_BITS(bf16_bits##S, VF, VI, VU)                                                   \
+    static inline void store##S##_bf16(bf16_t *p, VF x) {                                           \
+        const VH h = __builtin_convertvector(bf16_bits##S(x) >> 16, VH);                            \
+        memcpy(p, &h, sizeof h);                                                                    \
+    }                                                                                               \
+    static inline VF round##S##_bf16(VF x) { return (VF)bf16_bits##S(x); }                          \
+    KV_DEFINE_EXP(exp##S, VF, VI)
 
-static inline void store8_bf16(bf16_t *p, v8f x) {
-    const v8h h = __builtin_convertvector(bf16_bits8(x) >> 16, v8h);
-    memcpy(p, &h, sizeof h);
-}
-
-static inline v8f round8_bf16(v8f x) { return (v8f)bf16_bits8(x); }
+KV_DEFINE_LANES(8, v8f, v8i, v8u, v8h)
 
 /* Wide vectors: VW lanes, 16 (one 512-bit register) where the build targets AVX512, else 8. Kernels whose
  * results are lane by lane (no sums across lanes) give the same bits at either width. */
@@ -134,29 +134,7 @@ typedef int32_t vwi __attribute__((vector_size(VW * 4)));
 typedef uint32_t vwu __attribute__((vector_size(VW * 4)));
 typedef uint16_t vwh __attribute__((vector_size(VW * 2)));
 
-static inline vwf loadw(const float *p) {
-    vwf r;
-    memcpy(&r, p, sizeof r);
-    return r;
-}
-
-static inline void storew(float *p, vwf x) { memcpy(p, &x, sizeof x); }
-
-static inline vwf loadw_bf16(const bf16_t *p) {
-    vwh h;
-    memcpy(&h, p, sizeof h);
-    return (vwf)(__builtin_convertvector(h, vwu) << 16);
-}
-
-KV_DEFINE_BF16_BITS(bf16_bitsw, vwf, vwi, vwu)
-KV_DEFINE_EXP(expw, vwf, vwi)
-
-static inline void storew_bf16(bf16_t *p, vwf x) {
-    const vwh h = __builtin_convertvector(bf16_bitsw(x) >> 16, vwh);
-    memcpy(p, &h, sizeof h);
-}
-
-static inline vwf roundw_bf16(vwf x) { return (vwf)bf16_bitsw(x); }
+KV_DEFINE_LANES(w, vwf, vwi, vwu, vwh)
 
 static inline float hsumw(vwf x) {
     float s = 0.0f;

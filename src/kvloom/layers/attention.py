@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from kvloom.layers.attention_metadata import AttentionMetadata
+from kvloom.layers.cpu_support import CpuMatmulSupport
 
 if TYPE_CHECKING:
     from kvloom.kernels.paged_decode_attention import DecodeGroup
@@ -207,13 +208,14 @@ class CpuAttentionBackend(TorchAttentionBackend):
     In float32 the same machine's SDPA is no faster than the kernel up to 512 tokens."""
 
     def __init__(self, amx: bool | None = None) -> None:
-        """``amx``: whether the CPU has AMX tiles (default: asked of torch), so tests decide both ways."""
+        """``amx``: whether the CPU has AMX tiles (default: ``CpuMatmulSupport.probe()``), so tests decide both
+        ways."""
         super().__init__()
         from kvloom.kernels import paged_decode_attention_cpu
 
         paged_decode_attention_cpu.load()
         self._native = paged_decode_attention_cpu
-        self.amx = _cpu_has_amx() if amx is None else amx
+        self.amx = CpuMatmulSupport.probe().amx if amx is None else amx
 
     def max_kernel_prefill_keys(self, dtype: torch.dtype) -> int:
         """Prefills over more keys than this go to SDPA (see the two limits above)."""
@@ -324,12 +326,6 @@ def get_attention_backend(name: str = "auto", device: torch.device | str = "cpu"
     if name == CpuAttentionBackend.name and device.type != "cpu":
         raise ValueError(f"the 'cpu' attention backend runs on CPU tensors, not on {device.type}")
     return _named(factory(), "chosen by name")
-
-
-def _cpu_has_amx() -> bool:
-    """Whether torch reports AMX tiles on this CPU (False where this torch build cannot tell)."""
-    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(check()) if check is not None else False
 
 
 def _named(backend: AttentionBackend, reason: str) -> AttentionBackend:

@@ -6,10 +6,8 @@ The difference is large both ways: on a Xeon with AMX, torch's bf16 GEMMs run ~3
 than fp32 at serving batch sizes; on a CPU without either unit (an AVX2-only EPYC), bf16
 matmuls are emulated and run hundreds of times slower than fp32.
 
-What the CPU can do is asked of torch (``torch.cpu._is_amx_tile_supported``,
-``torch.cpu._is_avx512_bf16_supported``: the checks its own kernels dispatch on), never read
-from ``/proc/cpuinfo`` strings. ``CpuMatmulSupport`` can be passed in, so both branches are
-tested on any machine.
+What the CPU can do is asked of torch (``kvloom.layers.cpu_support.CpuMatmulSupport``, re-exported
+here). ``CpuMatmulSupport`` can be passed in, so both branches are tested on any machine.
 """
 
 from __future__ import annotations
@@ -19,31 +17,11 @@ from dataclasses import dataclass
 import torch
 
 from kvloom.errors import ConfigError
+from kvloom.layers.cpu_support import CpuMatmulSupport
+
+__all__ = ["DTYPES", "CpuMatmulSupport", "DTypeChoice", "choose_dtype"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True, slots=True)
-class CpuMatmulSupport:
-    """Whether this CPU has hardware bf16 matrix units."""
-
-    amx: bool
-    """AMX tiles (Sapphire Rapids and later: AMX-BF16 and AMX-INT8)."""
-    avx512_bf16: bool
-    """AVX512-BF16 dot products (Cooper Lake, Sapphire Rapids, Zen 4 and later)."""
-
-    @classmethod
-    def probe(cls) -> CpuMatmulSupport:
-        """Ask torch (False where this torch build lacks the check)."""
-        return cls(amx=_ask("_is_amx_tile_supported"), avx512_bf16=_ask("_is_avx512_bf16_supported"))
-
-    @property
-    def fast_bf16(self) -> bool:
-        return self.amx or self.avx512_bf16
-
-    def describe(self) -> str:
-        units = [name for name, has in (("AMX", self.amx), ("AVX512-BF16", self.avx512_bf16)) if has]
-        return " and ".join(units) if units else "no AMX or AVX512-BF16"
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +52,3 @@ def choose_dtype(requested: str, checkpoint_dtype: torch.dtype, device: torch.de
     return DTypeChoice(torch.float32, f"auto on CPU: {support.describe()}, so bf16 matmuls would be emulated "
                                       "(far slower than float32)")
 
-
-def _ask(check: str) -> bool:
-    fn = getattr(torch.cpu, check, None)
-    return bool(fn()) if callable(fn) else False
