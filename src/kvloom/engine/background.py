@@ -1,26 +1,47 @@
-"""What differs between asyncio and trio: starting a detached task, waking the loop from a thread."""
+"""What differs between asyncio and trio: starting a detached task, waking the loop from a thread.
+
+Which of the two runs the caller is asked of anyio (``anyio.lowlevel.current_token``), the
+library the engine's own waiting goes through: no other package is needed to tell them apart
+(trio is imported only when trio is the one running, so the caller has it).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Awaitable, Callable
 
 import anyio
-import sniffio
+import anyio.lowlevel
+
+
+def _running_asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    """The asyncio loop running the caller, or None when trio runs it (anyio sees trio even as a
+    guest on top of an asyncio loop, where ``asyncio.get_running_loop()`` would answer).
+
+    Raises ``anyio.NoEventLoopError`` (a ``RuntimeError``) outside any event loop, and
+    ``RuntimeError`` under an event loop anyio supports but this module does not."""
+    native = anyio.lowlevel.current_token().native_token
+    if isinstance(native, asyncio.AbstractEventLoop):
+        return native
+    import trio
+
+    if isinstance(native, trio.lowlevel.TrioToken):
+        return None
+    raise RuntimeError(f"kvloom runs on asyncio or trio, not under {type(native).__module__}")
 
 
 def spawn_background(fn: Callable[[], Awaitable[None]]) -> object:
     """Start ``fn`` outside any task group, so ``start`` and ``aclose`` may run in different
     tasks (Jupyter cells, framework lifespans). ``fn`` must never raise. Returns a handle to
     keep alive (asyncio holds tasks only weakly)."""
-    if sniffio.current_async_library() == "trio":
+    loop = _running_asyncio_loop()
+    if loop is None:
         import trio
 
         trio.lowlevel.spawn_system_task(fn)
         return None
-    import asyncio
-
-    return asyncio.get_running_loop().create_task(fn())  # type: ignore[arg-type]
+    return loop.create_task(fn())  # type: ignore[arg-type]
 
 
 class Waker:
@@ -35,14 +56,13 @@ class Waker:
     def __init__(self) -> None:
         self._event = anyio.Event()
         self._loop_thread = threading.get_ident()
-        if sniffio.current_async_library() == "trio":
+        loop = _running_asyncio_loop()
+        if loop is None:
             import trio
 
             self._call_soon: Callable[[Callable[[], object]], object] = trio.lowlevel.current_trio_token().run_sync_soon
         else:
-            import asyncio
-
-            self._call_soon = asyncio.get_running_loop().call_soon_threadsafe
+            self._call_soon = loop.call_soon_threadsafe
 
     def wake(self) -> None:
         """From the loop thread, in ordinary code (not a finalizer)."""

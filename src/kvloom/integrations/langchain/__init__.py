@@ -12,6 +12,12 @@ print(chat.invoke("Hello!").content)
 
 from __future__ import annotations
 
+try:  # first, so that without the extra the error says which one to install
+    import langchain_core  # noqa: F401
+except ModuleNotFoundError as exc:
+    raise ModuleNotFoundError(f"kvloom.integrations.langchain needs LangChain: pip install 'kvloom[langchain]' ({exc})",
+                              name=exc.name) from exc
+
 from kvloom.integrations.langchain.chat_model import ChatKVLoom
 from kvloom.integrations.langchain.llm import KVLoom
 

@@ -4,6 +4,13 @@ Needs the ``server`` extra (``pip install kvloom[server]``). ``python -m kvloom 
 with uvicorn.
 """
 
+try:  # first, so that without the extra the error says which one to install
+    import fastapi  # noqa: F401
+except ModuleNotFoundError as exc:
+    raise ModuleNotFoundError(
+        f"kvloom.integrations.openai_server needs FastAPI: pip install 'kvloom[server]' ({exc})", name=exc.name,
+    ) from exc
+
 from kvloom.integrations.openai_server.app import create_app
 
 __all__ = ["create_app"]
