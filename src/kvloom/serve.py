@@ -4,12 +4,18 @@ The app is ``kvloom.integrations.openai_server.create_app``; it owns its engine 
 app's lifespan, closed at shutdown). ``--adapter NAME=DIR`` (repeatable) serves a PEFT LoRA
 directory under ``NAME``: clients pick it with ``model=NAME``. FastAPI and uvicorn (the
 ``server`` extra) are imported only when the command runs, so ``kvloom --help`` works without.
+
+Order of work: the flags, the checkpoint's config and the engine settings are checked, then
+the port is bound, and only then do the weights load; so every mistake the user can fix fails
+in seconds, with one line naming it. Ctrl+C gives in-flight requests ``--shutdown-grace``
+seconds, then aborts them; a second Ctrl+C aborts them at once (``server.GracefulServer``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +24,10 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
 SERVER_EXTRA = "kvloom serve needs FastAPI and uvicorn: pip install 'kvloom[server]'"
+
+DEFAULT_SHUTDOWN_GRACE = 10.0
+"""Seconds in-flight requests get after the first Ctrl+C: most answers finish, and a restart
+(a container's stop, whose SIGKILL commonly follows SIGTERM after 30 s) is not held up."""
 
 
 def _adapter(value: str) -> tuple[str, Path]:
@@ -37,6 +47,16 @@ def _config(value: str) -> tuple[str, Any]:
         return key, raw
 
 
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 <= seconds < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {value!r}")
+    return seconds
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``kvloom serve``."""
     parser.add_argument("--model", type=Path, required=True, help="a HF checkpoint directory")
@@ -48,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", type=_config, action="append", default=[], metavar="KEY=VALUE",
                         help="an AsyncEngine.from_pretrained setting, e.g. max_num_seqs=64 or "
                              "request_timeout=30 (repeatable; values are read as JSON when they parse)")
+    parser.add_argument("--shutdown-grace", type=_seconds, default=DEFAULT_SHUTDOWN_GRACE, metavar="SECONDS",
+                        help="on Ctrl+C or SIGTERM, how long in-flight requests may still run before they are "
+                             f"aborted (default {DEFAULT_SHUTDOWN_GRACE:g}; a second Ctrl+C aborts them at once)")
     parser.add_argument("--log-level", default="info", help="uvicorn's log level (default info)")
 
 
@@ -68,12 +91,18 @@ def build_app(args: argparse.Namespace) -> FastAPI:
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    """Serve until interrupted."""
+    """Serve until interrupted: check everything, bind the port (a busy one raises
+    ``ConfigError``), then load the model and serve; 0 after a shutdown by signal."""
     app = build_app(args)
     try:
-        import uvicorn
+        from kvloom.integrations.openai_server.server import GracefulServer, bind, uvicorn_config
     except ImportError as exc:
         raise SystemExit(f"{SERVER_EXTRA} ({exc})") from exc
 
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    sock = bind(args.host, args.port)
+    try:
+        config = uvicorn_config(app, args.host, args.port, args.log_level, args.shutdown_grace)
+        GracefulServer(config, app.state.kvloom_in_flight.abort_all, args.shutdown_grace).run(sockets=[sock])
+    finally:
+        sock.close()
     return 0

@@ -131,3 +131,30 @@ async def test_a_failure_mid_stream_is_an_sse_error_then_done(small: tuple[Async
     error = json.loads(events[-2])["error"]
     assert error["type"] == "server_error" and error["code"] == "engine_unavailable" and error["message"]
     assert all("choices" in json.loads(e) for e in events[:-2])
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_aborting_the_in_flight_requests_ends_them_cleanly(small: tuple[AsyncEngine, FastAPI], stream: bool) -> None:
+    """What a server shutting down does after its grace period: each answer ends as an abort
+    (a stream with its last chunk and ``[DONE]``, a waiting request with a 200), not a cut."""
+    engine, app = small
+    in_flight = app.state.kvloom_in_flight
+    aborted: list[int] = []
+    if stream:  # abort after the second chunk
+        status, text = await call_asgi(app, {**LONG, "stream": True},
+                                       lambda i: aborted.append(in_flight.abort_all()) if i == 2 else None,
+                                       anyio.Event())
+        events = [e.removeprefix("data: ") for e in text.split("\n\n") if e]
+        assert status == 200 and events[-1] == "[DONE]"
+        assert json.loads(events[-2])["choices"][0]["finish_reason"] == "abort"
+    else:  # abort while the answer is being generated
+        async def abort() -> None:
+            await until(lambda: engine.stats().num_running == 1)
+            aborted.append(in_flight.abort_all())
+
+        task = asyncio.ensure_future(abort())
+        status, text = await call_asgi(app, LONG, lambda i: None, anyio.Event())
+        await task
+        assert status == 200 and json.loads(text)["choices"][0]["finish_reason"] == "abort"
+    assert aborted == [1] and in_flight.request_ids() == []
+    await assert_settles_idle(engine)  # aborted: its 2000 tokens would take far longer than the settle timeout

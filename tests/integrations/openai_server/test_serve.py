@@ -1,10 +1,12 @@
 """``kvloom serve`` and ``examples/openai_server.py``: the command's help, the app it builds
-(nothing loaded before the server starts), and the example's app mounted under a parent app
-whose lifespan owns the engine."""
+(nothing loaded before the server starts), a busy port refused before the model loads, and the
+example's app mounted under a parent app whose lifespan owns the engine. (Interrupting a
+running server: ``test_serve_signals.py``.)"""
 
 from __future__ import annotations
 
 import importlib.util
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -58,3 +60,36 @@ async def test_the_example_mounts_the_api_in_a_parent_app_that_owns_the_engine(d
         assert done.usage is not None and done.usage.completion_tokens <= 2
         own = await http.get("/summarize", params={"text": "a paged KV cache"})
         assert own.status_code == 200 and "summary" in own.json()
+
+
+def test_a_busy_port_fails_in_one_line_before_the_model_loads(
+    demo_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    from kvloom import AsyncEngine
+    from kvloom.cli import main
+
+    loads: list[str] = []
+
+    async def start(self: AsyncEngine) -> None:
+        loads.append("start")
+        raise AssertionError("the model started loading before the port was checked")
+
+    monkeypatch.setattr(AsyncEngine, "start", start)
+    with socket.socket() as busy:  # another server listens there
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--model", str(demo_dir), "--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"kvloom serve: error: --port: 127.0.0.1:{port} is already in use") and err.count("\n") == 1
+    assert loads == []
+
+
+def test_shutdown_grace_is_a_finite_number_of_seconds_defaulting_to_10() -> None:
+    parser = build_parser()
+    args = parser.parse_args(["serve", "--model", "m"])
+    assert args.shutdown_grace == 10.0
+    assert parser.parse_args(["serve", "--model", "m", "--shutdown-grace", "0.5"]).shutdown_grace == 0.5
+    for bad in ("-1", "soon", "inf", "nan"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["serve", "--model", "m", "--shutdown-grace", bad])

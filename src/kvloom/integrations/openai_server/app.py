@@ -6,6 +6,10 @@ app only serves it: the lifespan starts it if needed and never closes it, so an 
 can share the engine with its own routes, or mount this app under its own (a mounted app's
 lifespan does not run: start the engine in the parent's lifespan, see
 ``examples/openai_server.py``).
+
+``app.state.kvloom_engine`` is the engine; ``app.state.kvloom_in_flight`` the requests being
+answered (``InFlight``: a server shutting down aborts them, see ``server.GracefulServer``).
+``GET /metrics`` serves the engine's Prometheus gauges (``metrics.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from fastapi import FastAPI
 
 from kvloom.engine.async_engine import AsyncEngine
 from kvloom.integrations.openai_server.errors import install_handlers
+from kvloom.integrations.openai_server.metrics import build_metrics_router
 from kvloom.integrations.openai_server.routes import Served, build_router
 
 
@@ -58,6 +63,8 @@ def create_app(
 
     app = FastAPI(title="kvloom OpenAI-compatible API", lifespan=lifespan)
     app.state.kvloom_engine = engine
+    app.state.kvloom_in_flight = served.in_flight
     install_handlers(app)
     app.include_router(build_router(served))
+    app.include_router(build_metrics_router(engine))
     return app

@@ -5,6 +5,11 @@ Everything here is a pure function of kvloom's ``Completion`` / ``StreamChunk`` 
 tokenizer, for token strings in logprobs), so a streamed request and the same request run to
 the end produce the same content: deltas concatenate to the final text and tool calls.
 kvloom's finish reasons that OpenAI lacks (``abort``, ``error``) pass through as they are.
+
+A tool call the output ended inside (cut by ``max_tokens``: ``finish_reason="length"``, its
+``arguments`` not valid JSON) carries ``"incomplete": true``, kvloom's one addition to OpenAI's
+shape: on its ``message.tool_calls[i]``, and streamed on a ``delta.tool_calls[i]`` of the last
+chunk. Complete calls have no such key, so their JSON is exactly OpenAI's.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvloom.outputs import Choice, Completion, StreamChunk, TokenLogprob, ToolCallDelta, Usage
+from kvloom.outputs import Choice, Completion, StreamChunk, TokenLogprob, ToolCall, ToolCallDelta, Usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,11 +72,18 @@ def completion_logprobs(logprobs: list[TokenLogprob] | None, tokenizer: Any | No
             "text_offset": offsets}
 
 
+def _tool_call(call: ToolCall) -> dict[str, Any]:
+    out = call.to_openai()
+    if call.incomplete:
+        out["incomplete"] = True
+    return out
+
+
 def _message(choice: Choice) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": choice.text, "refusal": None}
     if choice.tool_calls:
         message["content"] = choice.text or None
-        message["tool_calls"] = [call.to_openai() for call in choice.tool_calls]
+        message["tool_calls"] = [_tool_call(call) for call in choice.tool_calls]
     return message
 
 
@@ -99,6 +111,8 @@ def _tool_call_delta(delta: ToolCallDelta) -> dict[str, Any]:
         out["type"] = "function"
     if delta.name is not None:
         out["function"]["name"] = delta.name
+    if delta.incomplete:
+        out["incomplete"] = True
     return out
 
 

@@ -2,16 +2,18 @@
 
 Each handler checks the body (``check_fields``), resolves ``model`` (the base model or a loaded
 LoRA adapter), turns the body into kvloom arguments and either waits for the completion or
-streams it. Errors are raised and answered by ``errors.install_handlers``.
+streams it; the request is in ``Served.in_flight`` until its answer is sent or its stream
+closed. Errors are raised and answered by ``errors.install_handlers``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -25,7 +27,13 @@ from kvloom.integrations.openai_server.convert import (
     chat_completion,
     text_completion,
 )
-from kvloom.integrations.openai_server.errors import OpenAIError, from_exception, model_not_found
+from kvloom.integrations.openai_server.errors import (
+    OpenAIError,
+    error_response,
+    from_exception,
+    model_not_found,
+)
+from kvloom.integrations.openai_server.inflight import InFlight
 from kvloom.integrations.openai_server.sampling import (
     chat_params,
     chat_tools,
@@ -41,11 +49,16 @@ CLIENT_CLOSED = 499
 
 @dataclass(slots=True)
 class Served:
-    """The engine behind the app and the name its base model is served under."""
+    """The engine behind the app, the name its base model is served under, and the requests
+    being answered."""
 
     engine: AsyncEngine
     model_name: str
     created: int
+    in_flight: InFlight = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.in_flight = InFlight(self.engine)
 
     def ready_engine(self) -> AsyncEngine:
         """The engine, once started on this event loop (the app's lifespan, or its owner's, starts it)."""
@@ -85,6 +98,8 @@ async def _answer(request: Request, served: Served, body: BaseRequest, chat: boo
     engine = served.ready_engine()
     meta = _meta("chatcmpl" if chat else "cmpl", body.model)
     args = {**args, "request_id": meta.id, "adapter": served.adapter_for(body.model), "cache_salt": body.cache_salt}
+    ticket = served.in_flight.start(meta.id)
+    streaming = False
     try:
         if not body.stream:
             completion = await race_disconnect(request, lambda: engine.generate(**args))
@@ -92,13 +107,18 @@ async def _answer(request: Request, served: Served, body: BaseRequest, chat: boo
             return Response(_dumps(convert(completion, meta, engine.tokenizer)), media_type="application/json")
         stream = engine.stream(**args)
         first = await race_disconnect(request, lambda: anext(stream, None))
+        writer = ChunkWriter(meta, chat, body.include_usage, engine.tokenizer)
+        events = sse_events(first, stream, writer, on_close=functools.partial(served.in_flight.finish, ticket))
+        streaming = True  # the events' generator finishes the ticket when it closes
+        return StreamingResponse(events, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     except ClientDisconnected:
         return Response(status_code=CLIENT_CLOSED)
     except InvalidRequestError as exc:  # named as the client named it (max_completion_tokens, ...)
         raise from_exception(exc, client_names(body)) from exc
-    writer = ChunkWriter(meta, chat, body.include_usage, engine.tokenizer)
-    return StreamingResponse(sse_events(first, stream, writer), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    finally:
+        if not streaming:
+            served.in_flight.finish(ticket)
 
 
 def _dumps(payload: dict[str, Any]) -> bytes:
@@ -130,10 +150,13 @@ def build_router(served: Served) -> APIRouter:
         args = {"prompt": body.single_prompt(), "params": completion_params(body)}
         return await _answer(request, served, body, False, args)
 
-    @router.get("/health")
+    @router.get("/health", response_model=None)
     async def health() -> Response:
-        """200 while the engine serves, 503 once it failed or closed."""
-        healthy = served.engine.event_loop is not None and served.engine.stats().healthy
-        return Response(status_code=200 if healthy else 503)
+        """200 (empty) while the engine serves; 503 (an OpenAI error body) before it started and
+        once it failed or closed."""
+        if served.engine.event_loop is not None and served.engine.stats().healthy:
+            return Response(status_code=200)
+        return error_response(OpenAIError(503, "The engine is not serving (not started, failed or closed)",
+                                          type="server_error", code="engine_unavailable"))
 
     return router

@@ -22,12 +22,24 @@ _PASSED_AS_IS = ("temperature", "top_p", "n", "stop", "seed", "presence_penalty"
                  "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids")
 
 
+RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema", "regex", "choice", "grammar")
+"""What ``response_format.type`` may be: OpenAI's three, then kvloom's own."""
+
+
 def response_format(value: dict[str, Any] | None) -> dict[str, Any] | None:
     """OpenAI's ``response_format``: ``text`` is no constraint; ``json_schema`` needs its
-    ``schema``; ``json_object`` (and kvloom's ``regex``/``choice``/``grammar``) go to kvloom as is."""
-    if value is None or value.get("type") == "text":
+    ``schema``; ``json_object`` (and kvloom's ``regex``/``choice``/``grammar``) go to kvloom as is.
+    ``type`` is required, as in OpenAI's API (kvloom's in-process forms without it, such as a
+    bare JSON schema, are not read here), and must be one of ``RESPONSE_FORMAT_TYPES``."""
+    if value is None:
         return None
-    if value.get("type") == "json_schema":
+    kind = value.get("type")
+    if kind not in RESPONSE_FORMAT_TYPES:
+        got = "missing" if kind is None else f"unsupported type {kind!r}"
+        raise bad_request("response_format.type", f"{got}; supported types: {', '.join(RESPONSE_FORMAT_TYPES)}")
+    if kind == "text":
+        return None
+    if kind == "json_schema":
         inner = value.get("json_schema")
         if not isinstance(inner, dict) or not isinstance(inner.get("schema"), dict):
             raise bad_request("response_format.json_schema.schema", "a JSON schema object is required")

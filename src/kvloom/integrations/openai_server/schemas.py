@@ -92,7 +92,8 @@ class FunctionCallIn(BaseModel):
 
     name: str
     arguments: str
-    """JSON text, as the API returned it."""
+    """The text the API returned: JSON, or any string (a call cut by ``max_tokens`` is not valid
+    JSON; OpenAI accepts it back, and so does this app)."""
 
 
 class ToolCallIn(BaseModel):
@@ -117,7 +118,7 @@ class ChatMessage(BaseModel):
 
     def to_template(self, index: int) -> dict[str, Any]:
         """The message as chat templates read it: ``developer`` becomes ``system``, text parts are
-        joined, a call's ``arguments`` JSON text becomes a dict (templates write it with ``tojson``)."""
+        joined, a call's ``arguments`` become what templates expect (see ``template_arguments``)."""
         where = f"messages[{index}]"
         message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
                                    "content": self._text(where)}
@@ -128,8 +129,7 @@ class ChatMessage(BaseModel):
         if self.tool_calls:
             if self.role != "assistant":
                 raise bad_request(f"{where}.tool_calls", "only assistant messages carry tool calls")
-            message["tool_calls"] = [self._call(call, f"{where}.tool_calls[{i}]")
-                                     for i, call in enumerate(self.tool_calls)]
+            message["tool_calls"] = [self._call(call) for call in self.tool_calls]
         return message
 
     def _text(self, where: str) -> str:
@@ -145,12 +145,31 @@ class ChatMessage(BaseModel):
         return "\n".join(texts)
 
     @staticmethod
-    def _call(call: ToolCallIn, where: str) -> dict[str, Any]:
-        try:
-            arguments = json.loads(call.function.arguments) if call.function.arguments.strip() else {}
-        except json.JSONDecodeError as exc:
-            raise bad_request(f"{where}.function.arguments", f"not valid JSON ({exc})") from exc
+    def _call(call: ToolCallIn) -> dict[str, Any]:
+        arguments = template_arguments(call.function.arguments)
         return {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": arguments}}
+
+
+def template_arguments(text: str) -> Any:
+    """A call's ``arguments`` text as the chat template gets it. Never raises: OpenAI accepts
+    any string here, so a call cut by ``max_tokens`` can go back in an agent's history.
+
+    - a JSON object or array: the parsed value. Templates such as Qwen2.5's, Hermes 2 Pro's and
+      Llama 3.1's always write ``arguments | tojson``, which would quote a string; templates that
+      test ``arguments is string`` (Qwen3's, kvloom's tiny ones) write the value as JSON too;
+    - blank: ``{}``;
+    - anything else (text that is not JSON, e.g. a cut call, or a bare JSON scalar): the text
+      itself. ``is string`` templates write it verbatim; ``tojson`` ones write it as one JSON
+      string, since a template's ``tojson`` (``json.dumps`` over plain data) cannot write text
+      that is not JSON.
+    """
+    if not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    return value if isinstance(value, dict | list) else text
 
 
 class ChatCompletionRequest(BaseRequest):

@@ -68,10 +68,11 @@ def _event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def sse_events(first: StreamChunk | None, rest: AsyncIterator[StreamChunk],
-                     writer: ChunkWriter) -> AsyncIterator[str]:
+async def sse_events(first: StreamChunk | None, rest: AsyncIterator[StreamChunk], writer: ChunkWriter,
+                     on_close: Callable[[], None] = lambda: None) -> AsyncIterator[str]:
     """``first`` and then the rest of the stream as SSE ``data:`` events; the usage chunk when
-    asked for; ``data: [DONE]`` last, also after a failure (sent as an error event)."""
+    asked for; ``data: [DONE]`` last, also after a failure (sent as an error event).
+    ``on_close`` runs once the kvloom stream is closed, however the events end."""
     try:
         piece = first
         while piece is not None:
@@ -84,5 +85,8 @@ async def sse_events(first: StreamChunk | None, rest: AsyncIterator[StreamChunk]
     except Exception as exc:
         yield sse_error(from_exception(exc))
     finally:
-        await rest.aclose()  # type: ignore[attr-defined]
+        try:
+            await rest.aclose()  # type: ignore[attr-defined]
+        finally:
+            on_close()
     yield DONE
