@@ -37,7 +37,7 @@ class Answer(BaseModel):
 async def main() -> None:
     model_dir = sys.argv[1] if len(sys.argv) > 1 else demo_model_dir()  # built once into the cache
     counter = TokenCountingHandler(tokenizer=AutoTokenizer.from_pretrained(model_dir).encode)
-    llm = KVLoomLLM(model_dir, temperature=0.0, max_tokens=48)  # the engine starts at the first call
+    llm = KVLoomLLM(model_path=model_dir, temperature=0.0, max_tokens=48)  # the engine starts at the first call
     Settings.llm, Settings.tokenizer = llm, counter.tokenizer
     Settings.callback_manager = CallbackManager([counter])
     try:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,3 +38,42 @@ def test_nox_sessions_exist() -> None:
     assert {"demo", "tests", "lint", "stress", "gpu", "docs"} <= sessions
     for session in sessions:
         assert re.search(rf"^def {session}\(session", noxfile, flags=re.M), session
+
+
+def python_snippet(containing: str) -> str:
+    """The README's one ``python`` block that contains ``containing``."""
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+              if containing in b]
+    assert len(blocks) == 1, f"{len(blocks)} python blocks contain {containing!r}"
+    return str(blocks[0])
+
+
+def test_the_llm_snippet_runs_on_the_demo_model(
+    checkpoint_factory: Callable[..., Path], capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The synchronous facade's snippet, as written, with a checkpoint directory as its path: the
+    tests' small demo model (``python -m kvloom demo --tiny``: the demo's tokenizer and chat
+    template, a smaller vocabulary than any real checkpoint)."""
+    from kvloom.demo import TINY_DEMO_MODEL
+
+    demo_dir = checkpoint_factory(**TINY_DEMO_MODEL.build_kwargs)
+    snippet = python_snippet("llm = LLM(")
+    path = re.search(r'LLM\("([^"]+)"\)', snippet)
+    assert path is not None, "the snippet builds LLM from a checkpoint directory"
+    namespace: dict[str, object] = {}
+    try:
+        exec(snippet.replace(path.group(1), str(demo_dir)), namespace)
+    finally:
+        llm = namespace.get("llm")
+        if llm is not None:
+            llm.close()  # type: ignore[attr-defined]
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) >= 2 and "Usage(" in "\n".join(printed), printed
+
+
+def test_the_outlines_snippet_says_a_script_needs_the_main_guard() -> None:
+    """outlines compiles in a ``spawn`` process pool, which imports the main module in every worker."""
+    readme = (ROOT / "README.md").read_text()
+    outlines = readme.index('grammar_backend="outlines"')
+    paragraph_after = readme[outlines:].split("\n\n", 2)[1]
+    assert 'if __name__ == "__main__":' in paragraph_after and "spawn" in paragraph_after, paragraph_after

@@ -22,7 +22,7 @@ from kvloom.errors import (
     RequestTimeoutError,
     UnsupportedModelError,
 )
-from kvloom.outputs import Choice, Completion, StreamChunk, TokenLogprob, Usage
+from kvloom.outputs import Choice, Completion, IncompleteToolCallError, StreamChunk, TokenLogprob, Usage
 from kvloom.params import SamplingParams
 
 if TYPE_CHECKING:
@@ -43,6 +43,7 @@ __all__ = [
     "EngineError",
     "EngineOverloadedError",
     "GrammarError",
+    "IncompleteToolCallError",
     "InvalidRequestError",
     "KvloomError",
     "PrefixBudgetError",

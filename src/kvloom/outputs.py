@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from kvloom.errors import KvloomError
+
 FinishReason = Literal["stop", "length", "abort", "error", "tool_calls"]
 """``error``: a logits processor rejected the sampled token or raised (see the engine log);
 ``tool_calls``: the choice ended with one or more tool calls (see ``Choice.tool_calls``)."""
@@ -13,23 +15,54 @@ FinishReason = Literal["stop", "length", "abort", "error", "tool_calls"]
 
 @dataclass(slots=True, frozen=True)
 class ToolCall:
-    """One function call the model made (OpenAI's ``tool_calls[i]``)."""
+    """One function call the model made (OpenAI's ``tool_calls[i]``).
+
+    Invariant, for the calls of a completion: ``incomplete`` is False exactly when ``arguments``
+    closed (its braces balance), and a constrained call that closed validates against its
+    tool's schema. Only the last call of a choice can be incomplete.
+    """
 
     id: str
     """Unique per call (``call_`` + 24 hex digits)."""
     name: str
     arguments: str
     """The arguments as JSON text; with a constrained request it validates against the tool's schema."""
+    incomplete: bool = False
+    """The output ended inside this call's arguments, nearly always because ``max_tokens`` cut
+    it (the completion's ``finish_reason`` is then ``"length"``): ``arguments`` holds what the
+    model had written, not valid JSON, and ``parsed`` raises ``IncompleteToolCallError``."""
 
     @property
     def parsed(self) -> dict[str, Any]:
-        """The arguments as a dict."""
+        """The arguments as a dict. Raises ``IncompleteToolCallError`` (a ``ValueError``) for an
+        ``incomplete`` call."""
+        if self.incomplete:
+            raise IncompleteToolCallError(self)
         value: dict[str, Any] = json.loads(self.arguments)
         return value
 
     def to_openai(self) -> dict[str, Any]:
         """``{"id", "type": "function", "function": {"name", "arguments"}}``: an assistant message's entry."""
         return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+class IncompleteToolCallError(KvloomError, ValueError):
+    """A tool call whose arguments were cut before they closed (``ToolCall.incomplete``).
+
+    The message says what cut it and what to do: ``"... cut by max_tokens
+    (finish_reason='length') ...; raise max_tokens"``. ``call`` is the cut call.
+    """
+
+    def __init__(self, call: ToolCall) -> None:
+        self.call = call
+        so_far = call.arguments if len(call.arguments) <= 80 else call.arguments[:77] + "..."
+        super().__init__(
+            f"tool call {call.name!r} ({call.id}) is incomplete: cut by max_tokens (finish_reason='length') before "
+            f"its arguments closed; raise max_tokens (a stop string inside the call or an abort cuts it too). "
+            f"Arguments so far: {so_far!r}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.call,)
 
 
 @dataclass(slots=True, frozen=True)
@@ -54,6 +87,9 @@ class ToolCallDelta:
     id: str | None = None
     name: str | None = None
     arguments: str = ""
+    incomplete: bool = False
+    """Set on the request's last chunk for a call the output ended inside (``ToolCall.incomplete``:
+    cut by ``max_tokens``, ``finish_reason="length"``); such a piece may carry no arguments."""
 
 
 @dataclass(slots=True)

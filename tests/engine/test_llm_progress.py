@@ -80,3 +80,39 @@ def test_bar_is_closed_when_the_batch_fails(llm: LLM, monkeypatch: pytest.Monkey
         llm.generate(PROMPTS, [PARAMS, broken, PARAMS], use_tqdm=True)
     assert "0/3" in terminal.getvalue() and terminal.getvalue().endswith("\n"), terminal.getvalue()
     llm.assert_idle()
+
+
+JUPYTER = """
+import sys, types, warnings
+# What tqdm.auto looks at to pick its notebook widget: an ipykernel shell is loaded...
+sys.modules["ipykernel.zmqshell"] = types.ModuleType("ipykernel.zmqshell")
+ipython = types.ModuleType("IPython")
+ipython.get_ipython = type("ZMQInteractiveShell", (), {})
+sys.modules["IPython"] = ipython
+sys.modules["ipywidgets"] = None  # ...and ipywidgets is not installed: tqdm warns "IProgress not found"
+"""
+
+
+def run_in_jupyter(code: str) -> str:
+    """``code`` in a fresh interpreter that looks like a Jupyter kernel without ipywidgets; its stderr."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", JUPYTER + code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stderr
+
+
+def test_building_an_engine_in_jupyter_prints_no_tqdm_widget_warning(llama_dir: Path) -> None:
+    # The kernel as simulated does make transformers' import warn (else this test proves nothing)...
+    assert "IProgress not found" in run_in_jupyter("import transformers")
+    # ...but building an engine, which imports it to load the tokenizer, does not; no filter of
+    # that warning outlives the build, and tqdm.auto is the plain bar it falls back to anyway.
+    err = run_in_jupyter(f"""
+from kvloom import LLM
+LLM({str(llama_dir)!r}).close()
+import tqdm.autonotebook, tqdm.std
+assert tqdm.autonotebook.tqdm is tqdm.std.tqdm
+assert not [f for f in warnings.filters if f[2] is tqdm.std.TqdmWarning or "IProgress" in str(f[1])], warnings.filters
+""")
+    assert "IProgress" not in err and "TqdmWarning" not in err, err

@@ -53,3 +53,37 @@ def test_a_call_cut_before_its_name_leaves_no_markup_in_the_text(fmt: str, text:
         streamed = parser.feed(text[:split])[0] + parser.feed(text[split:], final=True)[0]
         assert streamed == parser.result()[0] == content
         assert parser.result()[1] == []
+
+
+CUT = {  # a call cut by max_tokens inside its arguments, after a complete one
+    "hermes": ('<tool_call>\n{"name": "book", "arguments": {}}\n</tool_call>\n'
+               '<tool_call>\n{"name": "search", "arguments": {"q": "a}b', '{"q": "a}b'),
+    "llama": ('{"name": "book", "parameters": {}}\n{"name": "search", "parameters": {"q": [1, {"x"', '{"q": [1, {"x"'),
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(CUT))
+def test_a_call_cut_inside_its_arguments_is_marked_incomplete_in_the_result_and_the_stream(fmt: str) -> None:
+    from kvloom.outputs import IncompleteToolCallError
+
+    text, cut_arguments = CUT[fmt]
+    for split in range(1, len(text)):
+        parser = ToolCallStreamParser(fmt, frozenset({"search", "book"}))  # type: ignore[arg-type]
+        first = parser.feed(text[:split])[1]
+        last = parser.feed(text[split:], final=True)[1]
+        deltas = merge_tool_deltas(merge_tool_deltas([], first), last)
+        complete, cut = parser.result()[1]
+        assert (complete.incomplete, complete.parsed) == (False, {})
+        assert (cut.name, cut.arguments, cut.incomplete) == ("search", cut_arguments, True)
+        with pytest.raises(IncompleteToolCallError, match=r"cut by max_tokens \(finish_reason='length'\)"):
+            _ = cut.parsed
+        assert [(d.index, d.incomplete) for d in last if d.incomplete] == [(1, True)], "the last chunk says so"
+        assert [d.incomplete for d in deltas if d.index == 0] == [False]
+    assert issubclass(IncompleteToolCallError, ValueError), "existing `except ValueError` code keeps working"
+
+
+def test_a_call_cut_after_its_arguments_closed_is_complete() -> None:
+    parser = ToolCallStreamParser("hermes", frozenset({"search"}))
+    _, deltas = parser.feed('<tool_call>\n{"name": "search", "arguments": {"q": "x"}}\n</tool', final=True)
+    [call] = parser.result()[1]
+    assert (call.incomplete, call.parsed) == (False, {"q": "x"}) and not any(d.incomplete for d in deltas)

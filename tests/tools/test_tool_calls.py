@@ -211,3 +211,35 @@ async def run_agent_loop(model_dir: Path) -> None:
         assert handle.hits == 3
         handle.release()
         await assert_settles_idle(engine)
+
+
+@pytest.mark.anyio
+async def test_a_call_cut_by_max_tokens_is_marked_incomplete_and_says_so(family_dir: Path) -> None:
+    """The same seeded call twice: whole, then with ``max_tokens`` ending it inside its arguments.
+    The cut call is still reported (as OpenAI does with ``finish_reason="length"``), marked
+    ``incomplete`` in the completion and in the stream, and ``parsed`` names the cause."""
+    from kvloom.engine.streams import merge_tool_deltas
+    from kvloom.outputs import IncompleteToolCallError, ToolCallDelta
+
+    named = {"type": "function", "function": {"name": "book_trip"}}
+    request = dict(messages=USER, tools=TOOLS, tool_choice=named, parallel_tool_calls=False)
+    async with AsyncEngine.from_pretrained(family_dir) as engine:
+        whole = await engine.generate(params=SamplingParams(temperature=1.0, seed=0, max_tokens=400), **request)
+        assert whole.finish_reason == "tool_calls" and not whole.tool_calls[0].incomplete
+        # The first token count whose text reaches into the arguments (past the call's name).
+        decode = engine.tokenizer.decode  # type: ignore[union-attr]
+        inside = next(k for k in range(1, len(whole.token_ids)) if '"city"' in decode(whole.token_ids[:k]))
+        cut_params = SamplingParams(temperature=1.0, seed=0, max_tokens=inside)
+        cut = await engine.generate(params=cut_params, **request)
+        assert cut.finish_reason == "length" and [c.name for c in cut.tool_calls] == ["book_trip"]
+        call = cut.tool_calls[0]
+        assert call.incomplete and whole.tool_calls[0].arguments.startswith(call.arguments)
+        with pytest.raises(IncompleteToolCallError, match=r"'book_trip'.*cut by max_tokens.*raise max_tokens"):
+            _ = call.parsed
+        chunks = [chunk async for chunk in engine.stream(params=cut_params, **request)]
+        deltas: list[ToolCallDelta] = []
+        for chunk in chunks:
+            deltas = merge_tool_deltas(deltas, chunk.tool_calls or [])
+        assert chunks[-1].finish_reason == "length" and any(d.incomplete for d in chunks[-1].tool_calls or [])
+        assert "".join(d.arguments for d in deltas) == call.arguments and deltas[-1].incomplete
+        engine.assert_idle()

@@ -3,12 +3,15 @@
 ``use_tqdm=None`` (auto) shows it only when stderr is a terminal, so scripts piped to a file,
 test runs and notebooks' captured cells stay clean; ``True`` forces it on, ``False`` off.
 Off means no output at all and no tqdm import (tqdm is imported only when a bar is drawn).
+
+``import_tqdm_auto_quietly`` keeps other libraries' bars from warning in Jupyter (see there).
 """
 
 from __future__ import annotations
 
 import sys
 import time
+import warnings
 from types import TracebackType
 from typing import Any, TextIO
 
@@ -25,6 +28,26 @@ def wants_bar(use_tqdm: bool | None, stream: TextIO | None) -> bool:
         return bool(isatty()) if isatty is not None else False
     except ValueError:  # a closed stream
         return False
+
+
+def import_tqdm_auto_quietly() -> None:
+    """Import ``tqdm.auto`` without its "IProgress not found" warning; call it before importing
+    transformers or huggingface_hub, which import ``tqdm.auto`` at their own import.
+
+    In a Jupyter kernel without ipywidgets, the first import of ``tqdm.auto`` warns (a
+    ``TqdmWarning``) and falls back to the plain ``tqdm.std`` bar. Importing it here first, with
+    that one warning ignored for the length of the import, gives the same plain bar silently;
+    later imports find it in ``sys.modules`` and never warn. No filter outlives the call
+    (``warnings.catch_warnings`` restores the process-wide list, so the import is kept short).
+    Anywhere else (a terminal, a notebook with ipywidgets) the import behaves as usual.
+    """
+    if "tqdm.autonotebook" in sys.modules:
+        return
+    from tqdm.std import TqdmWarning
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="IProgress not found", category=TqdmWarning)
+        import tqdm.auto  # noqa: F401
 
 
 class BatchProgress:

@@ -104,11 +104,13 @@ async def iterate(
 
 
 def merge_tool_deltas(first: list[ToolCallDelta], then: list[ToolCallDelta]) -> list[ToolCallDelta]:
-    """Join consecutive pieces of one call (argument fragments append to the piece before)."""
-    merged = [ToolCallDelta(d.index, d.id, d.name, d.arguments) for d in first]
+    """Join consecutive pieces of one call (argument fragments append to the piece before; a
+    piece marked ``incomplete`` marks the joined one)."""
+    merged = [ToolCallDelta(d.index, d.id, d.name, d.arguments, d.incomplete) for d in first]
     for d in then:
         if merged and merged[-1].index == d.index and d.id is None and d.name is None:
             merged[-1].arguments += d.arguments
+            merged[-1].incomplete = merged[-1].incomplete or d.incomplete
         else:
-            merged.append(ToolCallDelta(d.index, d.id, d.name, d.arguments))
+            merged.append(ToolCallDelta(d.index, d.id, d.name, d.arguments, d.incomplete))
     return merged

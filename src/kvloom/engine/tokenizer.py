@@ -15,6 +15,9 @@ def load_tokenizer(model_dir: str | Path) -> Any | None:
     path = Path(model_dir)
     if not any((path / name).exists() for name in _TOKENIZER_FILES):
         return None
+    from kvloom.engine.progress import import_tqdm_auto_quietly
+
+    import_tqdm_auto_quietly()  # transformers' import would warn in a Jupyter kernel without ipywidgets
     from transformers import AutoTokenizer
 
     try:

@@ -4,8 +4,10 @@ in the OpenAI shape (index, id and name first, then argument fragments).
 The same parser produces the final result, so a stream's deltas always concatenate to exactly
 the completion's ``text`` and ``tool_calls``. A call's ``arguments`` is the arguments JSON as
 the model wrote it (a constrained call validates as written). A call cut short by
-``max_tokens`` keeps what it had (as OpenAI does with ``finish_reason="length"``); one cut
-before its name was complete is dropped (there is no call to report, and its markup is not text).
+``max_tokens`` keeps what it had (as OpenAI does with ``finish_reason="length"``) and is marked:
+when the text ends inside a call's arguments, that call is ``incomplete`` in ``result`` and the
+final ``feed`` says so in a delta for it. One cut before its name was complete is dropped (there
+is no call to report, and its markup is not text).
 """
 
 from __future__ import annotations
@@ -69,13 +71,32 @@ class ToolCallStreamParser:
                 self._tail()
             if (self._pos, self._state) == before:
                 break
+        if final and self.in_arguments:
+            self._mark_cut(deltas)
         emitted = "".join(out_text)
         self.content += emitted
         return emitted, deltas
 
+    @property
+    def in_arguments(self) -> bool:
+        """Whether the text so far ends inside a call's arguments (they have not closed)."""
+        return self._state == "args"
+
     def result(self) -> tuple[str, list[ToolCall]]:
-        """The content and the calls (after the final ``feed``)."""
-        return self.content, [ToolCall(c.id, c.name, c.arguments) for c in self.calls]
+        """The content and the calls (after the final ``feed``, or wherever an abort stopped
+        the text): the last call is ``incomplete`` if the text ended inside its arguments."""
+        last = len(self.calls) - 1
+        return self.content, [ToolCall(c.id, c.name, c.arguments, incomplete=i == last and self.in_arguments)
+                              for i, c in enumerate(self.calls)]
+
+    def _mark_cut(self, deltas: list[ToolCallDelta]) -> None:
+        """The final feed ended inside the last call: its last piece here says so (one is added
+        when this feed brought it no arguments)."""
+        index = len(self.calls) - 1
+        if deltas and deltas[-1].index == index and deltas[-1].id is None:
+            deltas[-1].incomplete = True
+        else:
+            deltas.append(ToolCallDelta(index, incomplete=True))
 
     # ---- states ----------------------------------------------------------------------------
     def _text(self, out: list[str], deltas: list[ToolCallDelta], final: bool) -> None:

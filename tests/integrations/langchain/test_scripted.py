@@ -75,11 +75,18 @@ def test_structured_output(suite: Any, scripted: Any, schema_type: str) -> None:
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("schema_type", ["pydantic"])
+@pytest.mark.parametrize("schema_type", ["pydantic", "typeddict", "json_schema"])
 async def test_structured_output_async(suite: Any, scripted: Any, schema_type: str) -> None:
     model, script = scripted(JOKE)
     await Suite.test_structured_output_async(suite, model, schema_type)
     assert script.num_served == 2
+
+
+def test_structured_output_optional_param(suite: Any, scripted: Any) -> None:
+    setup_only = '{"setup":"Why did the cat sit on the laptop?"}'
+    model, script = scripted(setup_only, JOKE, JOKE, JOKE)
+    Suite.test_structured_output_optional_param(suite, model)  # pydantic twice, a JSON schema, a TypedDict
+    assert script.num_served == 4
 
 
 def test_structured_output_pydantic_2_v1(suite: Any, scripted: Any) -> None:

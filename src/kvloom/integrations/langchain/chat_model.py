@@ -20,7 +20,7 @@ from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict
 
-from kvloom.integrations.langchain.messages import to_chat_messages, to_generation, to_generation_chunk
+from kvloom.integrations.langchain.messages import ChunkConverter, to_chat_messages, to_generation
 from kvloom.integrations.langchain.settings import KVLoomSettings
 from kvloom.integrations.langchain.structured import StructuredMethod, structured_output
 
@@ -95,8 +95,9 @@ class ChatKVLoom(KVLoomSettings, BaseChatModel):
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         request = self._request(messages, stop, kwargs)
+        converter = ChunkConverter(request.model_name)
         for chunk in self.stream_chunks(request):
-            generation = to_generation_chunk(chunk, request.model_name)
+            generation = converter.convert(chunk)
             if run_manager is not None:
                 run_manager.on_llm_new_token(generation.text, chunk=generation)
             yield generation
@@ -105,8 +106,9 @@ class ChatKVLoom(KVLoomSettings, BaseChatModel):
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         request = self._request(messages, stop, kwargs)
+        converter = ChunkConverter(request.model_name)
         async for chunk in self.astream_chunks(request):
-            generation = to_generation_chunk(chunk, request.model_name)
+            generation = converter.convert(chunk)
             if run_manager is not None:
                 await run_manager.on_llm_new_token(generation.text, chunk=generation)
             yield generation

@@ -6,10 +6,12 @@ Outbound, every message becomes the dict the chat template renders: an ``AIMessa
 back to the model as its template expects. The engine reads text only: image, audio and file
 blocks are refused with an error naming the block.
 
-Inbound, a ``Completion`` becomes an ``AIMessage`` (calls whose arguments do not parse, e.g.
-cut by ``max_tokens``, land in ``invalid_tool_calls``) and each ``StreamChunk`` an
+Inbound, a ``Completion`` becomes an ``AIMessage`` and each ``StreamChunk`` an
 ``AIMessageChunk`` whose ``tool_call_chunks`` add up to the same calls; only the last chunk
-carries usage and response metadata and ``chunk_position="last"``.
+carries usage and response metadata and ``chunk_position="last"``. A call cut by ``max_tokens``
+(``ToolCall.incomplete``) lands in ``invalid_tool_calls`` with an error saying so, and the ids
+of such calls are listed in ``response_metadata["incomplete_tool_calls"]``, invoked or streamed
+(a streamed one still adds up to a partial call in ``tool_calls``: LangChain parses partial JSON).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from langchain_core.messages.tool import ToolCallChunk
 from langchain_core.output_parsers.openai_tools import make_invalid_tool_call, parse_tool_call
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk
 
-from kvloom.outputs import Completion, StreamChunk, Usage
+from kvloom.outputs import Completion, IncompleteToolCallError, StreamChunk, Usage
 
 _TEXT_BLOCKS = frozenset({"text", "text-plain"})
 _SKIPPED_BLOCKS = frozenset({"tool_use", "tool_call", "reasoning", "thinking"})
@@ -98,8 +100,12 @@ def usage_metadata(usage: Usage) -> UsageMetadata:
     )
 
 
-def response_metadata(model_name: str, finish_reason: str | None) -> dict[str, Any]:
-    return {"model_name": model_name, "finish_reason": finish_reason}
+def response_metadata(model_name: str, finish_reason: str | None, incomplete: Sequence[str] = ()) -> dict[str, Any]:
+    """``model_name`` and ``finish_reason``; ``incomplete_tool_calls`` (ids) when a call was cut."""
+    meta: dict[str, Any] = {"model_name": model_name, "finish_reason": finish_reason}
+    if incomplete:
+        meta["incomplete_tool_calls"] = list(incomplete)
+    return meta
 
 
 def to_generation(completion: Completion, model_name: str) -> ChatGeneration:
@@ -107,6 +113,9 @@ def to_generation(completion: Completion, model_name: str) -> ChatGeneration:
     tool_calls, invalid = [], []
     for call in completion.tool_calls:
         raw = call.to_openai()
+        if call.incomplete:
+            invalid.append(make_invalid_tool_call(raw, str(IncompleteToolCallError(call))))
+            continue
         try:
             parsed = parse_tool_call(raw, return_id=True)
         except OutputParserException as exc:
@@ -114,7 +123,8 @@ def to_generation(completion: Completion, model_name: str) -> ChatGeneration:
         else:
             if parsed is not None:
                 tool_calls.append(parsed)
-    meta = response_metadata(model_name, completion.finish_reason)
+    meta = response_metadata(model_name, completion.finish_reason,
+                             [c.id for c in completion.tool_calls if c.incomplete])
     message = AIMessage(
         content=completion.text, tool_calls=tool_calls, invalid_tool_calls=invalid,
         usage_metadata=usage_metadata(completion.usage), response_metadata=meta,
@@ -122,17 +132,27 @@ def to_generation(completion: Completion, model_name: str) -> ChatGeneration:
     return ChatGeneration(message=message, generation_info=dict(meta))
 
 
-def to_generation_chunk(chunk: StreamChunk, model_name: str) -> ChatGenerationChunk:
-    """One stream chunk. The request's last chunk (it has ``finish_reason``) carries the usage,
-    the response metadata and ``chunk_position="last"``; earlier ones carry neither, so that
-    adding the chunks up counts each once."""
-    calls = [ToolCallChunk(name=d.name, args=d.arguments or None, id=d.id, index=d.index)
-             for d in chunk.tool_calls or ()]
-    if chunk.finish_reason is None:
-        return ChatGenerationChunk(message=AIMessageChunk(content=chunk.text, tool_call_chunks=calls))
-    meta = response_metadata(model_name, chunk.finish_reason)
-    message = AIMessageChunk(
-        content=chunk.text, tool_call_chunks=calls, chunk_position="last", response_metadata=meta,
-        usage_metadata=usage_metadata(chunk.usage) if chunk.usage is not None else None,
-    )
-    return ChatGenerationChunk(message=message, generation_info=dict(meta))
+class ChunkConverter:
+    """One request's ``StreamChunk``s as ``ChatGenerationChunk``s. The last one (it has
+    ``finish_reason``) carries the usage, the response metadata and ``chunk_position="last"``;
+    earlier ones carry neither, so that adding the chunks up counts each once. A call's id comes
+    once, in its first piece: it is remembered so that the last chunk can name the calls cut by
+    ``max_tokens`` in ``response_metadata["incomplete_tool_calls"]``."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self._ids: dict[int, str] = {}
+
+    def convert(self, chunk: StreamChunk) -> ChatGenerationChunk:
+        deltas = chunk.tool_calls or []
+        self._ids.update((d.index, d.id) for d in deltas if d.id is not None)
+        calls = [ToolCallChunk(name=d.name, args=d.arguments or None, id=d.id, index=d.index) for d in deltas]
+        if chunk.finish_reason is None:
+            return ChatGenerationChunk(message=AIMessageChunk(content=chunk.text, tool_call_chunks=calls))
+        meta = response_metadata(self.model_name, chunk.finish_reason,
+                                 [self._ids[d.index] for d in deltas if d.incomplete and d.index in self._ids])
+        message = AIMessageChunk(
+            content=chunk.text, tool_call_chunks=calls, chunk_position="last", response_metadata=meta,
+            usage_metadata=usage_metadata(chunk.usage) if chunk.usage is not None else None,
+        )
+        return ChatGenerationChunk(message=message, generation_info=dict(meta))

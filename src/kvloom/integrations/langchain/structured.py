@@ -8,7 +8,9 @@
 
 Like LangChain's own chat models, the bound call carries ``ls_structured_output_format`` (the
 method and the schema) for tracing, and ``include_raw=True`` returns the raw message with the
-parsed value or the parsing error instead of raising.
+parsed value or the parsing error instead of raising. A reply cut by ``max_tokens`` before it
+closed raises (or, with ``include_raw``, reports) an ``OutputParserException`` saying so, never a
+partial object or ``None`` (see ``cut_replies``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser,
 from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
+
+from kvloom.integrations.langchain.cut_replies import RefuseCut
 
 if TYPE_CHECKING:
     from langchain_core.language_models import LanguageModelInput
@@ -50,17 +54,26 @@ def structured_output(
         name = convert_to_openai_tool(schema)["function"]["name"]
         llm = model.bind_tools([schema], tool_choice=name, parallel_tool_calls=False,
                                ls_structured_output_format=traced)
-        parser = (PydanticToolsParser(tools=[schema], first_tool_only=True) if is_pydantic
-                  else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True))
+        parser = RefuseCut(parser=PydanticToolsParser(tools=[schema], first_tool_only=True) if is_pydantic
+                           else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True),
+                           tool_name=name, what=f"the {name} tool call")
     else:
         response_format: dict[str, Any] = (
             {"type": "json_schema", "json_schema": {"schema": convert_to_json_schema(schema)}}
             if method == "json_schema" else {"type": "json_object"}
         )
         llm = model.bind(response_format=response_format, ls_structured_output_format=traced)
-        parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()  # type: ignore[arg-type]
+        parser = RefuseCut(parser=PydanticOutputParser(pydantic_object=schema) if is_pydantic  # type: ignore[arg-type]
+                           else JsonOutputParser(), what=f"the {_title(schema)} JSON")
     if not include_raw:
         return llm | parser
     parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
     unparsed = RunnablePassthrough.assign(parsed=lambda _: None)
     return RunnableMap(raw=llm) | parsed.with_fallbacks([unparsed], exception_key="parsing_error")
+
+
+def _title(schema: dict[str, Any] | type) -> str:
+    """What errors call the answer: the class's name, else the JSON schema's title, else "answer"."""
+    if isinstance(schema, type):
+        return schema.__name__
+    return str(schema.get("title") or "answer")

@@ -9,7 +9,9 @@ default; ``formatted=True`` skips it).
 Per-call keyword arguments: ``adapter``, ``prefix`` (a ``PrefixHandle``), ``timeout``,
 ``cache_salt``, ``priority``, ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` go to the
 request; anything else is a ``SamplingParams`` field (``temperature``, ``max_tokens``, ``stop``,
-``seed``, ``response_format``, ...). A misspelt one fails with pydantic's error naming it.
+``seed``, ``response_format``, ...). A misspelt one fails with pydantic's error naming it, and
+so does a misspelt construction argument (``max_token=``): unknown fields are refused, as
+LangChain's ``ChatKVLoom`` refuses them; both take the checkpoint as ``model_path=``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from llama_index.core.base.llms.types import (
     LLMMetadata,
     MessageRole,
 )
-from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr
 from llama_index.core.constants import DEFAULT_TEMPERATURE
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.function_calling import FunctionCallingLLM
@@ -65,13 +67,17 @@ REQUEST_KEYS = frozenset({"adapter", "prefix", "timeout", "cache_salt", "priorit
 
 
 class KVLoomLLM(StructuredPredictMixin, FunctionCallingLLM):
-    """A LlamaIndex LLM on a kvloom engine: ``KVLoomLLM(model_dir, engine_kwargs={...})`` owns an
-    engine that starts on its own thread at the first call (construction reads ``config.json``
-    only, never the weights); ``KVLoomLLM(engine=engine)`` serves from an engine the caller
-    started (and closes). ``close()`` stops an owned engine.
+    """A LlamaIndex LLM on a kvloom engine: ``KVLoomLLM(model_path=DIR, engine_kwargs={...})``
+    (or ``KVLoomLLM(DIR)``) owns an engine that starts on its own thread at the first call
+    (construction reads ``config.json`` only, never the weights); ``KVLoomLLM(engine=engine)``
+    serves from an engine the caller started (and closes). ``close()`` stops an owned engine.
+    Unknown arguments are refused, naming them.
     """
 
-    model_dir: str = Field(description="The checkpoint directory the engine serves.")
+    # LlamaIndex's models ignore unknown fields: refuse them instead, naming them.
+    model_config = ConfigDict(extra="forbid")
+
+    model_path: str = Field(description="The checkpoint directory the engine serves.")
     model: str = Field(default="", description="Name in metadata.model_name (default: the directory's name).")
     adapter: str | None = Field(default=None, description="LoRA adapter every call uses unless it names its own "
                                 "(adapter=...); None: the base model.")
@@ -87,22 +93,23 @@ class KVLoomLLM(StructuredPredictMixin, FunctionCallingLLM):
     _runtime: EngineRuntime = PrivateAttr()
     _max_model_len: int = PrivateAttr()
 
-    def __init__(self, model_dir: str | Path | None = None, *, engine: AsyncEngine | None = None,
+    def __init__(self, model_path: str | Path | None = None, *, engine: AsyncEngine | None = None,
                  **data: Any) -> None:
-        if (model_dir is None) == (engine is None):
-            raise ValueError("KVLoomLLM: pass a model directory or engine=, not both")
+        if (model_path is None) == (engine is None):
+            raise ValueError("KVLoomLLM: pass model_path= (a checkpoint directory, also taken positionally) or "
+                             "engine= (a started AsyncEngine), exactly one of them, not both")
         engine_kwargs = dict(data.get("engine_kwargs") or {})
         if engine is not None:
             if engine_kwargs:
                 raise ValueError("engine_kwargs: settings of a shared engine= go to AsyncEngine.from_pretrained")
             config = engine.config
         else:
-            config = EngineConfig.from_kwargs(model_dir, **engine_kwargs)  # type: ignore[arg-type]
+            config = EngineConfig.from_kwargs(model_path, **engine_kwargs)  # type: ignore[arg-type]
         data.setdefault("model", config.model.name)
-        super().__init__(model_dir=str(config.model), **data)
+        super().__init__(model_path=str(config.model), **data)
         self._request({})  # bad defaults (additional_kwargs, stop, ...) fail here, naming the field
         self._max_model_len = resolve_max_model_len(config, load_model_config(config.model))
-        self._runtime = EngineRuntime(engine=engine) if engine is not None else EngineRuntime(model_dir, **engine_kwargs)
+        self._runtime = EngineRuntime(engine=engine) if engine is not None else EngineRuntime(model_path, **engine_kwargs)
 
     @classmethod
     def class_name(cls) -> str:
@@ -112,6 +119,11 @@ class KVLoomLLM(StructuredPredictMixin, FunctionCallingLLM):
     def metadata(self) -> LLMMetadata:
         return LLMMetadata(context_window=self._max_model_len, num_output=self.max_tokens, is_chat_model=True,
                            is_function_calling_model=True, model_name=self.model)
+
+    @property
+    def model_dir(self) -> Path:
+        """The checkpoint directory served (``model_path`` as a ``Path``, as on LangChain's adapters)."""
+        return Path(self.model_path)
 
     @property
     def runtime(self) -> EngineRuntime:

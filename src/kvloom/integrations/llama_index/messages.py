@@ -29,6 +29,8 @@ from llama_index.core.base.llms.types import (
 from llama_index.core.llms.llm import ToolSelection
 from llama_index.core.llms.utils import parse_partial_json
 
+from kvloom.outputs import IncompleteToolCallError, ToolCall
+
 if TYPE_CHECKING:
     from llama_index.core.tools.types import BaseTool
 
@@ -128,13 +130,18 @@ def resolve_tool_choice(tool_choice: str | dict[str, Any] | None, tool_required:
 
 def tool_selections(message: ChatMessage, error_on_no_tool_call: bool) -> list[ToolSelection]:
     """The calls of an assistant message as ``ToolSelection``s. Arguments of a call still
-    streaming are parsed as partial JSON (``{}`` when nothing parses yet)."""
+    streaming are parsed as partial JSON (``{}`` when nothing parses yet). A call marked
+    ``"incomplete"`` (cut by ``max_tokens``) raises ``IncompleteToolCallError``: its partial
+    arguments are never handed to a tool."""
     calls = message.additional_kwargs.get("tool_calls") or []
     if not calls and error_on_no_tool_call:
         raise ValueError("Expected at least one tool call, but got 0 tool calls.")
     selections = []
     for k, call in enumerate(calls):
         data = openai_tool_call(call, f"additional_kwargs['tool_calls'][{k}]")
+        if isinstance(call, Mapping) and call.get("incomplete"):
+            function = data["function"]
+            raise IncompleteToolCallError(ToolCall(data["id"], function["name"], function["arguments"], incomplete=True))
         try:
             arguments = parse_partial_json(data["function"]["arguments"])
         except (ValueError, TypeError):

@@ -4,6 +4,10 @@
 ``{"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details":
 {"cached_tokens"}}`` (what LlamaIndex's ``TokenCountingHandler`` reads); a stream's responses
 carry ``usage`` on the last one only, which is the one LlamaIndex's callbacks report.
+
+A call cut by ``max_tokens`` (``ToolCall.incomplete``) carries ``"incomplete": True`` in its
+``additional_kwargs["tool_calls"]`` entry (whole responses, and a stream's last response);
+complete calls are plain OpenAI dicts. ``messages.tool_selections`` refuses the marked ones.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Any
 
 from llama_index.core.base.llms.types import ChatMessage, ChatResponse, CompletionResponse, MessageRole
 
-from kvloom.outputs import Completion, FinishReason, StreamChunk, Usage
+from kvloom.outputs import Completion, FinishReason, StreamChunk, ToolCall, Usage
 
 
 def usage_dict(usage: Usage) -> dict[str, Any]:
@@ -41,9 +45,16 @@ def _token_counts(usage: Usage | None) -> dict[str, Any]:
     return {k: counts[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
 
 
+def _call_dict(call: ToolCall) -> dict[str, Any]:
+    entry = call.to_openai()
+    if call.incomplete:
+        entry["incomplete"] = True
+    return entry
+
+
 def chat_response(completion: Completion, model: str) -> ChatResponse:
     """A whole chat completion; its calls (if any) in ``message.additional_kwargs["tool_calls"]``."""
-    kwargs = {"tool_calls": [c.to_openai() for c in completion.tool_calls]} if completion.tool_calls else {}
+    kwargs = {"tool_calls": [_call_dict(c) for c in completion.tool_calls]} if completion.tool_calls else {}
     message = ChatMessage(role=MessageRole.ASSISTANT, content=completion.text, additional_kwargs=kwargs)
     return ChatResponse(message=message, raw=_raw(completion.request_id, model, completion.finish_reason,
                                                    completion.usage),
@@ -78,6 +89,8 @@ class ChatStream:
             if delta.name is not None:
                 call["function"]["name"] = delta.name
             call["function"]["arguments"] += delta.arguments
+            if delta.incomplete:
+                call["incomplete"] = True
         kwargs = {"tool_calls": copy.deepcopy(self.calls)} if self.calls else {}
         message = ChatMessage(role=MessageRole.ASSISTANT, content=self.text, additional_kwargs=kwargs)
         return ChatResponse(message=message, delta=chunk.text,

@@ -10,6 +10,7 @@ route too. Instrumentation events and spans are LlamaIndex's own.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncGenerator, Generator
 from typing import Any, cast
 
@@ -32,18 +33,29 @@ dispatcher = get_dispatcher(__name__)
 def parse_output(output_cls: type[Model], response: ChatResponse) -> Model:
     """Validate a finished constrained response into ``output_cls``.
 
-    A response cut at ``max_tokens`` (or aborted) holds only a prefix of the JSON: that raises
-    ``ValueError`` saying so instead of a confusing JSON error."""
+    A response cut at ``max_tokens`` before its JSON closed (or aborted) holds only a prefix of
+    the JSON: that raises ``ValueError`` saying so instead of a confusing JSON error. One whose
+    JSON closed exactly at ``max_tokens`` is validated as any other."""
     raw = response.raw if isinstance(response.raw, dict) else {}
     reason = raw.get("finish_reason")
-    if reason == "length":
+    text = response.message.content or ""
+    if reason == "length" and not _closed(text):
         used = (raw.get("usage") or {}).get("completion_tokens", "?")
-        raise ValueError(f"max_tokens: the {output_cls.__name__} JSON was cut after {used} tokens, before it "
-                         "closed; raise max_tokens")
-    if reason not in ("stop", None):
+        raise ValueError(f"the {output_cls.__name__} JSON was cut by max_tokens (finish_reason='length') after "
+                         f"{used} tokens, before it closed; raise max_tokens")
+    if reason not in ("stop", "length", None):
         raise ValueError(f"structured output: the request ended with finish_reason={reason!r} before the "
                          f"{output_cls.__name__} JSON closed")
-    return output_cls.model_validate_json(response.message.content or "")
+    return output_cls.model_validate_json(text)
+
+
+def _closed(text: str) -> bool:
+    """Whether ``text`` is whole JSON."""
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 class PartialOutputs:
