@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 import weakref
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,34 @@ from kvloom.params import SamplingParams
 
 _PIN_PARAMS = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
 
+STARTED_ELSEWHERE = (
+    "this engine is started (or starting) on another event loop: make its requests on that loop, or route "
+    "them through kvloom.integrations.runtime.EngineRuntime(engine=engine), which any thread or loop may call"
+)
+
+
+@dataclass(slots=True)
+class _StartAttempt:
+    """One ``start``: the event loop it runs the engine on, and when it is over."""
+
+    loop: object
+    """``_event_loop_identity()`` of the loop that called it."""
+    done: anyio.Event
+    """Set when the load has finished, started or failed (``error``)."""
+    error: BaseException | None = None
+    task: object = None
+    """The loading task (asyncio holds tasks only weakly)."""
+
+
+def _event_loop_identity() -> object:
+    """The running event loop: the asyncio loop, or trio's token for the current run."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        import trio
+
+        return trio.lowlevel.current_trio_token()
+
 
 class AsyncEngine:
     """An in-process engine for asyncio or trio applications.
@@ -54,7 +84,11 @@ class AsyncEngine:
         self._loop: EngineLoop | None = None
         self._prefixes: PrefixRegistry | None = None
         self._submitter: Submitter | None = None
-        self._starting = False
+        self._lifecycle = threading.Lock()
+        """Guards ``_start`` and ``_closed``: ``start`` and ``aclose`` may be called from any thread."""
+        self._start: _StartAttempt | None = None
+        """The start that runs or ran the engine (None before it, or after one that failed)."""
+        self._closed = False
         self._task: object = None
         self._stats = StatsCollector()
         self._event_loop: asyncio.AbstractEventLoop | None = None
@@ -66,14 +100,52 @@ class AsyncEngine:
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
-        """Load the model off the event loop and start the background loop (idempotent)."""
-        if self._starting or self._loop is not None:
-            return
-        self._starting = True
+        """Load the model off the event loop and start the background loop.
+
+        Idempotent, and safe to call concurrently: the first call loads, every other call (from
+        any task of the same event loop) waits for it and returns once the engine runs, or
+        raises the error the load raised (a later ``start`` then tries again). Cancelling a
+        caller, the first included, cancels only its wait: the load goes on for the others and
+        the engine starts. A call from another event loop raises ``RuntimeError`` (requests must
+        come from the loop that runs the engine: ``kvloom.integrations.runtime.EngineRuntime``
+        routes calls from other threads and loops), and a call after ``aclose()`` raises
+        ``EngineClosedError``.
+        """
+        here = _event_loop_identity()
+        with self._lifecycle:
+            if self._closed:
+                raise EngineClosedError("this engine was closed: build a new one to serve again")
+            attempt = self._start
+            if attempt is None:
+                attempt = self._start = _StartAttempt(here, anyio.Event())
+                # The load runs in a task of its own: cancelling any caller, the first included,
+                # stops only its wait, never the load the others wait for.
+                attempt.task = spawn_background(lambda: self._load_and_run(attempt))
+        if attempt.loop is not here:
+            raise RuntimeError(STARTED_ELSEWHERE)
+        await attempt.done.wait()
+        if attempt.error is not None:
+            raise attempt.error
+
+    async def _load_and_run(self, attempt: _StartAttempt) -> None:
+        """The start's own task (never raises): load off the loop, then wire and run the parts;
+        a failure is kept in ``attempt.error`` for every caller, and a later ``start`` retries."""
         try:
             parts, worker_encoder = await anyio.to_thread.run_sync(self._load)
+            self._run(parts, worker_encoder)
+        except BaseException as exc:
+            attempt.error = exc
+            with self._lifecycle:
+                self._start = None
         finally:
-            self._starting = False
+            attempt.done.set()
+
+    def _load(self) -> tuple[EngineParts, PromptEncoder]:
+        parts = build_engine(self.config)
+        return parts, parts.encoder.clone()
+
+    def _run(self, parts: EngineParts, worker_encoder: PromptEncoder) -> None:
+        """Wire the loaded parts and start the background task (on the event loop, no await)."""
         loop = EngineLoop(parts.driver, self._stats, self.config.cache.prefix_pin_fraction, parts.core.num_blocks)
         prefixes = loop.prefixes
         self._parts, self._loop, self._prefixes = parts, loop, prefixes
@@ -85,13 +157,15 @@ class AsyncEngine:
         except RuntimeError:  # trio
             self._event_loop = None
 
-    def _load(self) -> tuple[EngineParts, PromptEncoder]:
-        parts = build_engine(self.config)
-        return parts, parts.encoder.clone()
-
     async def aclose(self) -> None:
         """Stop after the current step; streams still open end with ``EngineClosedError``.
-        The grammar compile pools shut down off the event loop."""
+        A start in progress is waited for first. The grammar compile pools shut down off the
+        event loop. Idempotent; the engine cannot be started again."""
+        with self._lifecycle:
+            self._closed = True
+            attempt = self._start
+        if attempt is not None:
+            await attempt.done.wait()
         loop, parts = self._loop, self._parts
         if loop is None or parts is None:
             return
@@ -129,6 +203,12 @@ class AsyncEngine:
         if self._parts is None:
             raise EngineClosedError(NOT_RUNNING)
         return self._parts.core
+
+    async def _started(self) -> None:
+        """Wait for a ``start()`` in progress, if any (no checkpoint when there is none)."""
+        attempt = self._start
+        if attempt is not None and self._loop is None:
+            await self.start()
 
     def _running(self) -> tuple[Submitter, EngineLoop]:
         if self._loop is not None:
@@ -185,7 +265,9 @@ class AsyncEngine:
         timeout: float | None = None, tools: Sequence[Any] | None = None, tool_choice: Any = None,
         parallel_tool_calls: bool = True,
     ) -> Completion:
-        """Run a request to the end; ``n > 1`` gives ``n`` choices. Same arguments as ``stream``."""
+        """Run a request to the end; ``n > 1`` gives ``n`` choices. Same arguments as ``stream``.
+        Called while ``start()`` is loading, it waits for the engine first."""
+        await self._started()
         submitter, _ = self._running()
         sub = submitter.check(params, request_id, priority, prefix, cache_salt, adapter, timeout, tools, tool_choice,
                               parallel_tool_calls, messages is not None)
@@ -250,6 +332,7 @@ class AsyncEngine:
         Cancelling it (or a timeout) at any point leaves nothing pinned. ``tools`` are rendered
         with ``messages`` as the chat template does (an agent's system prompt plus its tools);
         requests that pass the same tools reuse them."""
+        await self._started()
         submitter, _ = self._running()
         assert self._prefixes is not None
         sub = submitter.check(_PIN_PARAMS, None, 0, None, cache_salt, adapter, timeout, tools,
