@@ -73,6 +73,53 @@ def check_argument_types(
         raise InvalidRequestError(f"parallel_tool_calls: expected a bool, got {type(parallel_tool_calls).__name__}")
 
 
+def check_submission(
+    parts: EngineParts, *, request_id: str, params: SamplingParams | None, priority: int = 0,
+    prefix: PrefixHandle | None = None, cache_salt: str | None = None, adapter: str | None = None,
+    timeout: float | None = None, request_timeout: float | None = None, tools: Sequence[Any] | None = None,
+    tool_choice: Any = None, parallel_tool_calls: bool = True, has_messages: bool = False,
+) -> Submission:
+    """The one check of a request's arguments, for both facades (``AsyncEngine`` through
+    ``Submitter.check``, ``LLM`` directly): types, params, grammar and tool specs, adapter,
+    prefix/adapter agreement. Raises ``InvalidRequestError`` naming the field; the deadline
+    (``timeout``, else ``request_timeout``) starts now."""
+    params = params if params is not None else SamplingParams()
+    if not isinstance(params, SamplingParams):
+        raise InvalidRequestError(f"params: expected SamplingParams, got {type(params).__name__}")
+    check_argument_types(request_id, priority, cache_salt, adapter, timeout, parallel_tool_calls)
+    if timeout is not None and not timeout > 0:
+        raise InvalidRequestError(f"timeout: must be > 0 seconds, got {timeout!r}")
+    parts.grammars.check(params)
+    tool_request, spec = None, None
+    if tools is not None:
+        tool_request = ToolRequest.build(tools, tool_choice, parallel_tool_calls, parts.encoder.tool_call_format,
+                                         has_messages, params.response_format is not None)
+        spec = tool_request.grammar_spec()
+        if spec is not None:
+            parts.grammars.check_spec(spec, params.grammar_backend)
+    elif tool_choice is not None:
+        raise InvalidRequestError("tool_choice: given without `tools`")
+    lora = parts.adapters.resolve_for_request(adapter)
+    if prefix is not None:
+        check_prefix_adapter(prefix, adapter, lora.content_hash if lora is not None else None)
+    now = time.monotonic()
+    timeout = timeout if timeout is not None else request_timeout
+    return Submission(request_id, params, priority, prefix, cache_salt, lora, now,
+                      now + timeout if timeout is not None else None, tool_request, spec)
+
+
+def new_request(
+    parts: EngineParts, sub: Submission, token_ids: list[int], cache_salt: str | None, *, pin_prefix: bool = False,
+) -> NewRequest:
+    """The engine thread's request for a checked, tokenized submission; its grammar (the
+    response format or the tool-call constraint) starts compiling now, in the pool."""
+    grammars = parts.grammars
+    grammar = (grammars.submit_spec(sub.grammar_spec, sub.params.grammar_backend) if sub.grammar_spec is not None
+               else grammars.submit(sub.params))
+    return NewRequest(sub.request_id, token_ids, sub.params, sub.priority, sub.arrival_time, sub.deadline,
+                      cache_salt, pin_prefix, grammar=grammar, lora=sub.lora, tools=sub.tools)
+
+
 class Submitter:
     """Event-loop only (its worker encoder runs in one worker thread at a time)."""
 
@@ -101,37 +148,20 @@ class Submitter:
         cache_salt: str | None, adapter: str | None, timeout: float | None, tools: Sequence[Any] | None = None,
         tool_choice: Any = None, parallel_tool_calls: bool = True, has_messages: bool = False,
     ) -> Submission:
-        """Everything that can be checked before tokenizing; the deadline starts now."""
+        """Everything that can be checked before tokenizing (``check_submission``, then what
+        this loop adds: accepting, a live prefix handle, an id not in flight); the deadline starts now."""
         self._loop.check_accepting()
-        params = params if params is not None else SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequestError(f"params: expected SamplingParams, got {type(params).__name__}")
-        check_argument_types(request_id, priority, cache_salt, adapter, timeout, parallel_tool_calls)
-        if timeout is not None and not timeout > 0:
-            raise InvalidRequestError(f"timeout: must be > 0 seconds, got {timeout!r}")
         if prefix is not None and not self._prefixes.is_live(prefix):
             raise InvalidRequestError("prefix: this handle was released, or belongs to another or a closed engine")
-        self._parts.grammars.check(params)
-        tool_request, spec = None, None
-        if tools is not None:
-            tool_request = ToolRequest.build(tools, tool_choice, parallel_tool_calls, self.encoder.tool_call_format,
-                                             has_messages, params.response_format is not None)
-            spec = tool_request.grammar_spec()
-            if spec is not None:
-                self._parts.grammars.check_spec(spec, params.grammar_backend)
-        elif tool_choice is not None:
-            raise InvalidRequestError("tool_choice: given without `tools`")
-        lora = self._parts.adapters.resolve_for_request(adapter)
-        if prefix is not None:
-            check_prefix_adapter(prefix, adapter, lora.content_hash if lora is not None else None)
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
         elif request_id in self._loop.streams or request_id in self._encoding:
             raise InvalidRequestError(f"request_id: {request_id!r} is already in flight")
-        now = time.monotonic()
-        timeout = timeout if timeout is not None else self.request_timeout
-        return Submission(request_id, params, priority, prefix, cache_salt, lora, now,
-                          now + timeout if timeout is not None else None, tool_request, spec)
+        return check_submission(
+            self._parts, request_id=request_id, params=params, priority=priority, prefix=prefix,
+            cache_salt=cache_salt, adapter=adapter, timeout=timeout, request_timeout=self.request_timeout,
+            tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls, has_messages=has_messages,
+        )
 
     # ---- tokenizing ------------------------------------------------------------------------
     @staticmethod
@@ -201,10 +231,4 @@ class Submitter:
             sub.prefix.hits += 1
         elif messages is not None:
             self._prefixes.count_message_hits(messages, cache_salt)
-        grammars = self._parts.grammars
-        grammar = (grammars.submit_spec(sub.grammar_spec, sub.params.grammar_backend) if sub.grammar_spec is not None
-                   else grammars.submit(sub.params))
-        return loop.submit(NewRequest(
-            sub.request_id, token_ids, sub.params, sub.priority, sub.arrival_time, sub.deadline, cache_salt,
-            pin_prefix, grammar=grammar, lora=sub.lora, tools=sub.tools,
-        ))
+        return loop.submit(new_request(self._parts, sub, token_ids, cache_salt, pin_prefix=pin_prefix))
