@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvloom.layers.row_buckets import padded_rows
+
 
 class LinearDelta(Protocol):
     """Something added to a ``Linear``'s output (e.g. LoRA adapters), attached as ``Linear.delta``."""
@@ -59,15 +61,21 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[T, in_features]`` -> ``[T, out_features]`` (+ the ``delta``, if any)."""
-        out: torch.Tensor
-        if self.onednn_packed:
-            out = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        else:
-            out = F.linear(x, self.weight, self.bias)
+        out = self._packed_gemm(x) if self.onednn_packed else F.linear(x, self.weight, self.bias)
         delta = self.delta
         if delta is None:
             return out
         return delta.apply(x, out)
+
+    def _packed_gemm(self, x: torch.Tensor) -> torch.Tensor:
+        """oneDNN's GEMM on the packed weight at a bucketed row count (``row_buckets``): ``x`` is
+        padded with zero rows, and the extra output rows are dropped (a contiguous view)."""
+        rows = x.shape[0]
+        padded = padded_rows(rows)
+        if padded != rows:
+            x = F.pad(x, (0, 0, 0, padded - rows))
+        out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return out[:rows] if padded != rows else out
 
     @property
     def lora_output_sizes(self) -> tuple[int, ...]:
