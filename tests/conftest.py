@@ -60,8 +60,7 @@ def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A ``KVLOOM_CACHE_DIR`` holding the demo model, for subprocesses that call ``demo_model_dir()``."""
     import os
 
-    from kvloom.bench.workload import cached_checkpoint
-    from kvloom.demo import DEMO_MODEL
+    from kvloom.models.checkpoints import DEMO_MODEL, cached_checkpoint
 
     root = tmp_path_factory.mktemp("kvloom-cache")
     old = os.environ.get("KVLOOM_CACHE_DIR")

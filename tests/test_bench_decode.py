@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from kvloom.bench import machine
+from kvloom.bench.analysis.floor import model_params
+from kvloom.bench.analysis.roofline import DecodeShape, decode_tokens_per_s, mean_decode_context, roofline
 from kvloom.bench.decode import Pass, parse_concurrency, peer_spec, system_entry
-from kvloom.bench.floor import model_params
-from kvloom.bench.roofline import DecodeShape, decode_tokens_per_s, mean_decode_context, roofline
-from kvloom.bench.workload import DECODE_MODEL_1B, STANDARD_MODEL, _builder_kwargs, spec_config
 from kvloom.cli import main
+from kvloom.models.checkpoints import DECODE_MODEL_1B, STANDARD_MODEL, builder_kwargs, spec_config
 from kvloom.models.tiny import build_checkpoint
 
 SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -94,13 +94,13 @@ def test_the_1b_spec_is_tinyllama_shaped_without_building_it() -> None:
     assert p.linear == 22 * 44_040_192 and p.total == 1_099_956_224
     # The builder takes every kwarg; the dtype (a name, so the cache key is JSON) becomes torch's.
     assert set(DECODE_MODEL_1B.build_kwargs) <= set(inspect.signature(build_checkpoint).parameters)
-    assert _builder_kwargs(DECODE_MODEL_1B.build_kwargs)["dtype"] is torch.bfloat16
-    assert _builder_kwargs(STANDARD_MODEL.build_kwargs) == STANDARD_MODEL.build_kwargs
+    assert builder_kwargs(DECODE_MODEL_1B.build_kwargs)["dtype"] is torch.bfloat16
+    assert builder_kwargs(STANDARD_MODEL.build_kwargs) == STANDARD_MODEL.build_kwargs
     assert DECODE_MODEL_1B.cache_key.startswith("bench-llama-1.1b-v1-")
 
 
 def test_a_small_bf16_spec_is_saved_in_bf16(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kvloom.bench.workload import ModelSpec, cached_checkpoint
+    from kvloom.models.checkpoints import ModelSpec, cached_checkpoint
 
     monkeypatch.setenv("KVLOOM_CACHE_DIR", str(tmp_path))
     spec = ModelSpec("tiny-bf16", "v1", dict(with_tokenizer=False, dtype="bfloat16"))

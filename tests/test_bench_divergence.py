@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from kvloom.bench import throughput
-from kvloom.bench.divergence import Divergence, first_divergences
+from kvloom.bench.analysis.divergence import Divergence, first_divergences
 from kvloom.bench.peers import PeerRun, load_hf_model, parse_peers
 
 

@@ -1,4 +1,4 @@
-"""The GEMM floor (``kvloom.bench.floor``) against a hand computation, and the bf16 ceilings that
+"""The GEMM floor (``kvloom.bench.analysis.floor``) against a hand computation, and the bf16 ceilings that
 exist exactly where the CPU has fast bf16."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kvloom.bench import machine
-from kvloom.bench.floor import (
+from kvloom.bench.analysis.floor import (
     ModelParams,
     Rates,
     floor_result,
@@ -24,7 +24,7 @@ from tests.fakes import fake_cpu
 
 STANDARD = {"hidden_size": 1024, "intermediate_size": 2816, "num_attention_heads": 16, "num_key_value_heads": 4,
             "num_hidden_layers": 8, "vocab_size": 32000, "tie_word_embeddings": False}
-"""The standard benchmark checkpoint's shape (``workload.STANDARD_MODEL``)."""
+"""The standard benchmark checkpoint's shape (``kvloom.models.checkpoints.STANDARD_MODEL``)."""
 
 
 def test_params_of_the_standard_checkpoint_by_hand() -> None:

@@ -1,4 +1,4 @@
-"""Goodput from synthetic traces (``kvloom.bench.goodput``, pure), and the sweep's ladder and
+"""Goodput from synthetic traces (``kvloom.bench.analysis.goodput``, pure), and the sweep's ladder and
 request counts (``kvloom.bench.sweep``)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from kvloom.bench.goodput import (
+from kvloom.bench.analysis.goodput import (
     Goodput,
     RatePoint,
     format_rate,

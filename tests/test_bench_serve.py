@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from kvloom.bench.serve import percentile, poisson_arrivals
+from kvloom.bench.analysis.latency import summarize
+from kvloom.bench.peers import RequestTrace
+from kvloom.bench.serve import poisson_arrivals
 from kvloom.cli import main
 from tests.fakes import fake_cpu
 
@@ -120,8 +122,17 @@ def test_arrivals_are_deterministic_with_the_right_mean_gap() -> None:
         poisson_arrivals(5, rate=0.0, seed=0)
 
 
-def test_percentile_interpolates_between_ranks() -> None:
-    values = [4.0, 1.0, 3.0, 2.0]
-    assert percentile(values, 50) == 2.5 and percentile(values, 0) == 1.0 and percentile(values, 100) == 4.0
-    assert percentile(values, 99) == pytest.approx(3.97)
-    assert percentile([7.0], 99) == 7.0
+def test_bench_serve_and_engine_stats_report_the_same_percentiles() -> None:
+    """One definition (``kvloom.engine.percentile``: linear, numpy's default) behind both."""
+    from kvloom.engine.stats import StatsCollector, build_stats
+
+    ttfts = [0.5, 0.1, 0.4, 0.2, 0.3, 3.0]
+    traces = [RequestTrace(10.0, 10.0, 10.0 + t, 11.0 + t, [1, 2, 3]) for t in ttfts]
+    collector = StatsCollector()
+    for t in ttfts:
+        collector.record_finished(t, 1.0 + t, 3)
+    served, stats = summarize(traces), build_stats(None, 0, collector, True, None)
+    # Sorted 0.1 ... 0.5, 3.0: p50 at rank 2.5, p99 at rank 4.95 (0.5 + 0.95 x 2.5), not the maximum.
+    assert stats.ttft_p50 == pytest.approx(0.35) and stats.ttft_p99 == pytest.approx(2.875)
+    assert served["ttft_s"]["p50"] == round(stats.ttft_p50, 4) and served["ttft_s"]["p99"] == round(stats.ttft_p99, 4)
+    assert stats.tpot_p99 is not None and served["tpot_s"]["p99"] == round(stats.tpot_p99, 4) == 0.5

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kvloom.bench.plots import write_sweep_plots
+from kvloom.bench.analysis.plots import write_sweep_plots
 from kvloom.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -4,6 +4,7 @@ the output and validity of the calls, not speed: speed targets live in docs/benc
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,3 +41,11 @@ def test_bench_tools_tiny(tmp_path: Path, checkpoint_factory: Callable[..., Path
     assert turns[1]["messages"][1]["tool_calls"][0]["function"] == call
     assert turns[1]["messages"][2]["role"] == "tool"
     assert turns[0]["cached_tokens"] < turns[1]["cached_tokens"] < turns[2]["cached_tokens"]
+
+
+def test_without_the_bench_extra_the_validity_check_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvloom.bench.tools import validity
+
+    monkeypatch.setitem(sys.modules, "jsonschema", None)  # import jsonschema raises ImportError
+    with pytest.raises(ImportError, match=r"needs jsonschema .*pip install 'kvloom\[bench\]'"):
+        validity([])

@@ -15,6 +15,7 @@ from kvloom.bench import workload
 from kvloom.bench.peers import parse_peers
 from kvloom.cli import main
 from kvloom.demo import TINY_DEMO_MODEL
+from kvloom.models import checkpoints
 from tests.fakes import fake_cpu
 
 
@@ -54,7 +55,7 @@ def test_interrupted_build_leaves_no_cache(tmp_path: Path, monkeypatch: pytest.M
 
     monkeypatch.setattr("kvloom.models.tiny.build_checkpoint", crash)
     with pytest.raises(KeyboardInterrupt):
-        workload.cached_checkpoint(TINY_DEMO_MODEL, log=False)
+        checkpoints.cached_checkpoint(TINY_DEMO_MODEL, log=False)
     assert list((tmp_path / "models").iterdir()) == []
 
 
@@ -64,7 +65,7 @@ def test_workload_is_deterministic_and_in_range() -> None:
     assert prompts == w.prompts(vocab_size=100)
     assert len(prompts) == 50 and all(3 <= len(p) <= 9 and all(0 <= t < 100 for t in p) for p in prompts)
     assert prompts != workload.Workload(num_requests=50, min_prompt_len=3, max_prompt_len=9, seed=8).prompts(100)
-    assert workload.STANDARD_MODEL.cache_key != TINY_DEMO_MODEL.cache_key
+    assert checkpoints.STANDARD_MODEL.cache_key != TINY_DEMO_MODEL.cache_key
 
 
 def test_parse_peers() -> None:

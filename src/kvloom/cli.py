@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = cast(Command, args.module)
     model = getattr(args, "model", None)
     # Before any slow set-up. A benchmark checks its own flags first (a usage error exits 2) and
-    # its model in ``bench.setup.header``, before it measures the machine.
+    # its model in ``bench.runner.header``, before it measures the machine.
     if args.command != "bench" and isinstance(model, Path) and not model.is_dir():
         print(f"kvloom {args.command}: error: --model: {model} is not a directory", file=sys.stderr)
         return 1

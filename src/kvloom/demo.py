@@ -16,33 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kvloom.bench.workload import ModelSpec, cached_checkpoint
+# The demo's checkpoints are specified in kvloom.models.checkpoints; tests and examples name them from here.
+from kvloom.models.checkpoints import DEMO_MODEL, TINY_DEMO_MODEL, cached_checkpoint
 
-DEMO_MODEL = ModelSpec(
-    name="demo-llama",
-    version="v3",
-    build_kwargs=dict(
-        arch="llama", vocab_size=768, hidden_size=384, num_layers=4, num_heads=6, num_kv_heads=2,
-        intermediate_size=1024, max_position_embeddings=2048, seed=0, with_tokenizer=True, chat_template="hermes",
-    ),
-)
-"""~6M parameters: builds in a few seconds and answers 8 prompts in a few more on 2 CPU cores.
-
-``vocab_size`` stays just above what the built-in tokenizer corpus trains to (717 tokens): ids
-the tokenizer lacks decode to nothing, and random weights would sample them most of the time.
-Its chat template is the Qwen / Hermes one (ChatML turns; ``tools`` listed in the system turn,
-calls written as ``<tool_call>`` JSON), so agent code with ``tools=`` runs on it as on a real
-checkpoint of that family; 2,048 positions leave room for a few tools and turns."""
-
-TINY_DEMO_MODEL = ModelSpec(
-    name="demo-llama-tiny",
-    version="v2",
-    build_kwargs=dict(
-        arch="llama", vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-        intermediate_size=128, max_position_embeddings=512, seed=0, with_tokenizer=True, chat_template="hermes",
-    ),
-)
-"""For tests (hidden ``--tiny``): same path as ``DEMO_MODEL``, only smaller."""
+__all__ = ["DEMO_MODEL", "PROMPTS", "TINY_DEMO_MODEL", "add_arguments", "demo_model_dir", "run"]
 
 
 def demo_model_dir() -> Path:

@@ -1,5 +1,5 @@
 """``python -m kvloom bench decode``: decode throughput at several concurrencies, kvloom vs
-transformers, against the memory-bandwidth roofline (``roofline``).
+transformers, against the memory-bandwidth roofline (``analysis.roofline``).
 
 The model: ``workload.DECODE_MODEL_1B`` (TinyLlama-1.1B's shape, random bf16 weights) by default,
 ``--size standard`` the ~155M CPU checkpoint, ``--model DIR`` any checkpoint. kvloom runs on
@@ -32,31 +32,31 @@ greedy-token agreement with kvloom (float32: every request must agree; bf16: nea
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import shlex
-import statistics
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from kvloom.bench import machine
+from kvloom.bench.analysis.roofline import DecodeShape, decode_tokens_per_s, roofline
 from kvloom.bench.decode_report import format_report, summarize
 from kvloom.bench.peers import PeerSpec, load_hf_models, parse_peers, run_peer, serve_cb
-from kvloom.bench.roofline import DecodeShape, decode_tokens_per_s, roofline
-from kvloom.bench.setup import write_result
-from kvloom.bench.throughput import kvloom_config, parse_config
-from kvloom.bench.workload import (
-    DECODE_MODEL_1B,
-    STANDARD_MODEL,
-    Workload,
-    cached_checkpoint,
-    read_vocab_size,
+from kvloom.bench.runner import (
+    System,
+    add_quick,
+    attempt,
+    refuse,
+    rounded_median,
+    start,
+    take_turns,
+    write_result,
 )
+from kvloom.bench.settings import add_kvloom_config, kvloom_config, parse_config
+from kvloom.bench.workload import Workload, read_vocab_size
+from kvloom.models.checkpoints import DECODE_MODEL_1B, STANDARD_MODEL
 
 SCHEMA_VERSION = 1
 SIZES = {"1b": DECODE_MODEL_1B, "standard": STANDARD_MODEL}
@@ -80,9 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(continuous batching), cb<T>[r<R>] (max_batch_tokens T), comma separated; '' for none")
     parser.add_argument("--repeats", type=int, default=1, help="passes per system, interleaved; medians are reported")
     parser.add_argument("--json", type=Path, help="write the results here")
-    parser.add_argument("--kvloom-config", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="LLM(...) settings, e.g. max_num_batched_tokens=4096 block_size=16")
-    parser.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # tests: rougher ceilings
+    add_kvloom_config(parser, "LLM(...) settings, e.g. max_num_batched_tokens=4096 block_size=16")
+    add_quick(parser)
 
 
 def parse_concurrency(text: str) -> list[int]:
@@ -185,9 +184,7 @@ def system_entry(name: str, spec: PeerSpec | None, runs: list[Pass], error: str 
     if error is not None or not runs:
         return entry | {"decode_tokens_per_s": None, "output_tokens_per_s": None, "wall_s": None,
                         "all_first_token_s": None, "first_token_min_s": None, "matches_kvloom": None, "runs": []}
-    def med(values: list[float], digits: int) -> float:
-        return round(statistics.median(values), digits)
-
+    med = rounded_median
     all_first = [max(r.first_s) for r in runs]
     rates = [decode_tokens_per_s(concurrency, output_len, r.end_s, first) for r, first in zip(runs, all_first, strict=True)]
     decode = [rate for rate in rates if rate is not None]
@@ -208,30 +205,18 @@ def system_entry(name: str, spec: PeerSpec | None, runs: list[Pass], error: str 
     }
 
 
-def _attempt(runs: list[Pass], fn: Callable[[], Pass]) -> str | None:
-    try:
-        runs.append(fn())
-    except Exception as exc:  # transformers' APIs move, a GPU may run out of memory: report, don't crash
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
 def measure(kv: _Kvloom, specs: dict[str, PeerSpec], model: Any, errors: dict[str, str | None],
             prompts: list[list[int]], output_len: int, repeats: int) -> list[dict[str, Any]]:
     """kvloom and each peer that has not failed (``errors``), interleaved ``repeats`` times over
     ``prompts``: their entries, kvloom's first; a peer failing here is skipped for the later passes."""
     c = len(prompts)
-    kv_runs: list[Pass] = []
-    runs: dict[str, list[Pass]] = {n: [] for n in specs}
-    at_c = dict(errors)
-    for rep in range(1, repeats + 1):
-        print(f"  concurrency {c}, pass {rep}: kvloom ...", file=sys.stderr, flush=True)
-        kv_runs.append(kv.run(prompts))
-        for n in (n for n in specs if at_c[n] is None):
-            print(f"  concurrency {c}, pass {rep}: {specs[n].name} ...", file=sys.stderr, flush=True)
-            at_c[n] = _attempt(runs[n], partial(run_transformers, specs[n], model, prompts, output_len))
-    reference = kv_runs[0].token_ids
-    return [system_entry("kvloom", None, kv_runs, None, c, output_len, None),
+    contenders = [System("kvloom", partial(kv.run, prompts))] + [
+        System(n, partial(run_transformers, spec, model, prompts, output_len), fallible=True, label=spec.name)
+        for n, spec in specs.items()]
+    turns = take_turns(contenders, repeats, errors=errors, progress=f"  concurrency {c}, pass {{rep}}: {{name}} ...")
+    runs, at_c = turns.runs, turns.errors
+    reference = runs["kvloom"][0].token_ids
+    return [system_entry("kvloom", None, runs["kvloom"], None, c, output_len, None),
             *(system_entry(n, spec, runs[n], at_c[n], c, output_len, reference) for n, spec in specs.items())]
 
 
@@ -246,7 +231,6 @@ def measure_bandwidth(device: str, ceilings: dict[str, float]) -> dict[str, Any]
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run the benchmark: 0 when it ran (peer failures are reported in the results), 2 on bad arguments."""
-    command = "python -m kvloom " + shlex.join(argv)
     try:
         concurrency = parse_concurrency(args.concurrency)
         names = parse_decode_peers(args.peers)
@@ -255,17 +239,11 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             raise ValueError("--prompt-len must be >= 1, --output-len >= 2 (a decode step), --repeats >= 1")
         device = resolve_device(str(user.get("device", args.device)))
     except ValueError as exc:
-        print(f"bench decode: {exc}", file=sys.stderr)
-        return 2
-    if args.model is not None and not args.model.is_dir():
-        raise NotADirectoryError(f"--model: {args.model} is not a directory")
-    print(f"command: {command}")
-    info = machine.describe()
-    ceilings = machine.measure_ceilings(quick=args.quick)
-    print(machine.format_machine(info, ceilings))
-    bandwidth = measure_bandwidth(device, ceilings)
-    spec = None if args.model else SIZES[args.size]
-    model_dir = args.model or cached_checkpoint(SIZES[args.size])[0]
+        return refuse("decode", exc)
+    # The dtype is --dtype on --device: what dtype="auto" picks on this CPU is not the question here.
+    bench = start("decode", argv, args.model, args.quick, SIZES[args.size], show_auto_dtype=False)
+    bandwidth = measure_bandwidth(device, bench.ceilings)
+    model_dir = bench.model_dir
     model_config = json.loads((model_dir / "config.json").read_text())
     vocab = read_vocab_size(model_dir)
 
@@ -288,7 +266,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     kv.run(warm)
     for n in (n for n in names if errors[n] is None):
         spec_min = peer_spec(n, concurrency[0], dtype, budget)
-        if error := _attempt([], partial(run_transformers, spec_min, models.models[dtype], warm, args.output_len)):
+        if error := attempt(partial(run_transformers, spec_min, models.models[dtype], warm, args.output_len)):
             errors[n] = f"warm-up: {error}"
 
     results = []
@@ -310,13 +288,11 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "cuda_graph_sizes": llm_config.cuda_graph_sizes, "captured_graph_sizes": list(kv.llm.core.cuda_graph_sizes),
         "async_scheduling": kv.llm.core.async_scheduling,
     }
-    result = {
-        "benchmark": "decode", "schema_version": SCHEMA_VERSION, "command": command, "argv": list(argv),
-        "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {**info, "ceilings": ceilings, "bandwidth": bandwidth},
-        "model": {"path": str(model_dir), "spec": spec.cache_key if spec else None,
-                  "size": args.size if spec else None, "weight_params_per_step": shape.weight_params,
-                  "kv_values_per_token": shape.kv_values_per_token},
+    result = bench.envelope("decode", SCHEMA_VERSION)
+    result["machine"]["bandwidth"] = bandwidth
+    result["model"] |= {"size": args.size if bench.spec else None, "weight_params_per_step": shape.weight_params,
+                        "kv_values_per_token": shape.kv_values_per_token}
+    result |= {
         "workload": {"concurrency": concurrency, "prompt_len": args.prompt_len, "output_len": args.output_len,
                      "seed": args.seed, "repeats": args.repeats, "peers": names},
         "kvloom": kvloom_entry, "results": results,

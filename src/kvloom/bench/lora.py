@@ -15,8 +15,6 @@ cache. The ratio is tokens/s with K adapters over tokens/s of the base model in 
 from __future__ import annotations
 
 import argparse
-import datetime
-import shlex
 import sys
 import tempfile
 import time
@@ -24,8 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kvloom.bench.setup import prepare, write_result
-from kvloom.bench.throughput import kvloom_config, parse_config
+from kvloom.bench.runner import System, add_quick, refuse, start, take_turns, workload_prompts, write_result
+from kvloom.bench.settings import add_kvloom_config, kvloom_config, parse_config
 from kvloom.bench.workload import Workload
 
 SCHEMA_VERSION = 1
@@ -42,8 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-len", type=int, default=w.output_len)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per adapter count, round-robin; best kept")
     parser.add_argument("--seed", type=int, default=w.seed)
-    parser.add_argument("--kvloom-config", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # tests: rougher ceilings
+    add_kvloom_config(parser)
+    add_quick(parser)
 
 
 class _Setup:
@@ -69,10 +67,13 @@ class _Setup:
         self.outputs: list[list[int]] = []
 
     def time_once(self) -> None:
-        start = time.perf_counter()
+        """One timed run of every prompt; prints its rate."""
+        began = time.perf_counter()
         results = self.llm.generate(self.prompts, self.params, adapter=self.routing)
-        self.walls.append(time.perf_counter() - start)
+        self.walls.append(time.perf_counter() - began)
         self.outputs = [r.token_ids for r in results]
+        print(f"  run {len(self.walls)}: {self.count:>2} adapters: {self.num_tokens / self.walls[-1]:.1f} tok/s",
+              flush=True)
 
     def result(self) -> dict[str, Any]:
         self.llm.close()
@@ -85,25 +86,25 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from kvloom.lora.synthetic import write_random_adapter
     from kvloom.models.config import load_model_config
 
-    command = "python -m kvloom bench lora " + shlex.join(argv[2:] if argv[:2] == ["bench", "lora"] else argv)
+    if args.repeats < 1 or args.rank < 1:
+        return refuse("lora", "--repeats and --rank must be >= 1")
     workload = Workload(num_requests=args.num_requests, output_len=args.output_len, seed=args.seed)
-    setup = prepare(command, args.model, args.quick, workload,
-                    f"adapters {args.adapters} (rank {args.rank}, all 7 projections), round-robin routing")
+    bench = start("lora", argv, args.model, args.quick)
+    prompts = workload_prompts(bench.model_dir, workload,
+                               f"adapters {args.adapters} (rank {args.rank}, all 7 projections), round-robin routing")
     counts = [int(c) for c in args.adapters.split(",") if c]
-    model_config = load_model_config(setup.model_dir)
+    model_config = load_model_config(bench.model_dir)
     # float32 as before: the adapters' ratios to the base model are this benchmark's measure.
-    config = kvloom_config({"dtype": "float32"} | parse_config(args.kvloom_config), setup.prompts, args.output_len)
+    config = kvloom_config({"dtype": "float32"} | parse_config(args.kvloom_config), prompts, args.output_len)
     # Repeats resend the same prompts: with prefix caching on, every repeat after the first would
     # skip its prefills and measure the cache, not the adapters.
     config |= {"max_loras": max(max(counts), 1), "max_lora_rank": args.rank, "enable_prefix_caching": False}
     with tempfile.TemporaryDirectory(prefix="kvloom-bench-lora-") as tmp:
         dirs = [write_random_adapter(Path(tmp) / f"a{k}", model_config, r=args.rank, seed=k, std=0.5)
                 for k in range(max(counts))]
-        setups = [_Setup(setup.model_dir, config, setup.prompts, args.output_len, dirs[:count]) for count in counts]
-        for rep in range(args.repeats):  # round-robin over the engines: drift hits every count alike
-            for s in setups:
-                s.time_once()
-                print(f"  run {rep + 1}: {s.count:>2} adapters: {s.num_tokens / s.walls[-1]:.1f} tok/s", flush=True)
+        setups = [_Setup(bench.model_dir, config, prompts, args.output_len, dirs[:count]) for count in counts]
+        # Round-robin over the engines: drift hits every count alike.
+        take_turns([System(f"engine {i}", s.time_once) for i, s in enumerate(setups)], args.repeats, progress=None)
         rows = [s.result() for s in setups]
     base = next((r for r in rows if r["adapters"] == 0), None)
     print(f"\n{'adapters':>8} {'out tok/s':>10} {'best wall s':>12} {'vs base':>8}")
@@ -119,11 +120,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 print(f"{r['adapters']} adapters: {changed}/{len(r['outputs'])} outputs differ from the base model's")
     for r in rows:
         r.pop("outputs")
-    write_result(args.json, {
-        "schema_version": SCHEMA_VERSION, "bench": "lora", "command": command,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "machine": setup.info,
-        "ceilings": setup.ceilings, "model": str(setup.model_dir), "rank": args.rank, "results": rows,
-    })
+    write_result(args.json, {**bench.flat_envelope("lora", SCHEMA_VERSION), "rank": args.rank, "results": rows})
     return 0
 
 

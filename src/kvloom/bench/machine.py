@@ -2,7 +2,7 @@
 
 Shared machines are noisy (BENCHMARKS.md saw ~20% between runs), so absolute numbers from
 another day mean little; the ceilings measured here, next to the throughputs, give the
-roofline the results can be read against (``floor`` turns them into a workload's floor).
+roofline the results can be read against (``analysis.floor`` turns them into a workload's floor).
 Takes ~3-5 s, a few more where the CPU has fast bf16 and its bf16 rates are measured too.
 """
 

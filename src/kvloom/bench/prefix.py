@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import random
-import shlex
 import statistics
 import sys
 import time
@@ -30,11 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvloom.bench.analysis.latency import summarize
 from kvloom.bench.peers import PeerSpec, parse_peers
-from kvloom.bench.serve import LEAD_S, TTFT_MEASURED, jsonable, run_peers, stream_trace, summarize
-from kvloom.bench.setup import header, write_result
-from kvloom.bench.throughput import kvloom_config
-from kvloom.bench.workload import STANDARD_MODEL, ModelSpec, read_vocab_size
+from kvloom.bench.runner import add_quick, refuse, start, write_result
+from kvloom.bench.serve import LEAD_S, TTFT_MEASURED, jsonable, run_peers, stream_trace
+from kvloom.bench.settings import kvloom_config
+from kvloom.bench.workload import read_vocab_size
+from kvloom.models.checkpoints import STANDARD_MODEL, ModelSpec
 
 SCHEMA_VERSION = 1
 KVLOOM_SYSTEMS = ("off", "auto", "handles")
@@ -92,7 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the token ids and the request order")
     parser.add_argument("--peers", default="cb512", help="cb<T>[r<R>], comma separated; '' for none")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies prefix lengths and request counts")
-    parser.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # tests: rougher ceilings
+    add_quick(parser)
 
 
 async def _run_kvloom(system: str, model_dir: Path, config: dict[str, Any], wl: PrefixWorkload,
@@ -167,7 +167,6 @@ def _run_workload(wl: PrefixWorkload, model_dir: Path, specs: list[PeerSpec], ou
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run the benchmark: 0 when it ran (peer failures are reported in the results), 2 on bad arguments."""
-    command = "python -m kvloom " + shlex.join(argv)
     try:
         names = [n.strip() for n in args.workload.split(",") if n.strip()]
         if not names or any(n not in SHAPES for n in names):
@@ -178,9 +177,9 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         if static := [s.name for s in specs if s.kind != "cb"]:
             raise ValueError(f"--peers {','.join(static)}: only cb<T>[r<R>] peers serve requests")
     except ValueError as exc:
-        print(f"bench prefix: {exc}", file=sys.stderr)
-        return 2
-    info, ceilings, model_dir = header(command, args.model, args.quick, PREFIX_MODEL)
+        return refuse("prefix", exc)
+    bench = start("prefix", argv, args.model, args.quick, PREFIX_MODEL)
+    model_dir = bench.model_dir
     vocab = read_vocab_size(model_dir)
     workloads = [build_workload(n, args.scale, vocab, args.seed) for n in names]
     print(f"model: {model_dir}")
@@ -199,10 +198,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                                            for s in r["systems"] if s["name"] in KVLOOM_SYSTEMS),
     }
     result = {
-        "benchmark": "prefix", "schema_version": SCHEMA_VERSION, "command": command, "argv": list(argv),
-        "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {**info, "ceilings": ceilings},
-        "model": {"path": str(model_dir), "spec": None if args.model else PREFIX_MODEL.cache_key},
+        **bench.envelope("prefix", SCHEMA_VERSION),
         "settings": {"output_len": args.output_len, "seed": args.seed, "scale": args.scale, "peers": args.peers},
         "workloads": {n: r["workload"] for n, r in results.items()},
         "systems": {n: r["systems"] for n, r in results.items()},

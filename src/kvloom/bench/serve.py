@@ -23,18 +23,15 @@ their bf16 twins where the CPU has fast bf16. When kvloom's dtype is not float32
 peer runs, ``kvloom@fp32`` serves the same schedule too, for the float32 token check.
 
 ``--sweep`` replaces ``--rate`` with a ladder of rates and reports goodput under the SLOs
-``--slo-ttft`` / ``--slo-tpot`` / ``--slo-attainment`` (``sweep``, ``goodput``).
+``--slo-ttft`` / ``--slo-tpot`` / ``--slo-attainment`` (``sweep``, ``analysis.goodput``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import math
 import random
-import shlex
-import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -42,6 +39,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kvloom.bench.analysis.latency import summarize
 from kvloom.bench.peers import (
     DTYPE_TAGS,
     PeerSpec,
@@ -51,9 +49,9 @@ from kvloom.bench.peers import (
     parse_peers,
     serve_cb,
 )
-from kvloom.bench.setup import prepare, write_result
-from kvloom.bench.throughput import kvloom_config, parse_config
-from kvloom.bench.workload import STANDARD_MODEL, Workload
+from kvloom.bench.runner import add_quick, refuse, start, workload_prompts, write_result
+from kvloom.bench.settings import add_kvloom_config, kvloom_config, parse_config
+from kvloom.bench.workload import Workload
 
 if TYPE_CHECKING:
     from kvloom import SamplingParams
@@ -110,9 +108,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peers", help="cb<T>[r<R>], each optionally @fp32 (the default) or @bf16, comma "
                         f"separated; '' for none (default {FLOAT32_PEERS}, and each again @bf16 where the CPU "
                         "multiplies bf16 in hardware)")
-    parser.add_argument("--kvloom-config", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="AsyncEngine settings, e.g. max_num_batched_tokens=1024 block_size=16")
-    parser.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # tests: rougher ceilings
+    add_kvloom_config(parser, "AsyncEngine settings, e.g. max_num_batched_tokens=1024 block_size=16")
+    add_quick(parser)
 
 
 def poisson_arrivals(num_requests: int, rate: float, seed: int) -> list[float]:
@@ -128,38 +125,6 @@ def poisson_arrivals(num_requests: int, rate: float, seed: int) -> list[float]:
     for _ in range(num_requests - 1):
         offsets.append(offsets[-1] + rng.expovariate(rate))
     return offsets[:num_requests]
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (0-100), linear between closest ranks (numpy's default)."""
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
-def _dist(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"mean": None, "p50": None, "p90": None, "p99": None}
-    return {"mean": round(statistics.fmean(values), 4), "p50": round(percentile(values, 50), 4),
-            "p90": round(percentile(values, 90), 4), "p99": round(percentile(values, 99), 4)}
-
-
-def summarize(traces: list[RequestTrace]) -> dict[str, Any]:
-    """Latency distributions, output tokens/s over (last end - first arrival), per-request records."""
-    ttft = [t.first_token - t.arrival for t in traces]
-    tpot = [(t.end - t.first_token) / (len(t.token_ids) - 1) for t in traces if len(t.token_ids) > 1]
-    e2e = [t.end - t.arrival for t in traces]
-    span = max(t.end for t in traces) - min(t.arrival for t in traces)
-    num_tokens = sum(len(t.token_ids) for t in traces)
-    return {
-        "output_tokens_per_s": round(num_tokens / span, 2), "duration_s": round(span, 3), "output_tokens": num_tokens,
-        "ttft_s": _dist(ttft), "tpot_s": _dist(tpot), "e2e_s": _dist(e2e),
-        "max_submit_lag_s": round(max(t.submitted - t.arrival for t in traces), 4),
-        "requests": [{"ttft_s": round(a, 4), "e2e_s": round(b, 4), "output_tokens": len(t.token_ids),
-                      "chunks": t.num_chunks} for a, b, t in zip(ttft, e2e, traces, strict=True)],
-    }
 
 
 async def serve_kvloom(model_dir: Path, config: dict[str, Any], prompts: list[list[int]], offsets: list[float],
@@ -271,7 +236,6 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         from kvloom.bench import sweep  # the ladder builds on this module's one-rate machinery
 
         return sweep.run(args, argv)
-    command = "python -m kvloom " + shlex.join(argv)
     try:
         if args.rate is None:
             raise ValueError("give --rate R (one rate) or --sweep [RATES] (a ladder of rates)")
@@ -280,12 +244,11 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         specs = resolve_peers(args.peers)
         user_config = parse_config(args.kvloom_config)
     except ValueError as exc:
-        print(f"bench serve: {exc}", file=sys.stderr)
-        return 2
-    setup = prepare(command, args.model, args.quick, workload,
-                    f"Poisson arrivals at {args.rate:g} req/s over {offsets[-1]:.2f} s; "
-                    f"peers {','.join(s.name for s in specs) or 'none'}")
-    info, ceilings, model_dir, prompts = setup.info, setup.ceilings, setup.model_dir, setup.prompts
+        return refuse("serve", exc)
+    bench = start("serve", argv, args.model, args.quick)
+    model_dir = bench.model_dir
+    prompts = workload_prompts(model_dir, workload, f"Poisson arrivals at {args.rate:g} req/s over {offsets[-1]:.2f} s; "
+                               f"peers {','.join(s.name for s in specs) or 'none'}")
     prompt_tokens = sum(len(p) for p in prompts)
 
     config = kvloom_config(user_config, prompts, workload.output_len)
@@ -317,10 +280,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "all_tokens_match": all(p["matches_kvloom"] in (None, workload.num_requests) for p in ok),
     }
     result = {
-        "benchmark": "serve", "schema_version": SCHEMA_VERSION, "command": command, "argv": list(argv),
-        "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {**info, "ceilings": ceilings},
-        "model": {"path": str(model_dir), "spec": None if args.model else STANDARD_MODEL.cache_key},
+        **bench.envelope("serve", SCHEMA_VERSION),
         "workload": {**asdict(workload), "rate": None if math.isinf(args.rate) else args.rate,
                      "prompt_tokens": prompt_tokens, "arrival_offsets_s": [round(o, 4) for o in offsets]},
         "kvloom": kv, "kvloom_fp32": systems[1] if len(systems) > 1 else None, "peers": peers, "summary": summary,

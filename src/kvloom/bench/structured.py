@@ -11,8 +11,12 @@ pay for a ragged tail that an all-``max_tokens`` baseline never has). The ratio 
 output tokens/s over unconstrained output tokens/s: the cost of grammars in a busy batch.
 Constrained and unconstrained runs alternate ``--repeats`` times each and the best of each
 counts (run-to-run drift here is ~10%). Also reported: the mean time per constrained step
-spent in masks (``EngineStats.logits_processor_ms_per_step``), the share of constrained
-outputs that completed (``stop``) and validated against the schema.
+spent in masks (``EngineStats.logits_processor_ms_per_step``, with its p99 and max), the wall
+time of constrained steps (p50, p99, max), the share of constrained outputs that completed
+(``stop``) and validated against the schema, and the first request on each fresh engine: its
+wall time (grammar compile, first forward of each shape and all), the grammar compile's time,
+and the same request again (grammar cached, prompt in the prefix cache). The unconstrained
+runs' first requests show what a first request costs without a grammar.
 
 Default checkpoint: the standard ~155M random model, with a 32,000-token byte-level BPE
 tokenizer trained locally (a grammar's mask cost grows with the vocabulary).
@@ -31,9 +35,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kvloom.bench.setup import header, write_result
-from kvloom.bench.throughput import parse_config
-from kvloom.bench.workload import STANDARD_MODEL, ModelSpec
+from kvloom.bench.runner import header, write_result
+from kvloom.bench.settings import parse_config
+from kvloom.models.checkpoints import STANDARD_MODEL, ModelSpec
 
 SCHEMA_VERSION = 1
 STRUCTURED_MODEL = ModelSpec(
@@ -103,7 +107,13 @@ async def _closed_loop(model_dir: Path, config: dict[str, Any], texts: list[str]
     from kvloom import AsyncEngine
 
     async with AsyncEngine.from_pretrained(model_dir, **config) as engine:
+        start = time.perf_counter()
         await engine.generate(texts[0], make_params(-1))  # warm-up (and compile) outside the clock
+        first = time.perf_counter() - start
+        compile_ms = engine.stats().grammar_compile_ms_max
+        start = time.perf_counter()
+        await engine.generate(texts[0], make_params(-1))  # the same request again: nothing left to compile
+        again = time.perf_counter() - start
         queue = list(enumerate(texts))
         outputs: list[Any] = [None] * len(texts)
 
@@ -118,7 +128,11 @@ async def _closed_loop(model_dir: Path, config: dict[str, Any], texts: list[str]
         stats = engine.stats()
     num_tokens = sum(len(o.token_ids) for o in outputs)
     return {"wall_s": wall, "output_tokens": num_tokens, "tokens_per_s": num_tokens / wall, "outputs": outputs,
-            "mask_ms_per_step": stats.logits_processor_ms_per_step}
+            "mask_ms_per_step": stats.logits_processor_ms_per_step, "mask_ms_p99": stats.logits_processor_ms_p99,
+            "mask_ms_max": stats.logits_processor_ms_max, "constrained_step_ms_p50": stats.constrained_step_ms_p50,
+            "constrained_step_ms_p99": stats.constrained_step_ms_p99,
+            "constrained_step_ms_max": stats.constrained_step_ms_max,
+            "first_request_s": first, "grammar_compile_ms": compile_ms, "repeat_request_s": again}
 
 
 def _validity(outputs: list[Any]) -> tuple[int, int]:
@@ -200,6 +214,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     print()
     for backend in backends:
         print(f"kvloom {backend} / unconstrained (same prompts, same lengths): {rows[backend]['ratio']:.2f}x throughput")
+    for backend in backends:
+        print(_first_request_line(backend, rows[backend]))
     write_result(args.json, {
         "schema_version": SCHEMA_VERSION, "bench": "structured", "command": command,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "machine": info,
@@ -207,6 +223,19 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "output_len": args.output_len, "results": rows,
     })
     return 0 if all(rows[b]["valid"] == rows[b]["completed"] for b in backends) else 1
+
+
+def _first_request_line(backend: str, row: dict[str, Any]) -> str:
+    """Where a constrained run's time went besides throughput: its first request, its step times."""
+    def num(key: str, digits: int, of: dict[str, Any] = row) -> str:
+        value = of.get(key)
+        return "n/a" if value is None else f"{value:.{digits}f}"
+
+    return (f"{backend}: first request on a fresh engine {num('first_request_s', 2)} s (grammar compile "
+            f"{num('grammar_compile_ms', 0)} ms; unconstrained: {num('first_request_s', 2, row['unconstrained'])} s), "
+            f"the same request again {num('repeat_request_s', 2)} s; per constrained step: masks p99 "
+            f"{num('mask_ms_p99', 2)} ms, max {num('mask_ms_max', 2)} ms, wall p50 {num('constrained_step_ms_p50', 1)} "
+            f"ms, p99 {num('constrained_step_ms_p99', 1)} ms, max {num('constrained_step_ms_max', 1)} ms")
 
 
 if __name__ == "__main__":

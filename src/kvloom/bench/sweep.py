@@ -4,14 +4,14 @@ A ladder of Poisson rates (``--sweep``, default ``serve.SWEEP_LADDER``), climbed
 order. At each rate every system still climbing serves the same schedule with the machinery
 of one ``bench serve --rate`` pass (``serve.serve_kvloom`` on a fresh engine, so no prefix
 cache carries over from the rate before; ``peers.serve_cb`` on a fresh manager, its model loaded
-once per dtype). Per system and rate: the SLO attainment (``goodput.slo_attainment``), TTFT and
+once per dtype). Per system and rate: the SLO attainment (``analysis.goodput.slo_attainment``), TTFT and
 TPOT p50/p90/p99, output tokens/s, and for a peer how many requests got the tokens of kvloom
 when it runs in the peer's dtype (no ``kvloom@fp32`` here: it would double the sweep's time).
 
 Goodput of a system: the highest rate at which ``--slo-attainment`` of its requests meet both
-``--slo-ttft`` and ``--slo-tpot`` (``goodput.goodput``). A system below the target at two
+``--slo-ttft`` and ``--slo-tpot`` (``analysis.goodput.goodput``). A system below the target at two
 consecutive rates (or failing) stops climbing: it would only miss again, slowly. The headline
-is kvloom's goodput over the best peer's (``goodput.goodput_ratio``).
+is kvloom's goodput over the best peer's (``analysis.goodput.goodput_ratio``).
 
 Run time. Arrivals at rate ``r`` take ``n / r`` seconds whatever the system does, so serving
 all 64 requests at 0.5 req/s takes 128 s per system. A rate therefore serves the first
@@ -23,22 +23,20 @@ arrivals of ``poisson_arrivals(seed)``: a prefix of the full schedule) is the sa
 system. Low rates leave a system mostly idle, so fewer requests there lose little.
 
 Written next to ``--json`` (when matplotlib is installed): ``<stem>-ttft.png`` and
-``<stem>-tpot.png``, latency against rate per system with the SLO drawn (``plots``).
+``<stem>-tpot.png``, latency against rate per system with the SLO drawn (``analysis.plots``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import math
-import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
-from kvloom.bench.goodput import (
+from kvloom.bench.analysis.goodput import (
     STOP_AFTER_MISSES,
     Goodput,
     RatePoint,
@@ -49,8 +47,10 @@ from kvloom.bench.goodput import (
     should_stop,
     slo_attainment,
 )
+from kvloom.bench.analysis.latency import summarize
+from kvloom.bench.analysis.plots import write_sweep_plots
 from kvloom.bench.peers import DTYPE_TAGS, PeerSpec, RequestTrace, load_hf_models, serve_cb
-from kvloom.bench.plots import write_sweep_plots
+from kvloom.bench.runner import BenchRun, refuse, start, workload_prompts, write_result
 from kvloom.bench.serve import (
     LEAD_S,
     SWEEP_MIN_REQUESTS,
@@ -59,11 +59,9 @@ from kvloom.bench.serve import (
     poisson_arrivals,
     resolve_peers,
     serve_kvloom,
-    summarize,
 )
-from kvloom.bench.setup import prepare, write_result
-from kvloom.bench.throughput import kvloom_config, parse_config
-from kvloom.bench.workload import STANDARD_MODEL, Workload
+from kvloom.bench.settings import kvloom_config, parse_config
+from kvloom.bench.workload import Workload
 
 SCHEMA_VERSION = 1
 
@@ -134,24 +132,23 @@ def _goodput_json(g: Goodput) -> dict[str, Any]:
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Climb the ladder; 0 when it ran (peer failures are results), 2 on bad arguments."""
-    command = "python -m kvloom " + shlex.join(argv)
     try:
         ladder, specs, user_config, workload = _check(args)
     except ValueError as exc:
-        print(f"bench serve: {exc}", file=sys.stderr)
-        return 2
+        return refuse("serve", exc)
     slo = (args.slo_ttft, args.slo_tpot)
     target = args.slo_attainment
     counts = {rate: requests_at(rate, args.sweep_duration, workload.num_requests) for rate in ladder}
-    setup = prepare(command, args.model, args.quick, workload,
-                    f"a sweep of Poisson rates {','.join(format(r, 'g') for r in ladder)} req/s serving "
-                    f"{'/'.join(str(counts[r]) for r in ladder)} requests; SLO: TTFT <= {slo[0]:g} s and TPOT <= "
-                    f"{slo[1] * 1000:g} ms for {target:.0%} of requests; peers {','.join(s.name for s in specs) or 'none'}")
-    prompts = setup.prompts
+    bench = start("serve", argv, args.model, args.quick)
+    prompts = workload_prompts(
+        bench.model_dir, workload,
+        f"a sweep of Poisson rates {','.join(format(r, 'g') for r in ladder)} req/s serving "
+        f"{'/'.join(str(counts[r]) for r in ladder)} requests; SLO: TTFT <= {slo[0]:g} s and TPOT <= "
+        f"{slo[1] * 1000:g} ms for {target:.0%} of requests; peers {','.join(s.name for s in specs) or 'none'}")
     config = kvloom_config(user_config, prompts, workload.output_len)
     if "max_waiting" not in user_config:  # high rates queue many requests at once: none may be refused
         config["max_waiting"] = workload.num_requests
-    models = load_hf_models(setup.model_dir, specs)
+    models = load_hf_models(bench.model_dir, specs)
 
     names = ["kvloom", *(s.name for s in specs)]
     points: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
@@ -164,7 +161,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         reference: list[list[int]] | None = None
         if climbing["kvloom"]:
             print("  kvloom ...", file=sys.stderr, flush=True)
-            traces, stats = asyncio.run(serve_kvloom(setup.model_dir, config, prompts[:n], offsets,
+            traces, stats = asyncio.run(serve_kvloom(bench.model_dir, config, prompts[:n], offsets,
                                                      workload.output_len))
             kv_dtype = str(stats.get("dtype"))
             reference = [t.token_ids for t in traces]
@@ -196,7 +193,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         if not any(climbing.values()):
             break
 
-    result = _result(args, argv, command, setup, workload, ladder, slo, target, config, kv_dtype, specs, points)
+    result = _result(args, bench, workload, prompts, ladder, slo, target, config, kv_dtype, specs, points)
     print(format_report(result))
     if args.json is not None:
         written, skipped = write_sweep_plots(result, args.json)
@@ -206,7 +203,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
-def _result(args: argparse.Namespace, argv: Sequence[str], command: str, setup: Any, workload: Workload,
+def _result(args: argparse.Namespace, bench: BenchRun, workload: Workload, prompts: list[list[int]],
             ladder: list[float], slo: tuple[float, float], target: float, config: dict[str, Any],
             kv_dtype: str | None, specs: list[PeerSpec], points: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     goodputs = {name: goodput(_rate_points(p), target, ladder) for name, p in points.items()}
@@ -236,11 +233,8 @@ def _result(args: argparse.Namespace, argv: Sequence[str], command: str, setup: 
         "float32_all_match": all(m == n for m, n in compared) if compared else None,
     }
     return {
-        "benchmark": "serve", "mode": "sweep", "schema_version": SCHEMA_VERSION, "command": command,
-        "argv": list(argv), "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {**setup.info, "ceilings": setup.ceilings},
-        "model": {"path": str(setup.model_dir), "spec": None if args.model else STANDARD_MODEL.cache_key},
-        "workload": {**asdict(workload), "prompt_tokens": sum(map(len, setup.prompts))},
+        **bench.envelope("serve", SCHEMA_VERSION, mode="sweep"),
+        "workload": {**asdict(workload), "prompt_tokens": sum(map(len, prompts))},
         "sweep": {"ladder": [rate_json(r) for r in ladder], "duration_s": rate_json(args.sweep_duration),
                   "min_requests": SWEEP_MIN_REQUESTS,
                   "requests_per_rate": [requests_at(r, args.sweep_duration, workload.num_requests) for r in ladder],

@@ -16,29 +16,24 @@ runs (timed and reported too) so the float32 check, where every request must agr
 Printed and written as JSON: the command, the machine and its ceilings, output tokens/s, wall
 time, mean TTFT and dtype per system, kvloom's ratio to the best peer, token agreement per
 dtype, kvloom's KV-cache waste at peak (allocated slots / tokens held), and the workload's GEMM
-floor on this machine in kvloom's dtype (``floor``) with kvloom's share of it.
+floor on this machine in kvloom's dtype (``analysis.floor``) with kvloom's share of it.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import shlex
 import statistics
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from kvloom.bench import machine
-from kvloom.bench.divergence import first_divergences
-from kvloom.bench.floor import floor_result
+from kvloom.bench.analysis.divergence import first_divergences
+from kvloom.bench.analysis.floor import floor_result
 from kvloom.bench.peers import (
-    DTYPE_TAGS,
     HfModels,
     PeerRun,
     PeerSpec,
@@ -48,8 +43,21 @@ from kvloom.bench.peers import (
     run_peer,
     warm_up,
 )
-from kvloom.bench.setup import prepare, write_result
-from kvloom.bench.workload import STANDARD_MODEL, Workload
+from kvloom.bench.runner import (
+    System,
+    Turns,
+    add_quick,
+    attempt,
+    refuse,
+    rounded_median,
+    start,
+    take_turns,
+    workload_prompts,
+    write_result,
+)
+from kvloom.bench.settings import add_kvloom_config, kvloom_config, parse_config
+from kvloom.bench.throughput_report import format_report
+from kvloom.bench.workload import Workload
 
 SCHEMA_VERSION = 2
 FLOAT32_PEERS = "static8,static16,static32,cb512,cb1024,cb2048"
@@ -70,24 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"comma separated; '' for none (default {FLOAT32_PEERS}, and each again @bf16 where "
                         "the CPU multiplies bf16 in hardware)")
     parser.add_argument("--repeats", type=int, default=1, help="passes per system, interleaved; medians are reported")
-    parser.add_argument("--kvloom-config", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="LLM(...) settings, e.g. max_num_batched_tokens=1024 block_size=16")
-    # Tests: shorter ceiling measurements (same measurements, fewer repeats).
-    parser.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)
-
-
-def parse_config(items: Sequence[str]) -> dict[str, Any]:
-    """``["block_size=16", "dtype=float32"]`` -> ``{"block_size": 16, "dtype": "float32"}`` (JSON values, else strings)."""
-    config: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--kvloom-config: expected KEY=VALUE, got {item!r}")
-        try:
-            config[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            config[key] = raw
-    return config
+    add_kvloom_config(parser, "LLM(...) settings, e.g. max_num_batched_tokens=1024 block_size=16")
+    add_quick(parser)
 
 
 def resolve_peers(text: str | None) -> list[PeerSpec]:
@@ -95,28 +87,13 @@ def resolve_peers(text: str | None) -> list[PeerSpec]:
     return parse_peers(default_peers(FLOAT32_PEERS) if text is None else text)
 
 
-def kvloom_config(user: dict[str, Any], prompts: list[list[int]], output_len: int) -> dict[str, Any]:
-    """kvloom's settings: its defaults (``dtype="auto"`` included), except that (unless the user sized
-    them) the KV pool holds the whole workload at once, as the continuous-batching peer's does, and
-    every request may run at once; user settings win."""
-    from kvloom.config import CacheConfig, SchedulerConfig
-
-    config: dict[str, Any] = {}
-    if "num_kv_blocks" not in user and "kv_cache_memory" not in user:
-        block = int(user.get("block_size", CacheConfig.model_fields["block_size"].default))
-        config["num_kv_blocks"] = sum(-(-(len(p) + output_len) // block) + 1 for p in prompts)
-    if "max_num_seqs" not in user:
-        config["max_num_seqs"] = max(len(prompts), SchedulerConfig.model_fields["max_num_seqs"].default)
-    return config | user
-
-
 def _summary(runs: list[PeerRun], num_tokens: int) -> dict[str, Any]:
     walls = [r.wall_s for r in runs]
     ttfts = [statistics.fmean(r.ttft_s) for r in runs if r.ttft_s]
     return {
         "tokens_per_s": round(num_tokens / statistics.median(walls), 2),
-        "wall_s": round(statistics.median(walls), 3),
-        "mean_ttft_s": round(statistics.median(ttfts), 3) if ttfts else None,
+        "wall_s": rounded_median(walls, 3),
+        "mean_ttft_s": rounded_median(ttfts, 3) if ttfts else None,
         "runs": [{"wall_s": round(r.wall_s, 3), "tokens_per_s": round(num_tokens / r.wall_s, 2),
                   "mean_ttft_s": round(statistics.fmean(r.ttft_s), 3) if r.ttft_s else None} for r in runs],
     }
@@ -184,32 +161,19 @@ def kvloom_systems(model_dir: Path, config: dict[str, Any], specs: list[PeerSpec
 def _measure(
     systems: list[_KvloomSystem], specs: list[PeerSpec], models: HfModels, prompts: list[list[int]],
     output_len: int, repeats: int,
-) -> tuple[dict[str, list[PeerRun]], dict[str, list[PeerRun]], dict[str, str | None]]:
-    """Warm every system up, then run them interleaved ``repeats`` times: each kvloom system's
-    runs, each peer's runs, and each peer's error (None when it ran; a failed peer is skipped
-    afterwards)."""
-    peer_runs: dict[str, list[PeerRun]] = {s.name: [] for s in specs}
-    peer_errors: dict[str, str | None] = {s.name: models.get(s)[1] for s in specs}
+) -> Turns[PeerRun]:
+    """Warm every system up, then run them interleaved ``repeats`` times (the kvloom systems, then
+    the peers): each system's runs, and each peer's error (None when it ran; a peer that fails to
+    load, warm up or run is skipped afterwards)."""
+    errors: dict[str, str | None] = {s.name: models.get(s)[1] for s in specs}
     for system in systems:
         system.warm_up(prompts)
     for spec in specs:
-        if peer_errors[spec.name] is None:
-            peer_errors[spec.name] = _try(partial(warm_up, spec, models.get(spec)[0], prompts))
-
-    kv_runs: dict[str, list[PeerRun]] = {s.name: [] for s in systems}
-    for rep in range(1, repeats + 1):
-        for system in systems:
-            print(f"  pass {rep}: {system.name} ...", file=sys.stderr, flush=True)
-            kv_runs[system.name].append(system.run(prompts))
-        for spec in specs:
-            if peer_errors[spec.name] is not None:
-                continue
-            print(f"  pass {rep}: {spec.name} ...", file=sys.stderr, flush=True)
-            try:
-                peer_runs[spec.name].append(run_peer(spec, models.get(spec)[0], prompts, output_len))
-            except Exception as exc:  # transformers' APIs move; report, don't crash the whole bench
-                peer_errors[spec.name] = f"{type(exc).__name__}: {exc}"
-    return kv_runs, peer_runs, peer_errors
+        if errors[spec.name] is None:
+            errors[spec.name] = attempt(partial(warm_up, spec, models.get(spec)[0], prompts))
+    contenders = [System(s.name, partial(s.run, prompts)) for s in systems] + [
+        System(s.name, partial(run_peer, s, models.get(s)[0], prompts, output_len), fallible=True) for s in specs]
+    return take_turns(contenders, repeats, errors=errors)
 
 
 def agreement(kvloom: list[dict[str, Any]], peers: list[dict[str, Any]], num_requests: int) -> dict[str, Any]:
@@ -232,7 +196,7 @@ def float32_divergences(specs: list[PeerSpec], peer_runs: dict[str, list[PeerRun
                         reference: tuple[str, list[list[int]]] | None, model: Any,
                         peers: list[dict[str, Any]], prompts: list[list[int]]) -> list[dict[str, Any]]:
     """Each float32 request where kvloom's greedy tokens differ from a float32 peer's: where they part
-    and how far apart the transformers model's logits for the two tokens are there (``divergence``),
+    and how far apart the transformers model's logits for the two tokens are there (``analysis.divergence``),
     once per request (the first peer that differs on it). Empty when everything agrees."""
     if reference is None or model is None:
         return []
@@ -253,7 +217,6 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     kvloom failing raises: the benchmark has nothing to measure without it.
     """
-    command = "python -m kvloom " + shlex.join(argv)
     try:
         workload = Workload(args.num_requests, args.min_prompt_len, args.max_prompt_len, args.output_len, args.seed)
         specs = resolve_peers(args.peers)
@@ -261,26 +224,26 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         if args.repeats < 1:
             raise ValueError("--repeats must be >= 1")
     except ValueError as exc:
-        print(f"bench throughput: {exc}", file=sys.stderr)
-        return 2
-    setup = prepare(command, args.model, args.quick, workload,
-                    f"repeats {args.repeats}; peers {','.join(s.name for s in specs) or 'none'}")
-    info, ceilings, model_dir, prompts = setup.info, setup.ceilings, setup.model_dir, setup.prompts
+        return refuse("throughput", exc)
+    bench = start("throughput", argv, args.model, args.quick)
+    model_dir = bench.model_dir
+    prompts = workload_prompts(model_dir, workload,
+                               f"repeats {args.repeats}; peers {','.join(s.name for s in specs) or 'none'}")
     num_tokens = workload.num_requests * workload.output_len
     prompt_tokens = sum(len(p) for p in prompts)
 
     systems = kvloom_systems(model_dir, kvloom_config(user_config, prompts, workload.output_len), specs,
                              workload.output_len)
     models = load_hf_models(model_dir, specs)
-    kv_runs, peer_runs, peer_errors = _measure(systems, specs, models, prompts, workload.output_len, args.repeats)
+    turns = _measure(systems, specs, models, prompts, workload.output_len, args.repeats)
+    runs, errors = turns.runs, turns.errors
     # Measured again after the runs: the floor takes each ceiling at its best of the two.
-    ceilings = machine.best_ceilings(ceilings, machine.measure_ceilings(quick=args.quick))
+    ceilings = machine.best_ceilings(bench.ceilings, machine.measure_ceilings(quick=args.quick))
     print("ceilings, best of before and after the runs: " + ", ".join(f"{k} {v:g}" for k, v in ceilings.items()))
 
-    kvloom = [s.entry(kv_runs[s.name], num_tokens, workload.output_len) for s in systems]
-    references = {s.dtype: (s.name, kv_runs[s.name][0].token_ids) for s in systems}
-    peers_result = [_peer_entry(s, peer_runs[s.name], peer_errors[s.name], references.get(s.dtype), num_tokens)
-                    for s in specs]
+    kvloom = [s.entry(runs[s.name], num_tokens, workload.output_len) for s in systems]
+    references = {s.dtype: (s.name, runs[s.name][0].token_ids) for s in systems}
+    peers_result = [_peer_entry(s, runs[s.name], errors[s.name], references.get(s.dtype), num_tokens) for s in specs]
     ok_peers = [p for p in peers_result if p["error"] is None]
     best = max(ok_peers, key=lambda p: p["tokens_per_s"], default=None)
     default = kvloom[0]
@@ -288,7 +251,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                          num_requests=workload.num_requests, output_len=workload.output_len,
                          wall_s=default["wall_s"])
     by_dtype = agreement(kvloom, peers_result, workload.num_requests)
-    divergences = float32_divergences(specs, peer_runs, references.get("float32"), models.models.get("float32"),
+    divergences = float32_divergences(specs, runs, references.get("float32"), models.models.get("float32"),
                                       peers_result, prompts)
     summary = {
         "kvloom_tokens_per_s": default["tokens_per_s"],
@@ -307,10 +270,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "kvloom_pct_of_floor": floor.get("kvloom_pct_of_floor"),
     }
     result = {
-        "benchmark": "throughput", "schema_version": SCHEMA_VERSION, "command": command, "argv": list(argv),
-        "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {**info, "ceilings": ceilings},
-        "model": {"path": str(model_dir), "spec": None if args.model else STANDARD_MODEL.cache_key},
+        **bench.envelope("throughput", SCHEMA_VERSION, ceilings=ceilings),
         "workload": {**asdict(workload), "prompt_tokens": prompt_tokens, "output_tokens": num_tokens},
         "kvloom": default, "kvloom_fp32": kvloom[1] if len(kvloom) > 1 else None,
         "peers": peers_result, "floor": floor, "summary": summary,
@@ -318,14 +278,6 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     print(format_report(result))
     write_result(args.json, result)
     return 0
-
-
-def _try(fn: Callable[[], object]) -> str | None:
-    try:
-        fn()
-    except Exception as exc:  # transformers' APIs move; report, don't crash the whole bench
-        return f"{type(exc).__name__}: {exc}"
-    return None
 
 
 def _peer_entry(spec: PeerSpec, runs: list[PeerRun], error: str | None,
@@ -342,55 +294,3 @@ def _peer_entry(spec: PeerSpec, runs: list[PeerRun], error: str | None,
         entry |= {"tokens_per_s": None, "wall_s": None, "mean_ttft_s": None, "runs": [],
                   "matches_kvloom": None, "mismatched_requests": []}
     return entry
-
-
-def format_report(result: dict[str, Any]) -> str:
-    """The human-readable table of a result dict (the JSON ``run`` writes)."""
-    n = result["workload"]["num_requests"]
-
-    def fmt(value: float | None, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
-
-    def tag(dtype: str) -> str:
-        return DTYPE_TAGS.get(dtype, dtype)
-
-    kv = result["kvloom"]
-    lines = [f"{'system':<14} {'dtype':<5} {'tok/s':>8} {'wall s':>8} {'TTFT s':>8}  same tokens as kvloom (same dtype)"]
-    for k in filter(None, (kv, result.get("kvloom_fp32"))):
-        lines.append(f"{k['name']:<14} {tag(k['dtype']):<5} {k['tokens_per_s']:>8.1f} {k['wall_s']:>8.2f} "
-                     f"{fmt(k['mean_ttft_s'], '.2f'):>8}  -  ({k['dtype_reason']}; attention: "
-                     f"{k.get('attention_backend', '?')}; scheduling ahead: {'on' if k.get('async_scheduling') else 'off'})")
-    for p in result["peers"]:
-        if p["error"]:
-            lines.append(f"{p['name']:<14} {tag(p['dtype']):<5} {'error':>8}  {p['error'][:200]}")
-            continue
-        same = f"{p['matches_kvloom']}/{n}" if p["matches_kvloom"] is not None else "not compared"
-        lines.append(f"{p['name']:<14} {tag(p['dtype']):<5} {p['tokens_per_s']:>8.1f} {p['wall_s']:>8.2f} "
-                     f"{fmt(p['mean_ttft_s'], '.2f'):>8}  {same}  ({p['description']})")
-    s = result["summary"]
-    if s["best_peer"]:
-        lines.append(f"kvloom ({tag(s['kvloom_dtype'])}) / best transformers ({s['best_peer']}): "
-                     f"{s['ratio_to_best_peer']:.2f}x")
-    floor = result["floor"]
-    if floor["floor_s"] is not None:
-        lines.append(f"floor {floor['floor_s']:.3g} s ({floor['floor_tokens_per_s']:.1f} tok/s) in {floor['dtype']}: "
-                     f"prefill {floor['prefill_s']:.3g} s + decode {floor['decode_s']:.3g} s "
-                     f"({floor['decode_bound']}-bound); kvloom at {floor['kvloom_pct_of_floor']:.0f}% of it")
-    else:
-        lines.append(f"floor: not computed ({floor['reason']})")
-    for dtype, a in s["agreement"].items():
-        if a["peers"]:
-            counts = ", ".join(f"{name} {'-' if m is None else m}/{n}" for name, m in a["peers"].items())
-            against = a["compared_with"] or f"nothing (no kvloom run in {dtype})"
-            lines.append(f"same greedy tokens, {dtype} (against {against}): {counts}")
-    lines.append(f"kvloom KV waste at peak (allocated slots / tokens held): {s['kv_peak_waste']:.3f}")
-    if not all(k["output_lens_ok"] for k in filter(None, (kv, result.get("kvloom_fp32")))):
-        lines.append("WARNING: some kvloom requests did not generate exactly --output-len tokens")
-    if s["float32_all_match"] is False:
-        lines.append("WARNING: in float32, kvloom's greedy tokens differ from a peer's (see mismatched_requests); "
-                     "float32 greedy must agree on every request, except at a near-tie (logits a few float32 ulp "
-                     "apart, which any other summation order may flip):")
-        lines.extend(f"  {d['peer']}: {d['description']}" for d in s.get("float32_divergences", []))
-    elif not s["all_tokens_match"]:
-        lines.append("note: in a reduced-precision dtype greedy tokens may differ at near-ties (see mismatched_requests)")
-    return "\n".join(lines)

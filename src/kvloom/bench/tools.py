@@ -35,9 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
-import shlex
 import statistics
 import sys
 import time
@@ -47,10 +45,11 @@ from pathlib import Path
 from typing import Any
 
 from kvloom.bench.agent_workload import SCHEMAS, SYSTEM_PROMPT, TOOLS, first_turn, follow_up, tool_result
-from kvloom.bench.setup import header, write_result
+from kvloom.bench.extra import needs_bench_extra
+from kvloom.bench.runner import System, add_quick, refuse, start, take_turns, write_result
+from kvloom.bench.settings import add_kvloom_config, parse_config
 from kvloom.bench.structured import STRUCTURED_MODEL
-from kvloom.bench.throughput import parse_config
-from kvloom.bench.workload import ModelSpec
+from kvloom.models.checkpoints import ModelSpec
 
 SCHEMA_VERSION = 1
 TOOLS_MODEL = ModelSpec(
@@ -179,7 +178,8 @@ def _ttfts(conversations: list[list[Turn]]) -> dict[str, float]:
 def validity(conversations: list[list[Turn]]) -> dict[str, int]:
     """Counts over the constrained turns: first turns that ended in a call, calls complete and
     valid (allowed name, arguments valid against its schema), calls cut by ``max_tokens``."""
-    import jsonschema
+    with needs_bench_extra("bench tools' validity check"):
+        import jsonschema
 
     counts = {"first_turns": len(conversations), "first_turn_calls": 0, "calls": 0, "valid": 0, "cut": 0}
     for conv in conversations:
@@ -216,9 +216,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parallel-tool-calls", action="store_true", help="allow several calls per turn")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each system (alternating); best kept")
-    parser.add_argument("--kvloom-config", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="AsyncEngine settings, e.g. max_num_batched_tokens=1024")
-    parser.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # tests: rougher ceilings
+    add_kvloom_config(parser, "AsyncEngine settings, e.g. max_num_batched_tokens=1024")
+    add_quick(parser)
 
 
 def _row(name: str, res: dict[str, Any], valid: str) -> str:
@@ -232,11 +231,9 @@ def _row(name: str, res: dict[str, Any], valid: str) -> str:
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run the benchmark; prints a table, the ratio and the calls' validity."""
     if args.conversations < 1 or args.call_max_tokens < 1 or args.answer_max_tokens < 1 or args.repeats < 1:
-        print("bench tools: --conversations, --call-max-tokens, --answer-max-tokens and --repeats must be >= 1",
-              file=sys.stderr)
-        return 2
-    command = "python -m kvloom bench tools " + shlex.join(argv[2:] if argv[:2] == ["bench", "tools"] else argv)
-    info, ceilings, model_dir = header(command, args.model, args.quick, spec=TOOLS_MODEL)
+        return refuse("tools", "--conversations, --call-max-tokens, --answer-max-tokens and --repeats must be >= 1")
+    bench = start("tools", argv, args.model, args.quick, TOOLS_MODEL)
+    model_dir = bench.model_dir
     num = args.conversations
     config = {"dtype": "float32", "max_num_seqs": max(num, 1)} | parse_config(args.kvloom_config)
     settings = Settings(args.call_max_tokens, args.answer_max_tokens, args.parallel_tool_calls, args.seed)
@@ -248,15 +245,22 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     def measure(replays: list[list[Turn]] | None) -> dict[str, Any]:
         return asyncio.run(_run(model_dir, config, num, settings, replays))
 
+    first: list[dict[str, Any]] = []
+
+    def constrained() -> dict[str, Any]:
+        result = measure(None)
+        if not first:
+            first.append(result)
+        return result
+
+    def unconstrained() -> dict[str, Any]:  # replays the first constrained run's transcripts, warm-up last
+        return measure([*first[0]["conversations"], first[0]["warmup"]])
+
     # Alternate the two systems and keep each one's best: this machine's speed drifts between runs.
-    constrained_runs = [measure(None)]
-    transcripts: list[list[Turn]] = constrained_runs[0]["conversations"]
-    replays = [*transcripts, constrained_runs[0]["warmup"]]
-    free_runs: list[dict[str, Any]] = []
-    for k in range(args.repeats):
-        free_runs.append(measure(replays))
-        if k + 1 < args.repeats:
-            constrained_runs.append(measure(None))
+    turns = take_turns([System("constrained", constrained), System("unconstrained", unconstrained)], args.repeats,
+                       progress=None)
+    constrained_runs, free_runs = turns.runs["constrained"], turns.runs["unconstrained"]
+    transcripts: list[list[Turn]] = first[0]["conversations"]
     counts = [validity(r["conversations"]) for r in constrained_runs]
     res = max(constrained_runs, key=lambda r: r["tokens_per_s"])
     base = max(free_runs, key=lambda r: r["tokens_per_s"])
@@ -284,9 +288,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return {key: r[key] for key in ("wall_s", "output_tokens", "tokens_per_s", "mask_ms_per_step", "ttft_s")}
 
     write_result(args.json, {
-        "schema_version": SCHEMA_VERSION, "bench": "tools", "command": command,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "machine": info,
-        "ceilings": ceilings, "model": str(model_dir), "conversations": num,
+        **bench.flat_envelope("tools", SCHEMA_VERSION), "conversations": num,
         "call_max_tokens": args.call_max_tokens, "answer_max_tokens": args.answer_max_tokens,
         "parallel_tool_calls": args.parallel_tool_calls, "ratio": ratio, "validity": total,
         "constrained": summary(res) | {"tokens_per_s_runs": [r["tokens_per_s"] for r in constrained_runs]},

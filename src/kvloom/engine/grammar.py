@@ -4,6 +4,11 @@ compiles it off the event loop and off the step.
 Compilation runs in the backends' pools (xgrammar: threads; outlines: processes, its index
 build holds the GIL); the request waits in the driver for its grammar while the batch goes
 on. Compiled grammars are cached by (spec, backend, vocabulary).
+
+An engine with a tokenizer imports xgrammar when it is built (off the event loop, with the
+weights): the first request with ``tools`` builds its structural tag and checks its schemas with
+xgrammar at submit, on the event loop, where importing it (~0.25 s on a 2-core CPU, more under
+load) would stall every stream of the engine. No pool starts until the first compile.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from kvloom.params import SamplingParams
 if TYPE_CHECKING:
     from kvloom.structured.compiler import CompiledGrammar, GrammarCompiler
     from kvloom.structured.spec import GrammarSpec
+    from kvloom.structured.timing import CompileSummary
 
 
 class GrammarService:
@@ -30,6 +36,8 @@ class GrammarService:
         self.timeout = timeout
         self._compiler: GrammarCompiler | None = None
         if tokenizer is not None:
+            import xgrammar  # noqa: F401  (imported here, not on the event loop: see the module docstring)
+
             from kvloom.structured.compiler import GrammarCompiler
             from kvloom.structured.vocab import TokenizerVocab
 
@@ -64,6 +72,10 @@ class GrammarService:
     def submit_spec(self, spec: GrammarSpec, backend: str | None) -> Future[CompiledGrammar]:
         assert self._compiler is not None, "check_spec() first"
         return self._compiler.submit(spec, backend or self.default_backend)
+
+    def compile_summary(self) -> CompileSummary | None:
+        """The compiles so far (count, times from submission to result); None without a tokenizer."""
+        return self._compiler.compile_times.summary() if self._compiler is not None else None
 
     def timeout_error(self) -> GrammarError:
         return GrammarError(

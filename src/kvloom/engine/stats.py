@@ -1,4 +1,11 @@
-"""``engine.stats()``: queue sizes, KV usage and latency percentiles, kept on the event loop."""
+"""``engine.stats()``: queue sizes, KV usage and latency percentiles, kept on the event loop.
+
+Constrained decoding has its own breakdown, to tell a slow grammar from a slow step: the mean,
+p99 and max time per constrained step in logits processors (mask fill, apply, accepts), the
+p50/p99/max wall time of those same steps (forward, sampling, processors), and the grammar
+compiles (count, mean and max time from submission to result: what the first request of a new
+grammar waits). Percentiles and maxima of steps are over the last 1000 constrained steps.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +14,11 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from kvloom.engine.percentile import percentile
+
 if TYPE_CHECKING:
     from kvloom.engine.messages import EngineSnapshot
+    from kvloom.structured.timing import CompileSummary
 
 
 @dataclass(slots=True, frozen=True)
@@ -33,6 +43,22 @@ class EngineStats:
     logits_processor_ms_per_step: float | None = None
     """Mean time per constrained step spent filling, applying and advancing logits processors
     (grammar masks); None before any constrained step."""
+    logits_processor_ms_p99: float | None = None
+    """p99 of the same per-step time over the last 1000 constrained steps; None before any."""
+    logits_processor_ms_max: float | None = None
+    """Its maximum over the last 1000 constrained steps; None before any."""
+    constrained_step_ms_p50: float | None = None
+    """Median wall time of those constrained steps, forward to accepts: next to the processor
+    times, it tells whether a slow constrained step was the grammar's doing. A step that prefills
+    a prompt and samples its first token counts too (the maximum is often one). None before any."""
+    constrained_step_ms_p99: float | None = None
+    constrained_step_ms_max: float | None = None
+    num_grammar_compiles: int = 0
+    """Grammar compiles run so far (cache hits are none; ``tools`` requests compile a structural tag)."""
+    grammar_compile_ms_mean: float | None = None
+    """Mean time of a compile from submission to result, queueing in the compile pool included:
+    what the first request of a grammar waits for it. None before any compile."""
+    grammar_compile_ms_max: float | None = None
     dtype: str | None = None
     """What the model and its KV cache run in (``dtype="auto"``: decided by device and CPU)."""
     dtype_reason: str | None = None
@@ -47,13 +73,6 @@ class EngineStats:
     async_scheduling: bool = False
     """Whether each step is scheduled and launched while the one before it runs (``async_scheduling``;
     by default on CUDA only)."""
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 class StatsCollector:
@@ -87,11 +106,15 @@ class StatsCollector:
 
 def build_stats(
     last: EngineSnapshot | None, num_submitted: int, collector: StatsCollector, healthy: bool,
-    error: BaseException | None,
+    error: BaseException | None, compiles: CompileSummary | None = None,
 ) -> EngineStats:
-    """``last`` is the latest step's snapshot; ``num_submitted`` sequences are not yet handed over."""
+    """``last`` is the latest step's snapshot; ``num_submitted`` sequences are not yet handed over;
+    ``compiles`` are the grammar compiles so far (None: the engine has no grammar service)."""
     ttft, tpot = list(collector.ttft), list(collector.tpot)
     kv = last.kv_stats if last else None
+    sample = last.constrained_step_times if last else None
+    processor = [1e3 * s for s in sample.processor_s] if sample else []
+    step = [1e3 * s for s in sample.step_s] if sample else []
     return EngineStats(
         healthy=healthy,
         num_running=last.num_running if last else 0,
@@ -110,4 +133,13 @@ def build_stats(
         logits_processor_ms_per_step=(
             1e3 * last.processor_time_s / last.num_constrained_steps if last and last.num_constrained_steps else None
         ),
+        logits_processor_ms_p99=percentile(processor, 0.99),
+        logits_processor_ms_max=max(processor, default=None),
+        constrained_step_ms_p50=percentile(step, 0.5),
+        constrained_step_ms_p99=percentile(step, 0.99),
+        constrained_step_ms_max=max(step, default=None),
+        num_grammar_compiles=compiles.num_compiles if compiles else 0,
+        grammar_compile_ms_mean=1e3 * compiles.total_s / compiles.num_compiles if compiles and compiles.num_compiles
+        else None,
+        grammar_compile_ms_max=1e3 * compiles.max_s if compiles and compiles.num_compiles else None,
     )

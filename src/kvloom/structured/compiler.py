@@ -12,6 +12,14 @@ module that cannot be imported (``python - < script``) kills the workers. Each t
 pickled ``outlines_core.Vocabulary`` (~0.4 MB and ~6 ms at 32k tokens) and returns the pickled
 ``Index``; the workers keep no state.
 
+Threads: at most ``max_workers`` compiles run at once (default: 2, or 1 on a one-CPU machine),
+and each xgrammar compile uses ``usable_cpus() // max_workers`` threads (at least 1), so with the
+default all compile threads together never outnumber the CPUs this process may run on: a 2-CPU
+machine runs each compile on one thread (more would only preempt the model's threads in the
+steps that run meanwhile, and torch's OpenMP barriers spin while a member waits for a CPU).
+Each compile's time from submission to result is recorded in ``compile_times``
+(``engine.stats()`` reports it).
+
 Cache: ``(spec, backend, vocab.fingerprint)`` -> the future of the compile, least recently used
 entries dropped past ``max_cached``. A spec that is invalid (:class:`~kvloom.errors.GrammarError`
 from the backend) stays cached: compiling it again would fail the same way. Any other failure
@@ -21,7 +29,9 @@ so a retry compiles again.
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import (
@@ -37,12 +47,16 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 from kvloom.errors import GrammarError
 from kvloom.structured.logits_processor import LogitsProcessor
 from kvloom.structured.spec import GrammarSpec
+from kvloom.structured.timing import CompileTimes
 from kvloom.structured.vocab import TokenizerVocab
 
 if TYPE_CHECKING:
     import outlines_core
 
     from kvloom.structured.xgrammar_backend import XGrammarBackend
+
+DEFAULT_MAX_WORKERS = 2
+"""Compiles that may run at once by default (fewer on a machine with fewer CPUs)."""
 
 BackendName = Literal["xgrammar", "outlines"]
 BACKENDS: tuple[BackendName, ...] = ("xgrammar", "outlines")
@@ -91,17 +105,25 @@ class GrammarCompiler:
     """
 
     def __init__(
-        self, vocab: TokenizerVocab, default_backend: BackendName = "xgrammar", max_workers: int = 2,
+        self, vocab: TokenizerVocab, default_backend: BackendName = "xgrammar", max_workers: int | None = None,
         max_cached: int = 256,
     ) -> None:
         if default_backend not in BACKENDS:
             raise ValueError(f"default_backend must be one of {list(BACKENDS)}, got {default_backend!r}")
+        cpus = usable_cpus()
+        if max_workers is None:
+            max_workers = min(DEFAULT_MAX_WORKERS, cpus)
         if max_workers < 1 or max_cached < 1:
             raise ValueError(f"max_workers and max_cached must be >= 1, got {max_workers} and {max_cached}")
         self.vocab = vocab
         self.default_backend: BackendName = default_backend
         self.max_workers = max_workers
+        self.xgrammar_threads = max(1, cpus // max_workers)
+        """Threads of one xgrammar compile: ``max_workers`` compiles at once use at most the usable CPUs
+        (unless ``max_workers`` alone exceeds them)."""
         self.max_cached = max_cached
+        self.compile_times = CompileTimes()
+        """Each compile's time from ``submit`` to its result or error (cache hits are not compiles)."""
         self._lock = threading.Lock()  # guards the cache, the pools and _closed
         self._cache: OrderedDict[_CacheKey, Future[CompiledGrammar]] = OrderedDict()
         self._threads: ThreadPoolExecutor | None = None
@@ -136,9 +158,17 @@ class GrammarCompiler:
             self._cache[key] = future
             while len(self._cache) > self.max_cached:
                 self._cache.popitem(last=False)  # whoever holds that future still gets its result
+            started = time.perf_counter()
             inner, wrap, on_broken = self._start_xgrammar(spec) if name == "xgrammar" else self._start_outlines(spec)
+
+        def settle(done: Future[Any]) -> None:
+            outcome = _outcome(done, wrap, on_broken)
+            if outcome[0] is not None or outcome[1] is not None:  # a cancelled compile waited for nothing
+                self.compile_times.record(time.perf_counter() - started)
+            self._settle(key, future, outcome)
+
         # Outside the lock: a compile that already ended runs the callback right here.
-        inner.add_done_callback(lambda done: self._settle(key, future, _outcome(done, wrap, on_broken)))
+        inner.add_done_callback(settle)
         return future
 
     def close(self) -> None:
@@ -169,7 +199,7 @@ class GrammarCompiler:
             if self._xgrammar is None:
                 from kvloom.structured.xgrammar_backend import XGrammarBackend
 
-                self._xgrammar = XGrammarBackend(self.vocab, max_threads=self.max_workers)
+                self._xgrammar = XGrammarBackend(self.vocab, max_threads=self.xgrammar_threads)
             backend = self._xgrammar
         return backend.compile(spec)
 
@@ -257,3 +287,11 @@ def _outcome(done: Future[_T], wrap: Callable[[_T], CompiledGrammar], on_broken:
 
 def _identity(value: CompiledGrammar) -> CompiledGrammar:
     return value
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no affinity masks (macOS, Windows)
+        return max(1, os.cpu_count() or 1)

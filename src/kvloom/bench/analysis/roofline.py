@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kvloom.bench.floor import BYTES_PER_PARAM, model_params
+from kvloom.bench.analysis.floor import BYTES_PER_PARAM, model_params
 
 
 @dataclass(frozen=True, slots=True)

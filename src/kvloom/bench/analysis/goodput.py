@@ -17,7 +17,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kvloom.bench.peers import RequestTrace
+from kvloom.bench.analysis.latency import Trace
 
 STOP_AFTER_MISSES = 2
 """A system below the target at this many consecutive rates stops climbing the ladder."""
@@ -43,9 +43,9 @@ class Goodput:
     """Rates below ``rate`` where the target was missed (attainment not monotone in the rate)."""
 
 
-def slo_attainment(traces: Sequence[RequestTrace], slo_ttft: float, slo_tpot: float) -> float:
+def slo_attainment(traces: Sequence[Trace], slo_ttft: float, slo_tpot: float) -> float:
     """The share of ``traces`` meeting both SLOs (TTFT from the scheduled arrival, TPOT = (end -
-    first token) / (output tokens - 1), as ``serve.summarize`` measures them)."""
+    first token) / (output tokens - 1), as ``latency.summarize`` measures them)."""
     if not traces:
         raise ValueError("no requests to measure the attainment of")
     met = 0
