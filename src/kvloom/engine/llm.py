@@ -142,7 +142,7 @@ class LLM:
     ) -> NewRequest:
         """Check and tokenize one request (the same checks as ``AsyncEngine``'s); its grammar
         starts compiling."""
-        sub = check_submission(self._parts, request_id=f"llm-{next(self._ids)}", params=params,
+        sub = check_submission(self._parts, request_id=None, make_id=lambda: f"llm-{next(self._ids)}", params=params,
                                request_timeout=self.config.request_timeout, has_messages=messages is not None,
                                **kwargs)
         token_ids, salt = Submitter.encode_with(self.inputs, sub, prompt, messages)
@@ -241,7 +241,7 @@ class LLM:
                 progress[id(call)] = (call, f + finished, t + tokens)
 
         for delta in result.deltas:
-            count(delta.parent_id, 0, len(delta.token_ids))
+            count(delta.request_id, 0, len(delta.token_ids))
         for completion in result.finished:
             count(completion.request_id, 1, 0)
         for counted, finished, tokens in progress.values():

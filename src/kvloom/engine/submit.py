@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -74,7 +74,8 @@ def check_argument_types(
 
 
 def check_submission(
-    parts: EngineParts, *, request_id: str, params: SamplingParams | None, priority: int = 0,
+    parts: EngineParts, *, request_id: str | None, make_id: Callable[[], str], params: SamplingParams | None,
+    priority: int = 0,
     prefix: PrefixHandle | None = None, cache_salt: str | None = None, adapter: str | None = None,
     timeout: float | None = None, request_timeout: float | None = None, tools: Sequence[Any] | None = None,
     tool_choice: Any = None, parallel_tool_calls: bool = True, has_messages: bool = False,
@@ -82,7 +83,7 @@ def check_submission(
     """The one check of a request's arguments, for both facades (``AsyncEngine`` through
     ``Submitter.check``, ``LLM`` directly): types, params, grammar and tool specs, adapter,
     prefix/adapter agreement. Raises ``InvalidRequestError`` naming the field; the deadline
-    (``timeout``, else ``request_timeout``) starts now."""
+    (``timeout``, else ``request_timeout``) starts now. ``request_id`` None takes ``make_id()``."""
     params = params if params is not None else SamplingParams()
     if not isinstance(params, SamplingParams):
         raise InvalidRequestError(f"params: expected SamplingParams, got {type(params).__name__}")
@@ -104,7 +105,7 @@ def check_submission(
         check_prefix_adapter(prefix, adapter, lora.content_hash if lora is not None else None)
     now = time.monotonic()
     timeout = timeout if timeout is not None else request_timeout
-    return Submission(request_id, params, priority, prefix, cache_salt, lora, now,
+    return Submission(request_id if request_id is not None else make_id(), params, priority, prefix, cache_salt, lora, now,
                       now + timeout if timeout is not None else None, tool_request, spec)
 
 
@@ -153,15 +154,15 @@ class Submitter:
         self._loop.check_accepting()
         if prefix is not None and not self._prefixes.is_live(prefix):
             raise InvalidRequestError("prefix: this handle was released, or belongs to another or a closed engine")
-        if request_id is None:
-            request_id = f"req-{next(self._ids)}"
-        elif request_id in self._loop.streams or request_id in self._encoding:
-            raise InvalidRequestError(f"request_id: {request_id!r} is already in flight")
-        return check_submission(
-            self._parts, request_id=request_id, params=params, priority=priority, prefix=prefix,
-            cache_salt=cache_salt, adapter=adapter, timeout=timeout, request_timeout=self.request_timeout,
-            tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls, has_messages=has_messages,
+        sub = check_submission(
+            self._parts, request_id=request_id, make_id=lambda: f"req-{next(self._ids)}", params=params,
+            priority=priority, prefix=prefix, cache_salt=cache_salt, adapter=adapter, timeout=timeout,
+            request_timeout=self.request_timeout, tools=tools, tool_choice=tool_choice,
+            parallel_tool_calls=parallel_tool_calls, has_messages=has_messages,
         )
+        if sub.request_id in self._loop.streams or sub.request_id in self._encoding:
+            raise InvalidRequestError(f"request_id: {sub.request_id!r} is already in flight")
+        return sub
 
     # ---- tokenizing ------------------------------------------------------------------------
     @staticmethod
