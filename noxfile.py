@@ -8,6 +8,8 @@ release by default (KVLOOM_TORCH overrides it, e.g. ``KVLOOM_TORCH=torch`` for w
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import nox
 
@@ -15,6 +17,8 @@ nox.options.reuse_venv = "yes"
 nox.options.sessions = ["tests", "lint"]
 
 TORCH = os.environ.get("KVLOOM_TORCH", "torch==2.13.0")
+TESTS_ENV = Path(__file__).resolve().parent / ".nox" / "tests"
+"""The tests session's virtualenv (nox's default envdir), which lint reuses."""
 
 
 def _install(session: nox.Session) -> None:
@@ -57,13 +61,19 @@ def gpu(session: nox.Session) -> None:
     session.run("pytest", "-q", "-ra", "tests/gpu", *session.posargs, env={"TRITON_INTERPRET": "0"})
 
 
-@nox.session
+@nox.session(venv_backend="none")
 def lint(session: nox.Session) -> None:
-    """ruff on everything, mypy --strict on src/, the package layering (import-linter, pyproject.toml)."""
-    _install(session)
-    session.run("ruff", "check", "src", "kernels", "tests", "examples", "noxfile.py")
-    session.run("mypy")
-    session.run("lint-imports")
+    """ruff on everything, mypy --strict on src/, the package layering (import-linter, pyproject.toml).
+
+    Runs in the tests session's virtualenv (mypy needs the same packages installed: torch,
+    transformers, ...), so ``nox -s tests lint`` installs them once, not twice; alone, it
+    installs that virtualenv first (``nox -s tests --install-only``)."""
+    bin_dir = TESTS_ENV / "bin"
+    if not (bin_dir / "lint-imports").exists():
+        session.run(sys.executable, "-m", "nox", "-s", "tests", "--install-only", external=True)
+    session.run(str(bin_dir / "ruff"), "check", "src", "kernels", "tests", "examples", "noxfile.py", external=True)
+    session.run(str(bin_dir / "mypy"), external=True)
+    session.run(str(bin_dir / "lint-imports"), external=True)
 
 
 @nox.session
