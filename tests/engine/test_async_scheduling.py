@@ -111,13 +111,13 @@ def test_an_id_reused_while_its_old_request_is_in_flight_gets_only_its_own_token
     core = EngineCore(EngineConfig.from_kwargs(llama_dir, async_scheduling=True))
     assert core.async_scheduling
     core.add_request(Request("a", [5, 6, 7, 8], greedy, frozenset()))
-    first = core.step()  # the prefill's step, read back; its first decode is in flight
+    first = core.step().outputs  # the prefill's step, read back; its first decode is in flight
     assert [o.new_token_ids for o in first] and core.num_steps_ahead == 1
     core.finish_requests(["a"], "abort")
     core.add_request(Request("a", [300, 301, 302], greedy, frozenset()))
     got: list[int] = []
     while core.has_unfinished():
-        got += [t for o in core.step() for t in o.new_token_ids]
+        got += [t for o in core.step().outputs for t in o.new_token_ids]
     core.assert_idle()
     reference = _run(llama_dir, False, [[300, 301, 302]], [greedy])[0][0].token_ids
     assert got == reference

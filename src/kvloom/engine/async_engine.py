@@ -292,7 +292,8 @@ class AsyncEngine:
         last = loop.last.snapshot if loop is not None and loop.last is not None else None
         healthy = loop is not None and loop.is_running
         stats = build_stats(last, loop.num_submitted if loop else 0, self._stats, healthy,
-                            loop.error if loop else None)
+                            loop.error if loop else None,
+                            self._parts.grammars.compile_summary() if self._parts is not None else None)
         if self._parts is None:
             return stats
         choice = self._parts.core.dtype_choice
@@ -306,6 +307,44 @@ class AsyncEngine:
         """Hit rate, cached / pinned / used blocks and evictions, as of the last step."""
         loop = self._loop
         return loop.last.snapshot.kv_stats if loop is not None and loop.last is not None else None
+
+    async def wait_idle(self, timeout: float | None = None) -> None:
+        """Wait until the engine holds no request: none queued or running, no step in flight, and
+        every abort, prefix release and adapter change handed over so far applied.
+
+        Returns at once when it is idle already. Aborts (leaving a stream, ``abort``, a
+        timeout) land at the next step boundary, so after cancelling requests this is how to
+        know their KV blocks are free: ``await engine.wait_idle()`` then ``engine.assert_idle()``.
+        Only what has reached the engine counts: a stream not yet iterated whose prompt is still
+        being tokenized (``stream`` of a very long prompt), or a task that has not yet run the
+        ``finally`` that closes its stream, is not waited for. No polling: the background loop
+        wakes the waiter when a step leaves it idle. Call it on the engine's event loop.
+
+        ``timeout`` (seconds, None: no limit) raises ``TimeoutError`` saying what is still in
+        flight. Raises ``EngineClosedError`` when the engine is not running (not started, or
+        closing or closed, also while waiting) and ``EngineDeadError`` when a step failed.
+        Waits for a ``start()`` in progress first.
+        """
+        if timeout is not None and not timeout > 0:
+            raise InvalidRequestError(f"timeout: must be > 0 seconds or None, got {timeout!r}")
+        await self._started()
+        loop = self._loop
+        if loop is None:
+            raise EngineClosedError(NOT_RUNNING)
+        attempt = self._start
+        if attempt is not None and attempt.loop is not _event_loop_identity():
+            raise RuntimeError(STARTED_ELSEWHERE)
+        if timeout is None:
+            await loop.wait_idle()
+            return
+        with anyio.move_on_after(timeout) as scope:
+            await loop.wait_idle()
+        if scope.cancelled_caught:
+            stats = self.stats()
+            raise TimeoutError(
+                f"the engine was not idle after {timeout:g}s: {stats.num_running} sequences running and "
+                f"{stats.num_waiting} waiting as of the last step"
+                f"{', a step in flight' if loop.step_in_flight else ''}")
 
     def assert_idle(self) -> None:
         """Raise ``AssertionError`` unless the engine holds nothing: no request queued or

@@ -9,6 +9,10 @@ host (grammars and other logits processors, penalties) launches its forward ahea
 once the step before it is read back and its tokens accepted, as vLLM does for structured output.
 When a step ahead could not get its blocks, the core lets the step in flight finish first.
 
+A step returns what happened as data (``CoreStepResult``): each sequence's progress, and the
+waiting sequences found unable to ever run, with the error to end each one with. Those errors
+are worded here and nowhere else.
+
 ``EngineCore`` is the only door to the scheduler, the KV cache manager and the model runner:
 everything above it (the driver, the facades) adds, aborts, pins and steps through the
 methods below and never touches their internals. Not thread-safe: one thread drives it.
@@ -17,7 +21,7 @@ methods below and never touches their internals. Not thread-safe: one thread dri
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from kvloom.config import EngineConfig
@@ -28,12 +32,13 @@ from kvloom.models.config import ModelConfig, load_model_config
 from kvloom.models.dtype_choice import DTypeChoice
 from kvloom.outputs import FinishReason
 from kvloom.runner.model_runner import LaunchedSample, ModelRunner, StepLogits
-from kvloom.scheduler.output import EngineCoreOutput, SchedulerOutput
+from kvloom.scheduler.output import EngineCoreOutput, SchedulerOutput, Unrunnable
 from kvloom.scheduler.request import Request
 from kvloom.scheduler.scheduler import Scheduler
 
 if TYPE_CHECKING:
     from kvloom.lora.adapter import LoRAAdapter
+    from kvloom.structured.timing import ConstrainedStepTimes
 
 
 def resolve_max_model_len(config: EngineConfig, model: ModelConfig) -> int:
@@ -43,6 +48,23 @@ def resolve_max_model_len(config: EngineConfig, model: ModelConfig) -> int:
     if config.max_model_len > limit:
         raise ConfigError(f"max_model_len ({config.max_model_len}) exceeds the model's max_position_embeddings ({limit})")
     return config.max_model_len
+
+
+@dataclass(slots=True)
+class CoreStepResult:
+    """What one ``EngineCore.step`` did. The caller ends every ``unrunnable`` sequence (they are
+    still queued) and takes over the pins of ``pinned``."""
+
+    outputs: list[EngineCoreOutput] = field(default_factory=list)
+    """Per sequence that progressed, in step order: new tokens, and why it finished if it did."""
+    unrunnable: dict[str, InvalidRequestError] = field(default_factory=dict)
+    """Sequence id -> the error to end it with: waiting, it can never start as things stand."""
+
+    @property
+    def pinned(self) -> dict[str, list[int]]:
+        """``pin_prefix`` sequence id -> the blocks pinned for its prompt as it finished. The
+        caller owns these pins from now on (``EngineCore.unpin_prefix``)."""
+        return {o.req_id: o.pinned_block_ids for o in self.outputs if o.pinned_block_ids is not None}
 
 
 @dataclass(slots=True)
@@ -86,10 +108,7 @@ class EngineCore:
         """Queue one sequence. Raises ``InvalidRequestError`` for one that could never run."""
         lora_hash = req.lora.content_hash if req.lora is not None else None
         if not self._scheduler.can_serve_lora(lora_hash):
-            path = req.lora.path if req.lora is not None else None
-            raise InvalidRequestError(
-                f"adapter: every one of the max_loras={self.config.lora.max_loras} adapter slots is pinned to "
-                f"another adapter, so a request on {path} could never run; unpin one or raise max_loras")
+            raise self._unrunnable_error(Unrunnable.ADAPTER_SLOTS_PINNED)
         self._scheduler.add_request(req)
 
     def finish_requests(self, req_ids: Sequence[str], reason: FinishReason = "abort") -> None:
@@ -105,33 +124,51 @@ class EngineCore:
         """Release blocks pinned for a prefix handle (``EngineCoreOutput.pinned_block_ids``)."""
         self._kv.unpin([BlockId(b) for b in block_ids])
 
-    def set_pinned_adapters(self, adapters: Sequence[LoRAAdapter]) -> list[str]:
-        """Replace the pinned adapters. Returns the ids of waiting sequences that can now never
-        run (every slot pinned to another adapter): the caller ends them with an error."""
+    def set_pinned_adapters(self, adapters: Sequence[LoRAAdapter]) -> dict[str, InvalidRequestError]:
+        """Replace the pinned adapters. Returns the waiting sequences that can now never run (every
+        slot pinned to another adapter), with the error to end each one with."""
         stuck = self._scheduler.set_pinned_loras({a.content_hash for a in adapters})
         self._runner.set_pinned_loras(list(adapters))
-        return stuck
+        return {seq_id: self._unrunnable_error(reason) for seq_id, reason in stuck.items()}
+
+    def _unrunnable_error(self, reason: Unrunnable) -> InvalidRequestError:
+        """The one wording of each reason a sequence can never run, for its caller."""
+        if reason is Unrunnable.ADAPTER_SLOTS_PINNED:
+            return InvalidRequestError(
+                f"adapter: every one of the max_loras={self.config.lora.max_loras} adapter slots is pinned to "
+                "another adapter, so this request could never run; unpin one or raise max_loras")
+        return InvalidRequestError(
+            f"max_tokens: this request cannot start while prefix handles pin {self._kv.num_pinned} of "
+            f"the {self._kv.num_blocks} KV blocks; release a handle (PrefixHandle.release), lower "
+            "max_tokens or the prompt, or raise num_kv_blocks")
 
     # ---- one step --------------------------------------------------------------------------
-    def take_stuck_beside_pins(self) -> list[str]:
-        """Requests the last step found unable to start while prefix handles pin their blocks."""
-        stuck, self._scheduler.stuck_beside_pins = self._scheduler.stuck_beside_pins, []
-        return stuck
+    def step(self) -> CoreStepResult:
+        """Run one step and report it; with ``async_scheduling``, launch the next one first."""
+        scheduled: list[SchedulerOutput] = []  # every schedule this call makes: the report gathers their findings
+        outputs = self._step_ahead(scheduled) if self.async_scheduling else self._step_now(scheduled)
+        unrunnable = {seq_id: reason for sched in scheduled for seq_id, reason in sched.unrunnable.items()}
+        return CoreStepResult(outputs, {seq_id: self._unrunnable_error(r) for seq_id, r in unrunnable.items()})
 
-    @property
-    def num_pinned_blocks(self) -> int:
-        return self._kv.num_pinned
+    def _step_now(self, scheduled: list[SchedulerOutput]) -> list[EngineCoreOutput]:
+        """Schedule, execute, sample, update."""
+        sched = self._schedule(scheduled)
+        logits = self._runner.execute(sched)
+        sampled = self._runner.sample(logits)
+        return self._scheduler.update(sched, sampled)
 
-    def step(self) -> list[EngineCoreOutput]:
-        """Run one step and return its outputs; with ``async_scheduling``, launch the next one first."""
-        if not self.async_scheduling:
-            sched = self._scheduler.schedule()
-            return self._scheduler.update(sched, self._runner.sample(self._runner.execute(sched)))
-        current = self._in_flight if self._in_flight is not None else self._launch(self._scheduler.schedule())
+    def _schedule(self, scheduled: list[SchedulerOutput], ahead: bool = False) -> SchedulerOutput:
+        sched = self._scheduler.schedule(ahead=ahead)
+        scheduled.append(sched)
+        return sched
+
+    def _step_ahead(self, scheduled: list[SchedulerOutput]) -> list[EngineCoreOutput]:
+        """Launch the next step, then read back the one in flight (launched now if there is none)."""
+        current = self._in_flight if self._in_flight is not None else self._launch(self._schedule(scheduled))
         self._in_flight = None
         deferred: tuple[SchedulerOutput, StepLogits] | None = None
         if self._scheduler.can_schedule_ahead():
-            sched = self._scheduler.schedule(ahead=True)
+            sched = self._schedule(scheduled, ahead=True)
             logits = self._runner.execute(sched, ahead=True)
             if sched.is_empty:  # nothing to run; the runner has dropped the finished requests' state
                 self._scheduler.update(sched, self._runner.collect(self._runner.launch_sample(logits)))
@@ -187,6 +224,11 @@ class EngineCore:
     @property
     def num_constrained_steps(self) -> int:
         return self._runner.num_constrained_steps
+
+    @property
+    def constrained_step_times(self) -> ConstrainedStepTimes:
+        """The runner's per-step processor and wall times of constrained steps (snapshots carry copies)."""
+        return self._runner.constrained_step_times
 
     @property
     def num_lora_loads(self) -> int:

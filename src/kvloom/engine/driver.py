@@ -12,12 +12,11 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import time
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from kvloom.engine.core import EngineCore
+from kvloom.engine.core import CoreStepResult, EngineCore
 from kvloom.engine.messages import EngineSnapshot, NewRequest, RequestFailure, StepInput, StepOutput
-from kvloom.engine.output_processor import OutputProcessor, child_request_ids
+from kvloom.engine.output_processor import OutputProcessor, ProcessedOutputs, child_request_ids
 from kvloom.errors import EngineError, GrammarError, InvalidRequestError
 from kvloom.outputs import Completion
 from kvloom.params import SamplingParams
@@ -25,7 +24,6 @@ from kvloom.scheduler.request import Request
 from kvloom.structured.logits_processor import LogitsProcessor
 
 if TYPE_CHECKING:
-    from kvloom.lora.adapter import LoRAAdapter
     from kvloom.structured.compiler import CompiledGrammar
 
 logger = logging.getLogger(__name__)
@@ -137,62 +135,56 @@ class EngineDriver:
         self._num_timeouts += len(timed_out)
         return timed_out
 
-    def _set_pinned_adapters(self, adapters: Sequence[LoRAAdapter]) -> None:
-        stuck = set(self.core.set_pinned_adapters(adapters))
-        for parent_id in list(self.outputs.parents):
-            seq_ids = child_request_ids(parent_id, len(self.outputs.parents[parent_id].seqs))
-            if stuck.intersection(seq_ids):
-                self._fail(parent_id, InvalidRequestError(
-                    f"adapter: every one of the max_loras={self.core.config.lora.max_loras} adapter slots was "
-                    "pinned to another adapter while this request waited, so it could never run; "
-                    "unpin one or raise max_loras"))
-
-    def _fail_stuck_beside_pins(self) -> None:
-        """Fail the requests that cannot start while prefix handles hold their blocks: waiting for
-        the app to release a handle could be waiting forever."""
-        stuck = self.core.take_stuck_beside_pins()
-        seqs = [self.outputs.seqs.get(seq_id) for seq_id in stuck]
-        for parent_id in {seq.parent_id for seq in seqs if seq is not None}:
-            self._fail(parent_id, InvalidRequestError(
-                f"max_tokens: this request cannot start while prefix handles pin {self.core.num_pinned_blocks} of "
-                f"the {self.core.num_blocks} KV blocks; release a handle (PrefixHandle.release), lower "
-                "max_tokens or the prompt, or raise num_kv_blocks"))
+    def _fail_unrunnable(self, errors: dict[str, InvalidRequestError]) -> None:
+        """End the requests the core found can never run (``CoreStepResult.unrunnable``, or after an
+        adapter pin change): waiting for what they need could be waiting forever. A request fails
+        once, with its first sequence's error, however many of its sequences are stuck."""
+        for seq_id, error in errors.items():
+            seq = self.outputs.seqs.get(seq_id)
+            if seq is not None:  # its siblings are gone once the first fails (and unknown ids are ignored)
+                self._fail(seq.parent_id, error)
 
     # ---- one hand-off ------------------------------------------------------------------------
     def has_unfinished(self) -> bool:
         return self.core.has_unfinished() or bool(self._awaiting_grammar)
 
     def run(self, step_input: StepInput) -> StepOutput:
-        """Apply the hand-off (adapters, unpins, adds, aborts, deadlines), then one step if
-        there is work."""
+        """The hand-off: apply ``step_input``, step the core if there is work, report both."""
+        aborted = self._apply(step_input)
+        timed_out = self._expire()
+        self._poll_grammars()
+        result = self.core.step() if self.core.has_unfinished() else CoreStepResult()
+        processed = self._process(result)
+        failed, self._failed = self._failed, []
+        return StepOutput(self._snapshot(), self.has_unfinished(), processed.deltas, processed.finished, aborted,
+                          timed_out, result.pinned, failed)
+
+    def _apply(self, step_input: StepInput) -> list[Completion]:
+        """Adapter pins, unpins, adds, then aborts (``StepInput``'s order); returns what the aborted
+        requests had produced."""
         if step_input.pinned_adapters is not None:
-            self._set_pinned_adapters(step_input.pinned_adapters)
+            self._fail_unrunnable(self.core.set_pinned_adapters(step_input.pinned_adapters))
         for block_ids in step_input.unpins:
             self.core.unpin_prefix(block_ids)
         for req in step_input.adds:
             self.add(req)
-        aborted = [c for c in (self.abort(rid) for rid in step_input.aborts) if c is not None]
-        timed_out = self._expire()
-        self._poll_grammars()
-        deltas, finished, pinned = [], [], {}
-        if self.core.has_unfinished():
-            core_outputs = self.core.step()
-            pinned = {o.req_id: o.pinned_block_ids for o in core_outputs if o.pinned_block_ids is not None}
-            processed = self.outputs.process(core_outputs)
-            if processed.stop_string_hits:
-                self.core.finish_requests(processed.stop_string_hits, "stop")
-            deltas, finished = processed.deltas, processed.finished
-            for parent_id, exc in processed.failed.items():
-                self.abort(parent_id)
-                error = EngineError(f"request {parent_id!r}: processing its output failed: {exc!r}")
-                error.__cause__ = exc
-                self._failed.append(RequestFailure(parent_id, error))
-            for completion in finished:
-                self._deadlines.pop(completion.request_id, None)
-            self._fail_stuck_beside_pins()
-        failed, self._failed = self._failed, []
-        return StepOutput(self._snapshot(), self.has_unfinished(), deltas, finished, aborted, timed_out, pinned,
-                          failed)
+        return [c for c in (self.abort(rid) for rid in step_input.aborts) if c is not None]
+
+    def _process(self, result: CoreStepResult) -> ProcessedOutputs:
+        """Detokenize a step's outputs; end the sequences a stop string stopped, the requests whose
+        output failed to process and those the core found can never run."""
+        processed = self.outputs.process(result.outputs)
+        if processed.stop_string_hits:
+            self.core.finish_requests(processed.stop_string_hits, "stop")
+        for parent_id, exc in processed.failed.items():
+            self.abort(parent_id)
+            error = EngineError(f"request {parent_id!r}: processing its output failed: {exc!r}")
+            error.__cause__ = exc
+            self._failed.append(RequestFailure(parent_id, error))
+        for completion in processed.finished:
+            self._deadlines.pop(completion.request_id, None)
+        self._fail_unrunnable(result.unrunnable)
+        return processed
 
     def _snapshot(self) -> EngineSnapshot:
         waiting_grammar = sum(r.params.n for r in self._awaiting_grammar.values())
@@ -204,4 +196,5 @@ class EngineDriver:
             kv_stats=self.core.kv_cache_stats(),
             processor_time_s=self.core.processor_time_s,
             num_constrained_steps=self.core.num_constrained_steps,
+            constrained_step_times=self.core.constrained_step_times.sample(),
         )

@@ -53,6 +53,9 @@ class EngineLoop:
         self.error: BaseException | None = None
         self.last: StepOutput | None = None
         self._in_step = False
+        self._went_idle: anyio.Event | None = None
+        """Set (and dropped) by the task once ``is_idle`` holds again after a step, or once the task
+        ends; created by the first ``wait_idle`` that has to wait. Loop thread only."""
 
     # ---- from the application --------------------------------------------------------------
     def submit(self, req: NewRequest) -> RequestStream:
@@ -90,6 +93,35 @@ class EngineLoop:
         """Nothing queued for the engine thread, no step in flight, and the last step left no work."""
         return (not self._has_input() and not self._in_step
                 and (self.last is None or not self.last.has_unfinished))
+
+    @property
+    def step_in_flight(self) -> bool:
+        """Whether the engine thread is running a step now."""
+        return self._in_step
+
+    async def wait_idle(self) -> None:
+        """Return once ``is_idle`` holds (at once if it does). Loop thread only.
+
+        No polling: the task sets an event each time a step leaves it idle, and when it ends.
+        Raises ``EngineDeadError`` if a step failed (before or while waiting), ``EngineClosedError``
+        if the engine is closing or closed (work still in flight then never finishes).
+        """
+        while True:
+            if self.error is not None:
+                raise EngineDeadError(f"the engine failed: {self.error!r}") from self.error
+            if self._closing or self.done.is_set():
+                raise EngineClosedError(NOT_RUNNING)
+            if self.is_idle:
+                return
+            if self._went_idle is None:
+                self._went_idle = anyio.Event()
+            await self._went_idle.wait()
+
+    def _wake_idle_waiters(self) -> None:
+        """Wake ``wait_idle`` callers when there is news for them: idle, or the task ended."""
+        if self._went_idle is not None and (self.is_idle or self.done.is_set()):
+            self._went_idle.set()
+            self._went_idle = None
 
     @property
     def is_running(self) -> bool:
@@ -146,10 +178,14 @@ class EngineLoop:
                     self._in_step = False
                 self.last = result
                 self._dispatch(result)
+                # is_idle can only turn true here: input is taken just before a step, and the
+                # step's result is what says whether work is left.
+                self._wake_idle_waiters()
         except Exception as exc:  # a failed step or routing fails its requests, never hangs them
             self._fail_all(exc)
         finally:
             self.done.set()
+            self._wake_idle_waiters()
 
     def _dispatch(self, result: StepOutput) -> None:
         for request_id, block_ids in result.pinned.items():
@@ -170,12 +206,11 @@ class EngineLoop:
                     f"request {partial.request_id!r} passed its deadline after {partial.usage.total_time or 0.0:.3f}s "
                     f"and was aborted ({partial.usage.completion_tokens} tokens generated)"), partial)
         num_tokens = 0
-        for delta in result.deltas:
-            num_tokens += len(delta.token_ids)
-            stream = self.streams.get(delta.parent_id)
+        for chunk in result.deltas:
+            num_tokens += len(chunk.token_ids)
+            stream = self.streams.get(chunk.request_id)
             if stream is not None:
-                stream.push(StreamChunk(delta.parent_id, delta.index, delta.text, delta.token_ids,
-                                        delta.logprobs, delta.finish_reason, tool_calls=delta.tool_calls))
+                stream.push(chunk)
         self._stats.record_tokens(num_tokens)
         for completion in result.finished:
             u = completion.usage

@@ -12,10 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from kvloom.engine.output_processor import SequenceDelta
 from kvloom.errors import EngineError, InvalidRequestError
 from kvloom.kv_cache.manager import KVCacheStats
-from kvloom.outputs import Completion
+from kvloom.outputs import Completion, StreamChunk
 from kvloom.params import SamplingParams
 from kvloom.tools.request import ToolRequest
 
@@ -24,6 +23,7 @@ if TYPE_CHECKING:
 
     from kvloom.lora.adapter import LoRAAdapter
     from kvloom.structured.compiler import CompiledGrammar
+    from kvloom.structured.timing import StepTimesSample
 
 
 @dataclass(slots=True)
@@ -87,6 +87,8 @@ class EngineSnapshot:
     """Total time in logits processors so far (grammar masks and accepts)."""
     num_constrained_steps: int
     """Steps so far in which some sequence had a logits processor."""
+    constrained_step_times: StepTimesSample | None = None
+    """Per-step processor and wall times of the last constrained steps (a copy)."""
 
 
 @dataclass(slots=True)
@@ -105,8 +107,9 @@ class StepOutput:
     snapshot: EngineSnapshot
     has_unfinished: bool
     """Whether the engine thread still holds work (another step is due without new input)."""
-    deltas: list[SequenceDelta] = field(default_factory=list)
-    """New tokens and text per sequence, in step order."""
+    deltas: list[StreamChunk] = field(default_factory=list)
+    """New tokens and text per sequence, in step order, as its request's stream gets them
+    (``request_id`` the parent's id, ``index`` the choice, no ``usage``)."""
     finished: list[Completion] = field(default_factory=list)
     aborted: list[Completion] = field(default_factory=list)
     """What the requests aborted this step had produced (``finish_reason="abort"``)."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvloom.engine.detokenizer import IncrementalDetokenizer
-from kvloom.outputs import Choice, Completion, FinishReason, TokenLogprob, ToolCallDelta, Usage
+from kvloom.outputs import Choice, Completion, FinishReason, StreamChunk, TokenLogprob, Usage
 from kvloom.params import SamplingParams
 from kvloom.scheduler.output import EngineCoreOutput
 from kvloom.tools.request import ToolRequest
@@ -79,22 +79,10 @@ class ParentState:
 
 
 @dataclass(slots=True)
-class SequenceDelta:
-    """What one sequence produced in one step."""
-
-    seq_id: str
-    parent_id: str
-    index: int
-    text: str
-    token_ids: list[int]
-    logprobs: list[TokenLogprob] | None
-    finish_reason: FinishReason | None
-    tool_calls: list[ToolCallDelta] | None = None
-
-
-@dataclass(slots=True)
 class ProcessedOutputs:
-    deltas: list[SequenceDelta]
+    deltas: list[StreamChunk]
+    """What each sequence produced, in step order: the chunk its request's stream gets
+    (``request_id`` the parent's id, ``index`` the choice; ``usage`` unset)."""
     stop_string_hits: list[str]
     """Sequence ids that hit a stop string: the caller finishes them in the core."""
     finished: list[Completion]
@@ -141,7 +129,7 @@ class OutputProcessor:
         return ids, parent.completion()
 
     def process(self, outputs: list[EngineCoreOutput]) -> ProcessedOutputs:
-        deltas: list[SequenceDelta] = []
+        deltas: list[StreamChunk] = []
         hits: list[str] = []
         finished: list[Completion] = []
         now = time.monotonic()
@@ -157,7 +145,7 @@ class OutputProcessor:
         return ProcessedOutputs(deltas, hits, finished, failed)
 
     def _process_one(
-        self, out: EngineCoreOutput, seq: SequenceState, now: float, deltas: list[SequenceDelta], hits: list[str],
+        self, out: EngineCoreOutput, seq: SequenceState, now: float, deltas: list[StreamChunk], hits: list[str],
         finished: list[Completion],
     ) -> None:
         if seq.first_token_time is None:
@@ -183,8 +171,8 @@ class OutputProcessor:
             if reason == "stop" and seq.tool_parser.calls:
                 shown_reason = "tool_calls"
         deltas.append(
-            SequenceDelta(out.req_id, seq.parent_id, seq.index, text, list(out.new_token_ids), out.new_logprobs,
-                          shown_reason, tool_deltas or None)
+            StreamChunk(seq.parent_id, seq.index, text, list(out.new_token_ids), out.new_logprobs, shown_reason,
+                        tool_calls=tool_deltas or None)
         )
         if reason is not None:
             del self.seqs[out.req_id]

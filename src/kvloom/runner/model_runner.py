@@ -37,6 +37,7 @@ from kvloom.runner.logits_processing import (
 from kvloom.runner.sampling import build_sampling_metadata, needs_host_tokens, to_token_logprobs
 from kvloom.runner.state import PENDING_TOKEN, CachedRequestState, make_generator
 from kvloom.scheduler.output import SampledTokens, SchedulerOutput
+from kvloom.structured.timing import ConstrainedStepTimes
 
 if TYPE_CHECKING:
     from kvloom.layers.attention_metadata import AttentionMetadata
@@ -63,6 +64,8 @@ class StepLogits:
     """The sampling rows' grammar bitmask, filled on the mask thread while the forward ran."""
     needs_host_tokens: bool = False
     """Sampling reads the sequences' tokens on the host (processors, penalties: ``needs_host_tokens``)."""
+    started: float = 0.0
+    """``time.perf_counter()`` when ``execute`` began this step."""
 
 
 @dataclass(slots=True)
@@ -83,6 +86,10 @@ class LaunchedSample:
     ended: frozenset[str] = frozenset()
     """Sequences that had ended before this sampling launched (it was scheduled ahead of their end):
     their processors are left alone, and the scheduler drops their tokens."""
+    started: float = 0.0
+    """When the step's ``execute`` began (``time.perf_counter()``)."""
+    processor_s: float = 0.0
+    """Seconds this step has spent in logits processors so far (mask fill and apply; ``collect`` adds the accepts)."""
 
 
 class ModelRunner:
@@ -126,6 +133,9 @@ class ModelRunner:
         """Time spent in logits processors (masks, on the mask thread or not; accepts) over all steps; with
         ``num_constrained_steps``, the cost of grammars per step."""
         self.num_constrained_steps = 0
+        self.constrained_step_times = ConstrainedStepTimes()
+        """Per constrained step (the last 1000): time in processors and the step's wall time, execute to
+        collect; read by ``engine.stats()`` from the event loop (thread-safe)."""
         self.lora_slots: LoRASlots | None = None
         """Adapter slots, allocated when the first adapter is needed (base-only engines never pay)."""
         self._last_sample: LaunchedSample | None = None
@@ -197,9 +207,10 @@ class ModelRunner:
 
         ``ahead``: the step before it is still in flight, so its sequences' processors have not yet
         accepted their last tokens: their masks are filled when its sampling launches, not now."""
+        started = time.perf_counter()
         self._apply(sched)
         if sched.is_empty:
-            return StepLogits(torch.empty(0, 0), [])
+            return StepLogits(torch.empty(0, 0), [], started=started)
         self._copy_blocks(sched.blocks_to_copy)
         states = [self.states[rid] for rid in sched.num_scheduled_tokens]
         inputs = build_inputs(states, sched.num_scheduled_tokens, self.block_size, self.device)
@@ -215,7 +226,7 @@ class ModelRunner:
             raise
         for s in states:
             s.num_computed_tokens += sched.num_scheduled_tokens[s.req_id]
-        return StepLogits(logits, sampling, masks, needs_host_tokens(sampling))
+        return StepLogits(logits, sampling, masks, needs_host_tokens(sampling), started)
 
     def _fill_pending(self, inputs: ModelInputs) -> None:
         """Write the previous step's sampled tokens, still on the device, into this step's inputs
@@ -269,6 +280,7 @@ class ModelRunner:
         constrained = any(s.processors for s in step.states)
         reasons: dict[str, FinishReason] = {}
         raw_logprobs = None
+        spent = 0.0
         if constrained:
             # Logprobs are of the model's own distribution, before masks and user processors.
             if meta.max_num_logprobs is not None:
@@ -276,13 +288,14 @@ class ModelRunner:
             masks = step.masks.result() if step.masks is not None else None
             start = time.perf_counter()
             reasons = apply_processors(step.logits, step.states, masks, ended)
-            self.processor_time_s += time.perf_counter() - start + (masks.seconds if masks is not None else 0.0)
+            spent = time.perf_counter() - start + (masks.seconds if masks is not None else 0.0)
+            self.processor_time_s += spent
         out = self.sampler(step.logits, meta, raw_logprobs)
         slots = []
         for s in step.states:
             slots.append(len(s.token_ids))
             s.token_ids.append(PENDING_TOKEN)
-        self._last_sample = LaunchedSample(step.states, out, slots, reasons, constrained, ended)
+        self._last_sample = LaunchedSample(step.states, out, slots, reasons, constrained, ended, step.started, spent)
         return self._last_sample
 
     @torch.inference_mode()
@@ -299,8 +312,10 @@ class ModelRunner:
         if launched.constrained:
             start = time.perf_counter()
             accept_tokens(launched.states, token_ids, launched.reasons, launched.ended)
-            self.processor_time_s += time.perf_counter() - start
+            end = time.perf_counter()
+            self.processor_time_s += end - start
             self.num_constrained_steps += 1
+            self.constrained_step_times.record(launched.processor_s + end - start, end - launched.started)
         return SampledTokens(
             req_ids=[s.req_id for s in launched.states],
             token_ids=token_ids,

@@ -1,7 +1,9 @@
 """The runner's own copy of each request's state: tokens, block table, sampling RNG.
 
-Kept across steps (and across preemption, so a seeded request's generator continues where
-it was); updated only from ``SchedulerOutput`` deltas and from the tokens the runner samples.
+Built from a ``NewRequestData`` at the request's first schedule (taking over its processors),
+kept across steps (and across preemption, so a seeded request's generator continues where it
+was), dropped when ``finished_req_ids`` names it; updated only from ``SchedulerOutput`` deltas
+and from the tokens the runner samples.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ value is on the device until the runner collects that step; inputs read it from 
 
 @dataclass(slots=True, eq=False)
 class CachedRequestState:
+    """One sequence as the runner sees it. Owned by the runner: nothing else holds it."""
+
     req_id: str
     token_ids: list[int]
     """Prompt then outputs; the runner appends each token it samples (a ``PENDING_TOKEN`` when it
@@ -36,7 +40,8 @@ class CachedRequestState:
     generator: torch.Generator | None
     """Per-request RNG for seeded sampling; None uses the engine's shared generator."""
     processors: list[LogitsProcessor] = field(default_factory=list)
-    """Logits processors (grammar first), run on every token this sequence samples."""
+    """Logits processors (grammar first), run on every token this sequence samples; the runner
+    owns them (the scheduler handed them over in ``NewRequestData``)."""
     lora: LoRAAdapter | None = None
     """Its LoRA adapter; None: the base model."""
 

@@ -1,4 +1,8 @@
-"""The scheduler's record of one request (one sequence: ``n > 1`` is fanned out above)."""
+"""The scheduler's record of one request (one sequence: ``n > 1`` is fanned out above).
+
+Owned by the scheduler, on the engine thread. Nothing of it crosses to the runner but copies
+(``NewRequestData`` once, ``CachedRequestData`` after) and its processors, whose ownership moves.
+"""
 
 from __future__ import annotations
 
@@ -51,7 +55,8 @@ class Request:
     fork_of: str | None = None
     """Choice i > 0 of an ``n > 1`` request: waits for this request's prompt, then shares its blocks."""
     processors: list[LogitsProcessor] = field(default_factory=list)
-    """This sequence's own logits processors (grammar first); the runner drives them."""
+    """This sequence's own logits processors (grammar first), until its first schedule moves them
+    to the runner (``NewRequestData.processors``); empty from then on. The scheduler never calls them."""
     lora: LoRAAdapter | None = None
     """The adapter it runs with (the object, not its name: unloading or reloading the name
     never changes a request in flight)."""

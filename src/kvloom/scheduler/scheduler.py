@@ -14,7 +14,9 @@ skipped ``MAX_LORA_SKIPS`` times it blocks the queue instead, so it cannot starv
 never preempts: a request already running on an unpinned adapter keeps its slot until it
 ends (the runner makes the pinned adapters resident as slots allow). A request on an
 unpinned adapter while every slot is pinned to others could never run: ``set_pinned_loras``
-returns those so the engine fails them instead of letting them block the queue.
+returns those so the engine fails them instead of letting them block the queue. Likewise each
+``SchedulerOutput.unrunnable`` names a waiting request that cannot start beside the blocks
+pinned by prefix handles.
 
 Scheduling ahead (``schedule(ahead=True)``, see ``EngineCore``): the next step is scheduled while
 the current one is in flight, as if each of its sampling requests had its token already (each has
@@ -43,7 +45,9 @@ from kvloom.scheduler.output import (
     NewRequestData,
     SampledTokens,
     SchedulerOutput,
+    Unrunnable,
 )
+from kvloom.scheduler.plan import StepPlan
 from kvloom.scheduler.request import Request, RequestStatus
 
 MAX_LORA_SKIPS = 32
@@ -78,9 +82,6 @@ class Scheduler:
         """Step id -> the requests it scheduled and their token counts, until ``update`` applies it."""
         self._ahead_blocked = False
         """A step scheduled ahead could not give a running request its blocks: the next one preempts."""
-        self.stuck_beside_pins: list[str] = []
-        """Set by ``schedule``: waiting requests that cannot start while the pinned prefix blocks are
-        held (nothing else runs). The engine fails them rather than let them wait forever."""
 
     # ---- requests in and out -------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -170,13 +171,14 @@ class Scheduler:
         return (content_hash is None or content_hash in self.pinned_loras
                 or len(self.pinned_loras) < self.max_loras)
 
-    def set_pinned_loras(self, content_hashes: set[str]) -> list[str]:
-        """Replace the pinned adapters; returns the ids of waiting requests that can no longer
-        ever run (their adapter is unpinned and every slot is pinned to another)."""
+    def set_pinned_loras(self, content_hashes: set[str]) -> dict[str, Unrunnable]:
+        """Replace the pinned adapters; returns the waiting requests that can no longer ever run
+        (their adapter is unpinned and every slot is pinned to another). They stay queued until
+        the engine ends them."""
         self.pinned_loras = set(content_hashes)
-        stuck = [*self.waiting, *(c for children in self._forks.values() for c in children)]
-        return [r.request_id for r in stuck
-                if not self.can_serve_lora(r.lora.content_hash if r.lora is not None else None)]
+        waiting = [*self.waiting, *(c for children in self._forks.values() for c in children)]
+        return {r.request_id: Unrunnable.ADAPTER_SLOTS_PINNED for r in waiting
+                if not self.can_serve_lora(r.lora.content_hash if r.lora is not None else None)}
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -188,52 +190,61 @@ class Scheduler:
 
     # ---- one step ------------------------------------------------------------------------
     def schedule(self, ahead: bool = False) -> SchedulerOutput:
-        """The next step. ``ahead``: a step is in flight (see the module docstring)."""
-        budget = self.config.max_num_batched_tokens
-        num_scheduled: dict[str, int] = {}
-        new_reqs: list[NewRequestData] = []
-        cached_reqs: list[CachedRequestData] = []
-        preempted_now = False
-
+        """The next step: running requests first, then waiting ones while the budget, the seats
+        and the blocks allow. ``ahead``: a step is in flight (see the module docstring)."""
         if not ahead:
             self._ahead_blocked = False
+        plan = StepPlan(self.config.max_num_batched_tokens)
+        self._schedule_running(plan, ahead)
+        if not plan.preempted:
+            self._schedule_waiting(plan)
+        return self._build_output(plan)
+
+    def _schedule_running(self, plan: StepPlan, ahead: bool) -> None:
+        """Give each running request, most important first, its next tokens (a decode, or its
+        prefill's next chunk). Where blocks run out, preempt from the least important end; ahead
+        of a step in flight, stop there instead and leave the preemption to the next step."""
         self.running.sort(key=_importance)
-        scheduled: list[tuple[Request, int]] = []
         idx = 0
-        while idx < len(self.running) and budget > 0:
+        while idx < len(self.running) and plan.budget > 0:
             req = self.running[idx]
             idx += 1
             start = req.num_computed_tokens + req.num_inflight_tokens
             if ahead and req.at_length(self.max_model_len, req.num_pending):
                 continue  # its pending token ends it by length
-            num_new = min(req.num_tokens + req.num_pending - start, budget)
-            new_blocks = self.kv.allocate_slots(req.request_id, start + num_new)
-            while new_blocks is None and not ahead:
-                victim = self.running[-1]
-                self._preempt(victim)
-                preempted_now = True
-                if victim is req:
-                    break
-                new_blocks = self.kv.allocate_slots(req.request_id, start + num_new)
+            num_new = min(req.num_tokens + req.num_pending - start, plan.budget)
+            new_blocks = self._allocate_or_preempt(req, start + num_new, ahead, plan)
             if new_blocks is None:
                 # Ahead: no preemption while a step is in flight; admit nobody, and preempt next step.
                 self._ahead_blocked = ahead
-                preempted_now = True
-                break
-            num_scheduled[req.request_id] = num_new
-            scheduled.append((req, num_new))
-            budget -= num_new
+                plan.preempted = True
+                return
             if req.request_id in self._known_to_runner:
-                cached_reqs.append(CachedRequestData(req.request_id, list(new_blocks), start, False))
+                plan.add(req, num_new, CachedRequestData(req.request_id, new_blocks, start, False))
             else:  # a fork, running from its first step
-                self._known_to_runner.add(req.request_id)
-                new_reqs.append(self._new_request_data(req))
+                plan.add(req, num_new, self._new_request_data(req))
 
+    def _allocate_or_preempt(self, req: Request, num_tokens: int, ahead: bool, plan: StepPlan) -> list[int] | None:
+        """Slots for ``req``'s first ``num_tokens`` tokens; the new block ids, or None if it cannot
+        have them this step. Not ahead, it preempts the least important running request until the
+        blocks fit or ``req`` itself is the victim."""
+        new_blocks = self.kv.allocate_slots(req.request_id, num_tokens)
+        while new_blocks is None and not ahead:
+            victim = self.running[-1]
+            self._preempt(victim)
+            plan.preempted = True
+            if victim is req:
+                return None
+            new_blocks = self.kv.allocate_slots(req.request_id, num_tokens)
+        return None if new_blocks is None else [int(b) for b in new_blocks]
+
+    def _schedule_waiting(self, plan: StepPlan) -> None:
+        """Admit waiting requests in importance order while the budget and ``max_num_seqs`` allow,
+        each from its cached prefix. A request whose adapter would exceed ``max_loras`` is passed
+        over (up to ``MAX_LORA_SKIPS`` times); the first that cannot get its blocks stops admission."""
         loras = {r.lora.content_hash for r in self.running if r.lora is not None} | self.pinned_loras
         skipped: list[Request] = []
-        while (
-            self.waiting and budget > 0 and not preempted_now and len(self.running) < self.config.max_num_seqs
-        ):
+        while self.waiting and plan.budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             if req.lora is not None and req.lora.content_hash not in loras and len(loras) >= self.max_loras:
                 req.lora_skips += 1
@@ -241,67 +252,80 @@ class Scheduler:
                     break
                 skipped.append(self.waiting.popleft())
                 continue
-            # Waiting requests have no KV (new, or preempted): start from the cached prefix.
-            hits = self.kv.find_cached_prefix(req.request_id, req.token_ids, req.cache_keys)
-            num_hit = len(hits) * self.kv.block_size
-            num_new = req.num_tokens - num_hit
-            if num_new > budget and not self.config.enable_chunked_prefill and req.num_preemptions == 0:
+            if not self._admit(req, plan):
                 break
-            num_new = min(num_new, budget)
-            # The watermark keeps room for running requests to grow; with none running it would
-            # only keep a request that fits the pool from ever starting.
-            new_blocks = self.kv.allocate_slots(req.request_id, num_hit + num_new, new_request=bool(self.running),
-                                                cached=hits)
-            if new_blocks is None:
-                break
-            req.num_computed_tokens = num_hit
-            if req.num_preemptions == 0:
-                req.num_cached_tokens = num_hit
-                self.kv.record_lookup(req.num_tokens, num_hit)
-            self.waiting.popleft()
-            self.running.append(req)
-            num_scheduled[req.request_id] = num_new
-            scheduled.append((req, num_new))
-            budget -= num_new
-            block_ids = [int(b) for b in self.kv.get_block_ids(req.request_id)]
-            if req.request_id in self._known_to_runner:
-                cached_reqs.append(CachedRequestData(req.request_id, block_ids, req.num_computed_tokens, True))
-            else:
-                self._known_to_runner.add(req.request_id)
-                new_reqs.append(self._new_request_data(req))
-            req.status = RequestStatus.RUNNING
             if req.lora is not None:
                 loras.add(req.lora.content_hash)
         self.waiting.extendleft(reversed(skipped))
-        if not num_scheduled and not self.running and self.waiting and not preempted_now:
-            # Nothing runs and the head cannot start: only blocks pinned by prefix handles hold the
-            # pool (every other block is free or evictable), and they stay until the app releases them.
-            self.stuck_beside_pins = [self.waiting[0].request_id]
 
-        for req, n in scheduled:
+    def _admit(self, req: Request, plan: StepPlan) -> bool:
+        """Start the head of the waiting queue from its cached prefix (waiting requests have no KV:
+        new, or preempted); False, leaving it waiting, if its chunk or its blocks do not fit."""
+        hits = self.kv.find_cached_prefix(req.request_id, req.token_ids, req.cache_keys)
+        num_hit = len(hits) * self.kv.block_size
+        num_new = req.num_tokens - num_hit
+        if num_new > plan.budget and not self.config.enable_chunked_prefill and req.num_preemptions == 0:
+            return False
+        num_new = min(num_new, plan.budget)
+        # The watermark keeps room for running requests to grow; with none running it would
+        # only keep a request that fits the pool from ever starting.
+        new_blocks = self.kv.allocate_slots(req.request_id, num_hit + num_new, new_request=bool(self.running),
+                                            cached=hits)
+        if new_blocks is None:
+            return False
+        req.num_computed_tokens = num_hit
+        if req.num_preemptions == 0:
+            req.num_cached_tokens = num_hit
+            self.kv.record_lookup(req.num_tokens, num_hit)
+        self.waiting.popleft()
+        self.running.append(req)
+        if req.request_id in self._known_to_runner:
+            block_ids = [int(b) for b in self.kv.get_block_ids(req.request_id)]
+            plan.add(req, num_new, CachedRequestData(req.request_id, block_ids, req.num_computed_tokens, True))
+        else:
+            plan.add(req, num_new, self._new_request_data(req))
+        req.status = RequestStatus.RUNNING
+        return True
+
+    def _build_output(self, plan: StepPlan) -> SchedulerOutput:
+        """Mark the planned tokens in flight, number the step, and hand over what the runner must
+        hear (finished ids, block copies) and what the engine must act on (unrunnable requests)."""
+        for req, n in plan.scheduled:
             if req.num_computed_tokens + req.num_inflight_tokens + n == req.num_tokens + req.num_pending:
                 req.num_pending += 1  # it reaches its last known token: this step samples one
             req.num_inflight_tokens += n
         self._step_id += 1
-        self._in_flight[self._step_id] = scheduled
-        finished = self._finished_since_last_step
-        self._finished_since_last_step = set()
+        self._in_flight[self._step_id] = plan.scheduled
+        finished, self._finished_since_last_step = self._finished_since_last_step, set()
         copies, self._copies = self._copies, []
         return SchedulerOutput(
-            new_reqs=new_reqs,
-            cached_reqs=cached_reqs,
-            num_scheduled_tokens=num_scheduled,
-            total_num_scheduled_tokens=self.config.max_num_batched_tokens - budget,
+            new_reqs=plan.new_reqs,
+            cached_reqs=plan.cached_reqs,
+            num_scheduled_tokens={req.request_id: n for req, n in plan.scheduled},
+            total_num_scheduled_tokens=self.config.max_num_batched_tokens - plan.budget,
             finished_req_ids=finished,
             blocks_to_copy=copies,
             step_id=self._step_id,
+            unrunnable=self._stuck_beside_pins(plan),
         )
 
+    def _stuck_beside_pins(self, plan: StepPlan) -> dict[str, Unrunnable]:
+        """The head of the queue when nothing runs and it still cannot start: only blocks pinned
+        by prefix handles hold the pool (every other block is free or evictable), and they stay
+        until the application releases them."""
+        if plan.scheduled or self.running or not self.waiting or plan.preempted:
+            return {}
+        return {self.waiting[0].request_id: Unrunnable.BESIDE_PINNED_PREFIXES}
+
     def _new_request_data(self, req: Request) -> NewRequestData:
+        """The runner's first sight of ``req``. Its processors move with it: the scheduler never
+        calls them and keeps no reference (the runner owns them from now on)."""
+        self._known_to_runner.add(req.request_id)
+        processors, req.processors = req.processors, []
         block_ids = [int(b) for b in self.kv.get_block_ids(req.request_id)]
         return NewRequestData(
             req.request_id, list(req.token_ids), req.num_prompt_tokens, req.params, block_ids, req.num_computed_tokens,
-            req.processors, req.lora,
+            processors, req.lora,
         )
 
     def _preempt(self, req: Request) -> None:
