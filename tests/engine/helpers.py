@@ -1,10 +1,8 @@
-"""Shared by the engine tests: requests, and waiting for an engine to settle."""
+"""Shared by the engine tests: requests, and checking an engine settles idle."""
 
 from __future__ import annotations
 
 import random
-
-import anyio
 
 from kvloom import AsyncEngine, SamplingParams
 
@@ -20,17 +18,13 @@ def tokens(n: int, seed: int) -> list[int]:
     return [rng.randrange(5, 512) for _ in range(n)]
 
 
-async def settle(engine: AsyncEngine, timeout: float = 30.0) -> None:
-    """Until the background loop has handed everything over and the engine thread holds no
-    work: aborts and handle releases land at the next step boundary, not at once."""
-    loop = engine._loop
-    assert loop is not None, "the engine is not running"
-    with anyio.fail_after(timeout):
-        while not loop.is_idle:
-            await anyio.sleep(0.005)
+SETTLE_TIMEOUT_S = 30.0
+"""How long an engine may take to become idle once its requests ended or were aborted: aborts land
+within one step (milliseconds here); the bound only turns a hang into a failure."""
 
 
-async def assert_settles_idle(engine: AsyncEngine) -> None:
-    """``settle``, then the engine's own invariant: no request, every block free, no pin."""
-    await settle(engine)
+async def assert_settles_idle(engine: AsyncEngine, timeout: float = SETTLE_TIMEOUT_S) -> None:
+    """``engine.wait_idle()`` (aborts and handle releases land at the next step boundary, not at
+    once), then the engine's own invariant: no request, every block free, no pin."""
+    await engine.wait_idle(timeout=timeout)
     engine.assert_idle()

@@ -15,6 +15,7 @@ from kvloom import (
     LLM,
     AsyncEngine,
     EngineClosedError,
+    EngineDeadError,
     EngineError,
     EngineOverloadedError,
     InvalidRequestError,
@@ -360,3 +361,118 @@ async def test_streamed_text_stops_before_a_stop_string(llama_dir: Path) -> None
         assert "".join(c.text for c in chunks) == full.text[: full.text.index(stop)]
         assert chunks[-1].finish_reason == "stop"
         assert_idle(engine)
+
+
+# ---- wait_idle ---------------------------------------------------------------------------------
+class BlockOnCall(LogitsProcessor):
+    """Holds the engine thread inside its ``block_on``-th ``process_logits`` call (a step that cannot
+    end, whatever the machine's speed) until ``release`` is set."""
+
+    block_on: ClassVar[int] = 3
+    blocked: ClassVar[threading.Event] = threading.Event()
+    release: ClassVar[threading.Event] = threading.Event()
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def process_logits(self, logits: object) -> None:
+        self.calls += 1
+        if self.calls == BlockOnCall.block_on:
+            BlockOnCall.blocked.set()
+            BlockOnCall.release.wait(60)  # bounded: a failing test never leaves the thread stuck
+
+
+async def test_wait_idle_refuses_an_engine_that_is_not_running(llama_dir: Path) -> None:
+    engine = AsyncEngine.from_pretrained(llama_dir)
+    with pytest.raises(EngineClosedError, match="not running"):
+        await engine.wait_idle()
+    async with engine:
+        await engine.wait_idle()  # idle from the start: returns at once
+        for bad in (0, -1.0, float("nan")):
+            with pytest.raises(InvalidRequestError, match="timeout"):
+                await engine.wait_idle(timeout=bad)
+    with pytest.raises(EngineClosedError, match="not running"):
+        await engine.wait_idle()
+
+
+async def test_wait_idle_returns_once_submitted_requests_have_finished(llama_dir: Path) -> None:
+    async with AsyncEngine.from_pretrained(llama_dir) as engine:
+        # Submitted and never read while the engine runs them: nothing but the engine's own progress
+        # can end them, and wait_idle must not return before it has.
+        streams = [engine.stream([3 + i, 4, 5], greedy(8 + 4 * i)) for i in range(3)]
+        with pytest.raises(AssertionError, match="streams still open"):
+            engine.assert_idle()
+        await engine.wait_idle(timeout=60)
+        engine.assert_idle()
+        assert engine.stats().num_running == engine.stats().num_waiting == 0
+        for i, stream in enumerate(streams):
+            chunks = [c async for c in stream]  # everything was delivered before the engine went idle
+            assert sum(len(c.token_ids) for c in chunks) == 8 + 4 * i and chunks[-1].finish_reason == "length"
+
+
+async def test_wait_idle_returns_once_aborts_have_freed_their_blocks(llama_dir: Path) -> None:
+    async with AsyncEngine.from_pretrained(llama_dir) as engine:
+        long = engine.stream([1, 2, 3], greedy(500), request_id="long")
+        first = await long.__anext__()
+        assert first.token_ids
+        engine.abort("long")
+        with pytest.raises(AssertionError, match="streams still open"):
+            engine.assert_idle()  # the abort lands at the next step boundary, not at once
+        await engine.wait_idle(timeout=60)
+        engine.assert_idle()
+        rest = [c async for c in long]
+        assert rest[-1].finish_reason == "abort"
+        assert sum(len(c.token_ids) for c in [first, *rest]) < 500
+
+
+async def test_wait_idle_times_out_naming_what_is_in_flight(llama_dir: Path) -> None:
+    BlockOnCall.blocked.clear()
+    BlockOnCall.release.clear()
+    async with AsyncEngine.from_pretrained(llama_dir) as engine:
+        params = greedy(6).model_copy(update={"logits_processors": (BlockOnCall,)})
+        stream = engine.stream([1, 2, 3], params)
+        try:
+            await anyio.to_thread.run_sync(BlockOnCall.blocked.wait, 60)
+            assert BlockOnCall.blocked.is_set()
+            # The third step cannot end while the processor holds it: the engine is certainly busy.
+            with pytest.raises(TimeoutError, match=r"not idle after 0\.2s: 1 sequences running .*a step in flight"):
+                await engine.wait_idle(timeout=0.2)
+        finally:
+            BlockOnCall.release.set()
+        await engine.wait_idle(timeout=60)
+        assert [t for c in [c async for c in stream] for t in c.token_ids] == (
+            await engine.generate([1, 2, 3], greedy(6))).token_ids
+        engine.assert_idle()
+
+
+async def test_wait_idle_raises_when_the_engine_closes_or_dies_while_waiting(llama_dir: Path) -> None:
+    engine = AsyncEngine.from_pretrained(llama_dir)
+    await engine.start()
+    errors: list[BaseException] = []
+    waiting = anyio.Event()
+
+    async def wait() -> None:
+        waiting.set()  # no checkpoint between this and wait_idle's wait: busy, it waits at once
+        try:
+            await engine.wait_idle()
+        except EngineClosedError as exc:
+            errors.append(exc)
+
+    long = engine.stream([5, 6], greedy(500))
+    await long.__anext__()
+    with anyio.fail_after(60):  # a waiter left hanging by aclose fails here
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait)
+            await waiting.wait()
+            await engine.aclose()
+    assert len(errors) == 1, "the waiter was woken by the close, with EngineClosedError"
+
+    async with AsyncEngine.from_pretrained(llama_dir) as engine:
+        def broken_step() -> list[object]:
+            raise RuntimeError("boom")
+
+        engine.core.step = broken_step  # type: ignore[assignment,method-assign]
+        with pytest.raises(EngineError, match="boom"):
+            await engine.generate([1, 2, 3], greedy(4))
+        with pytest.raises(EngineDeadError, match="boom"):
+            await engine.wait_idle()

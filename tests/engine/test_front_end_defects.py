@@ -23,7 +23,7 @@ from kvloom import (
     InvalidRequestError,
     SamplingParams,
 )
-from tests.engine.helpers import assert_settles_idle, greedy, settle, tokens
+from tests.engine.helpers import SETTLE_TIMEOUT_S, assert_settles_idle, greedy, tokens
 
 pytestmark = pytest.mark.anyio
 
@@ -69,7 +69,7 @@ async def test_cancelling_cache_prefix_at_any_moment_leaves_no_block_pinned(llam
                 (await engine.cache_prefix(tokens(64, 100 + i))).release()
                 finished += 1
         assert 0 < finished < 40, "the sweep should cancel some calls and let others finish"
-        await settle(engine)
+        await engine.wait_idle(timeout=SETTLE_TIMEOUT_S)
         stats = engine.prefix_cache_stats()
         assert stats is not None and stats.pinned_blocks == 0
         engine.assert_idle()
@@ -265,7 +265,7 @@ async def test_max_waiting_counts_fork_children_and_requests_waiting_for_a_gramm
         engine.stream([1, 2, 3], SamplingParams(n=4, max_tokens=2))  # 4 sequences waiting
         with pytest.raises(EngineOverloadedError, match="max_waiting=4"):
             engine.stream([1, 2, 3], greedy(2))
-        await settle(engine)
+        await engine.wait_idle(timeout=SETTLE_TIMEOUT_S)
         assert engine._parts is not None
         import concurrent.futures
 

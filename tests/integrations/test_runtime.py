@@ -11,7 +11,7 @@ import pytest
 
 from kvloom import AsyncEngine, InvalidRequestError, SamplingParams
 from kvloom.integrations.runtime import SAME_LOOP_SYNC_CALL, EngineRuntime
-from tests.engine.helpers import settle
+from tests.engine.helpers import SETTLE_TIMEOUT_S
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 LONG = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
@@ -62,7 +62,7 @@ async def test_a_shared_engine_on_the_callers_loop(llama_dir: Path) -> None:
         assert threaded.token_ids == direct.token_ids
         chunks = [c async for c in runtime.astream(prompt="abc", params=PARAMS)]
         assert [t for c in chunks for t in c.token_ids] == direct.token_ids
-        await settle(engine)
+        await engine.wait_idle(timeout=SETTLE_TIMEOUT_S)
         engine.assert_idle()
 
 
@@ -96,7 +96,7 @@ def test_streams_across_loops_abort_when_left_and_raise_bad_input(llama_dir: Pat
         assert engine is not None
 
         async def idle(e: AsyncEngine) -> None:
-            await settle(e)
+            await e.wait_idle(timeout=SETTLE_TIMEOUT_S)
             e.assert_idle()  # the abandoned request's blocks came back
 
         runtime.run(idle)

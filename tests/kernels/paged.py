@@ -13,7 +13,10 @@ class PagedKV:
     """Random per-sequence K/V scattered into shuffled cache blocks.
 
     ``keys[b]``/``values[b]``: ``[L_b, Hkv, D]`` dense truth. Cache slots no sequence owns hold NaN,
-    so a kernel that reads past a sequence's length (or a stale block) fails loudly.
+    so a kernel that reads past a sequence's length (or a stale block) fails loudly. Each row of
+    ``block_tables`` past its sequence's blocks (every row has at least one such entry) holds
+    ``pad_block``, a block no sequence owns: all NaN, so reading a table entry past the sequence
+    poisons the result too (block 0, the engine's padding, may be another sequence's real block).
     """
 
     k_cache: torch.Tensor
@@ -22,6 +25,7 @@ class PagedKV:
     seq_lens: torch.Tensor
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    pad_block: int
 
 
 def make_paged_kv(seq_lens: list[int], block_size: int, num_kv_heads: int, head_dim: int,
@@ -32,8 +36,9 @@ def make_paged_kv(seq_lens: list[int], block_size: int, num_kv_heads: int, head_
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     k_cache = torch.full(shape, float("nan"), dtype=dtype)
     v_cache = torch.full(shape, float("nan"), dtype=dtype)
-    block_tables = torch.zeros(len(seq_lens), max(blocks_per_seq) + 1, dtype=torch.int32)
     physical = torch.randperm(num_blocks, generator=gen).tolist()  # non-contiguous, shuffled
+    pad_block = physical.pop(0)  # a spare: never handed to a sequence, so all NaN
+    block_tables = torch.full((len(seq_lens), max(blocks_per_seq) + 1), pad_block, dtype=torch.int32)
     keys, values = [], []
     for b, seq_len in enumerate(seq_lens):
         ids = [physical.pop() for _ in range(blocks_per_seq[b])]
@@ -45,4 +50,5 @@ def make_paged_kv(seq_lens: list[int], block_size: int, num_kv_heads: int, head_
             v_cache[ids[pos // block_size], pos % block_size] = value[pos]
         keys.append(key)
         values.append(value)
-    return PagedKV(k_cache, v_cache, block_tables, torch.tensor(seq_lens, dtype=torch.int32), keys, values)
+    return PagedKV(k_cache, v_cache, block_tables, torch.tensor(seq_lens, dtype=torch.int32), keys, values,
+                   pad_block)

@@ -110,3 +110,24 @@ def test_triton_allocates_output_when_none_given(make_paged_kv: Callable[..., An
     result = paged_decode_attention(q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, 0.25, 17)
     expected = paged_decode_attention_ref(q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, 0.25, 17)
     torch.testing.assert_close(result, expected, atol=2e-5, rtol=2e-5)
+
+
+
+@pytest.mark.parametrize("kernel", ["ref", "triton"])
+def test_a_kernel_reading_past_its_sequence_gets_nan(make_paged_kv: Callable[..., Any], kernel: str,
+                                                     request: pytest.FixtureRequest) -> None:
+    """What the NaN checks above rely on: told one key more than its full block, row 0 reads the
+    next table entry, the pad block (all NaN, owned by no sequence), and is NaN; the other rows are
+    unaffected. Block 0, the engine's padding, is row 0's own block here: a read of it would give a
+    finite, wrong row."""
+    if kernel == "triton":
+        request.getfixturevalue("triton_interpret")
+    kv = make_paged_kv([16, 33, 16], 16, 2, 32, seed=1)
+    assert kv.block_tables[0, 0] == 0 and kv.block_tables[0, 1] == kv.pad_block
+    assert kv.k_cache[kv.pad_block].isnan().all() and kv.v_cache[kv.pad_block].isnan().all()
+    lens = kv.seq_lens.clone()
+    lens[0] += 1
+    attend = paged_decode_attention_ref if kernel == "ref" else paged_decode_attention
+    out = attend(_strided_queries(3, 4, 32, torch.float32), kv.k_cache, kv.v_cache, kv.block_tables, lens,
+                 32**-0.5, 34)
+    assert out[0].isnan().all() and not out[1:].isnan().any()

@@ -120,6 +120,19 @@ def test_one_thread_and_two_give_the_same_bits(make_paged_kv: Callable[..., Any]
     assert torch.equal(single, double)  # each sequence is one thread's work, whatever the split
 
 
+def test_a_read_past_its_sequence_gets_nan(make_paged_kv: Callable[..., Any]) -> None:
+    """What the NaN checks above rely on: told one key more than its full block, row 0 reads the
+    next table entry, the pad block (all NaN, owned by no sequence), and is NaN. Block 0, the
+    engine's padding, is row 0's own block here: a read of it would give a finite, wrong row."""
+    kv = make_paged_kv([16, 33, 16], 16, 2, 32, seed=1)
+    assert kv.block_tables[0, 0] == 0 and kv.block_tables[0, 1] == kv.pad_block
+    assert kv.k_cache[kv.pad_block].isnan().all() and kv.v_cache[kv.pad_block].isnan().all()
+    lens = kv.seq_lens.clone()
+    lens[0] += 1
+    out = decode_cpu(_queries(3, 4, 32, torch.float32), kv.k_cache, kv.v_cache, kv.block_tables, lens, 0.2, 34)
+    assert out[0].isnan().all() and not out[1:].isnan().any()
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

@@ -98,3 +98,22 @@ def test_triton_matches_ref(make_paged_kv: Callable[..., Any], block_size: int, 
     assert result is out and not out.isnan().any()
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(out.float(), expected.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("kernel", ["ref", "triton"])
+def test_a_kernel_reading_past_its_sequence_gets_nan(make_paged_kv: Callable[..., Any], kernel: str,
+                                                     request: pytest.FixtureRequest) -> None:
+    """What the NaN checks above rely on: a sequence of one full block whose two query rows are told
+    17 keys reads the next table entry, the pad block (all NaN, owned by no sequence), and those
+    rows are NaN; the other sequences' rows are unaffected."""
+    if kernel == "triton":
+        request.getfixturevalue("triton_interpret")
+    cases = [(2, 16), (33, 33), (16, 16)]
+    kv = make_paged_kv([n for _, n in cases], 16, 2, 32, seed=1)
+    assert kv.block_tables[0, 1] == kv.pad_block and kv.k_cache[kv.pad_block].isnan().all()
+    q, query_start_loc, starts = _queries(cases, 4, 32, torch.float32)
+    lens = [17, 33, 16]
+    args = (q, kv.k_cache, kv.v_cache, kv.block_tables, query_start_loc, torch.tensor(lens, dtype=torch.int32),
+            32**-0.5, 33, 33)
+    out = paged_prefill_attention_ref(*args, starts, lens) if kernel == "ref" else paged_prefill_attention(*args)
+    assert out[:2].isnan().all() and not out[2:].isnan().any()

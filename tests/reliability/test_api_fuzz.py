@@ -83,10 +83,7 @@ class Harness:
         self.calls += 1
 
         async def check(engine: AsyncEngine) -> None:
-            loop = engine._loop
-            assert loop is not None
-            while not loop.is_idle:
-                await anyio.sleep(0.002)
+            await engine.wait_idle()  # bounded by run()'s CALL_TIMEOUT_S
             stats = engine.stats()
             assert stats.healthy, f"the engine died: {stats.error}"
             engine.assert_idle()
@@ -99,10 +96,7 @@ class Harness:
 async def assert_alive(engine: AsyncEngine) -> None:
     out = await engine.generate([1, 2, 3], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
     assert len(out.choices[0].token_ids) == 2
-    loop = engine._loop
-    assert loop is not None
-    while not loop.is_idle:
-        await anyio.sleep(0.002)
+    await engine.wait_idle()
     engine.assert_idle()
 
 

@@ -135,16 +135,7 @@ async def test_pins_at_budget_plus_a_full_pool_still_make_progress(llama_dir: Pa
         assert stats is not None and stats.pinned_blocks == pool // 2, "pins survive the pressure"
         for handle in handles:
             handle.release()
-        await _settle(engine)
-        engine.assert_idle()
-
-
-async def _settle(engine: AsyncEngine, timeout: float = 30.0) -> None:
-    loop = engine._loop
-    assert loop is not None
-    with anyio.fail_after(timeout):
-        while not loop.is_idle:
-            await anyio.sleep(0.005)
+        await assert_settles_idle(engine)
 
 
 @pytest.mark.anyio

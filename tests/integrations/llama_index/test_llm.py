@@ -13,19 +13,25 @@ from pydantic import ValidationError
 
 from kvloom import AsyncEngine, InvalidRequestError, RequestTimeoutError
 from kvloom.integrations.llama_index import KVLoomLLM
-from tests.engine.helpers import settle
 
 MESSAGES = [ChatMessage(role=MessageRole.SYSTEM, content="You are terse."),
             ChatMessage(role=MessageRole.USER, content="Name a colour.")]
 EXACT = {"max_tokens": 12, "ignore_eos": True}
 
 
-def assert_usage(raw: dict[str, Any], completion_tokens: int) -> dict[str, Any]:
+def assert_usage(raw: dict[str, Any], completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
     usage: dict[str, Any] = raw["usage"]
     assert usage["completion_tokens"] == completion_tokens and usage["prompt_tokens"] > 0
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
-    assert usage["prompt_tokens_details"]["cached_tokens"] >= 0
+    assert usage["prompt_tokens_details"] == {"cached_tokens": cached_tokens}
     return usage
+
+
+def whole_blocks(llm: KVLoomLLM, prompt_tokens: int) -> int:
+    """The prompt tokens a repeat of a prompt finds in the prefix cache: those of its whole KV blocks,
+    never the last token (it is computed again, for the logits)."""
+    block_size = llm.runtime.start().config.cache.block_size
+    return block_size * ((prompt_tokens - 1) // block_size)
 
 
 def counts(raw: dict[str, Any]) -> tuple[int, int]:
@@ -57,16 +63,22 @@ def test_bad_settings_fail_at_construction_naming_the_field(demo_dir: Path) -> N
 
 
 def test_chat_and_stream_chat_agree(llm: KVLoomLLM) -> None:
-    done = llm.chat(MESSAGES, **EXACT)
+    # A cache salt of its own: nothing another test ran is in the cache for it.
+    salted = {"cache_salt": "test_chat_and_stream_chat_agree", **EXACT}
+    done = llm.chat(MESSAGES, **salted)
     assert done.message.role == MessageRole.ASSISTANT and done.message.content
-    usage = assert_usage(done.raw, 12)
+    usage = assert_usage(done.raw, 12, cached_tokens=0)  # the first of its salt: nothing cached
     assert done.raw["finish_reason"] == "length" and done.raw["model"] == llm.metadata.model_name
     assert done.additional_kwargs == {k: usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
-    streamed = list(llm.stream_chat(MESSAGES, **EXACT))
+    streamed = list(llm.stream_chat(MESSAGES, **salted))
     assert "".join(r.delta or "" for r in streamed) == streamed[-1].message.content == done.message.content
     assert [r.message.content for r in streamed] == [
         "".join(r.delta or "" for r in streamed[:i + 1]) for i in range(len(streamed))]  # text so far
     assert all("usage" not in r.raw for r in streamed[:-1]) and counts(streamed[-1].raw) == counts(done.raw)
+    # The same prompt again: its whole blocks come from the cache.
+    repeat = whole_blocks(llm, usage["prompt_tokens"])
+    assert repeat > 0, "the prompt should fill at least one block"
+    assert_usage(streamed[-1].raw, 12, cached_tokens=repeat)
 
 
 @pytest.mark.asyncio
@@ -82,7 +94,9 @@ async def test_achat_and_astream_chat_agree_with_chat(llm: KVLoomLLM) -> None:
 @pytest.mark.asyncio
 async def test_the_four_completion_methods_agree(llm: KVLoomLLM) -> None:
     done = llm.complete("Once upon a time", **EXACT)
-    assert done.text and assert_usage(done.raw, 12)
+    # Shorter than a KV block: only whole blocks are cached, so never any of it, first call or not.
+    assert done.text and assert_usage(done.raw, 12, cached_tokens=0)
+    assert whole_blocks(llm, done.raw["usage"]["prompt_tokens"]) == 0
     assert (await llm.acomplete("Once upon a time", **EXACT)).text == done.text
     streamed = list(llm.stream_complete("Once upon a time", **EXACT))
     assert "".join(r.delta or "" for r in streamed) == streamed[-1].text == done.text
@@ -158,5 +172,5 @@ def test_leaving_a_stream_early_aborts_the_request(llm: KVLoomLLM) -> None:
 
 async def _settled_and_idle(engine: AsyncEngine) -> None:
     # Unaborted, 1,500 tokens would take well over 5 s on any machine this runs on (~10 ms a token).
-    await settle(engine, timeout=5.0)
+    await engine.wait_idle(timeout=5.0)
     engine.assert_idle()
