@@ -35,10 +35,11 @@ def demo(session: nox.Session) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The whole suite on CPU. Triton kernels run under TRITON_INTERPRET=1 (set by their tests)."""
+    """The whole suite on CPU, one pytest worker a core (at most 4; ``-n 0`` in posargs runs it in
+    one process). Triton kernels run under TRITON_INTERPRET=1 (set by their tests)."""
     _install(session)
     # pytest exits 5 when it collects no test: nox fails on any non-zero exit, so that can't pass.
-    session.run("pytest", "-q", "-ra", *session.posargs)
+    session.run("pytest", "-q", "-ra", "-n", "auto", "--maxprocesses", "4", *session.posargs)
 
 
 @nox.session
