@@ -40,14 +40,14 @@ async def test_concurrent_starts_and_generates_load_the_model_once(
 ) -> None:
     engine = AsyncEngine.from_pretrained(llama_dir)
     loads = 0
-    load = engine._load
+    load = engine._lifecycle._load
 
     def counting_load():  # type: ignore[no-untyped-def]
         nonlocal loads
         loads += 1
         return load()
 
-    monkeypatch.setattr(engine, "_load", counting_load)
+    monkeypatch.setattr(engine._lifecycle, "_load", counting_load)
 
     async def first_call(i: int) -> list[int]:
         await engine.start()
@@ -74,7 +74,7 @@ async def test_generate_during_a_start_waits_for_it(llama_dir: Path) -> None:
 
 async def test_a_failed_start_fails_every_waiter_and_can_be_retried(tmp_path: Path, llama_dir: Path) -> None:
     engine = AsyncEngine.from_pretrained(llama_dir)
-    real_load = engine._load
+    real_load = engine._lifecycle._load
     calls = 0
 
     def failing_once():  # type: ignore[no-untyped-def]
@@ -84,7 +84,7 @@ async def test_a_failed_start_fails_every_waiter_and_can_be_retried(tmp_path: Pa
             raise OSError("disk went away")
         return real_load()
 
-    engine._load = failing_once  # type: ignore[method-assign]
+    engine._lifecycle._load = failing_once  # type: ignore[method-assign]
     results = await asyncio.gather(engine.start(), engine.start(), engine.start(), return_exceptions=True)
     assert all(isinstance(r, OSError) for r in results), results
     await engine.start()  # a later start tries again

@@ -1,19 +1,18 @@
 """``AsyncEngine``: the public async facade.
 
-It only wires the parts together: the ``Submitter`` (``submit.py``) checks, tokenizes and
-queues requests; the ``EngineLoop`` (``loop.py``, the background task) alone talks to the
-engine thread; prefix handles live in the ``PrefixRegistry`` and adapters in the
-``AdapterRegistry``. Works under asyncio (uvloop too) and trio.
+It only wires the parts together: the ``EngineLifecycle`` (``lifecycle.py``) loads and starts
+them once and stops them; the ``Submitter`` (``submit.py``) checks, tokenizes and queues
+requests; the ``EngineLoop`` (``loop.py``, the background task) alone talks to the engine
+thread; prefix handles live in the ``PrefixRegistry`` and adapters in the ``AdapterRegistry``.
+Works under asyncio (uvloop too) and trio.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import threading
 import weakref
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +20,13 @@ import anyio
 
 from kvloom.config import EngineConfig
 from kvloom.engine.adapters import AdapterInfo
-from kvloom.engine.background import spawn_background
-from kvloom.engine.build import EngineParts, build_engine
+from kvloom.engine.build import EngineParts
 from kvloom.engine.core import EngineCore
+from kvloom.engine.lifecycle import EngineLifecycle
 from kvloom.engine.loop import NOT_RUNNING, EngineLoop
 from kvloom.engine.prefix import PrefixHandle
 from kvloom.engine.prefix_registry import PrefixRegistry
-from kvloom.engine.prompts import Message, Prompt, PromptEncoder
+from kvloom.engine.prompts import Message, Prompt
 from kvloom.engine.stats import EngineStats, StatsCollector, build_stats
 from kvloom.engine.streams import RequestStream, iterate
 from kvloom.engine.submit import Submitter
@@ -37,34 +36,6 @@ from kvloom.outputs import Completion, StreamChunk
 from kvloom.params import SamplingParams
 
 _PIN_PARAMS = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-
-STARTED_ELSEWHERE = (
-    "this engine is started (or starting) on another event loop: make its requests on that loop, or route "
-    "them through kvloom.integrations.runtime.EngineRuntime(engine=engine), which any thread or loop may call"
-)
-
-
-@dataclass(slots=True)
-class _StartAttempt:
-    """One ``start``: the event loop it runs the engine on, and when it is over."""
-
-    loop: object
-    """``_event_loop_identity()`` of the loop that called it."""
-    done: anyio.Event
-    """Set when the load has finished, started or failed (``error``)."""
-    error: BaseException | None = None
-    task: object = None
-    """The loading task (asyncio holds tasks only weakly)."""
-
-
-def _event_loop_identity() -> object:
-    """The running event loop: the asyncio loop, or trio's token for the current run."""
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        import trio
-
-        return trio.lowlevel.current_trio_token()
 
 
 class AsyncEngine:
@@ -80,18 +51,8 @@ class AsyncEngine:
             raise InvalidRequestError("max_waiting: must be >= 1")
         self.config = config
         self.max_waiting = max_waiting
-        self._parts: EngineParts | None = None
-        self._loop: EngineLoop | None = None
-        self._prefixes: PrefixRegistry | None = None
-        self._submitter: Submitter | None = None
-        self._lifecycle = threading.Lock()
-        """Guards ``_start`` and ``_closed``: ``start`` and ``aclose`` may be called from any thread."""
-        self._start: _StartAttempt | None = None
-        """The start that runs or ran the engine (None before it, or after one that failed)."""
-        self._closed = False
-        self._task: object = None
         self._stats = StatsCollector()
-        self._event_loop: asyncio.AbstractEventLoop | None = None
+        self._lifecycle = EngineLifecycle(config, max_waiting, self._stats)
 
     @classmethod
     def from_pretrained(cls, model: str | Path, *, max_waiting: int = 1024, **config: Any) -> AsyncEngine:
@@ -111,71 +72,13 @@ class AsyncEngine:
         routes calls from other threads and loops), and a call after ``aclose()`` raises
         ``EngineClosedError``.
         """
-        here = _event_loop_identity()
-        with self._lifecycle:
-            if self._closed:
-                raise EngineClosedError("this engine was closed: build a new one to serve again")
-            attempt = self._start
-            if attempt is None:
-                attempt = self._start = _StartAttempt(here, anyio.Event())
-                # The load runs in a task of its own: cancelling any caller, the first included,
-                # stops only its wait, never the load the others wait for.
-                attempt.task = spawn_background(lambda: self._load_and_run(attempt))
-        if attempt.loop is not here:
-            raise RuntimeError(STARTED_ELSEWHERE)
-        await attempt.done.wait()
-        if attempt.error is not None:
-            raise attempt.error
-
-    async def _load_and_run(self, attempt: _StartAttempt) -> None:
-        """The start's own task (never raises): load off the loop, then wire and run the parts;
-        a failure is kept in ``attempt.error`` for every caller, and a later ``start`` retries."""
-        try:
-            parts, worker_encoder = await anyio.to_thread.run_sync(self._load)
-            self._run(parts, worker_encoder)
-        except BaseException as exc:
-            attempt.error = exc
-            with self._lifecycle:
-                self._start = None
-        finally:
-            attempt.done.set()
-
-    def _load(self) -> tuple[EngineParts, PromptEncoder]:
-        parts = build_engine(self.config)
-        return parts, parts.encoder.clone()
-
-    def _run(self, parts: EngineParts, worker_encoder: PromptEncoder) -> None:
-        """Wire the loaded parts and start the background task (on the event loop, no await)."""
-        loop = EngineLoop(parts.driver, self._stats, self.config.cache.prefix_pin_fraction, parts.core.num_blocks)
-        prefixes = loop.prefixes
-        self._parts, self._loop, self._prefixes = parts, loop, prefixes
-        self._submitter = Submitter(parts, loop, prefixes, worker_encoder, self.max_waiting,
-                                    self.config.request_timeout)
-        self._task = spawn_background(loop.run)
-        try:
-            self._event_loop = asyncio.get_running_loop()
-        except RuntimeError:  # trio
-            self._event_loop = None
+        await self._lifecycle.start()
 
     async def aclose(self) -> None:
         """Stop after the current step; streams still open end with ``EngineClosedError``.
         A start in progress is waited for first. The grammar compile pools shut down off the
         event loop. Idempotent; the engine cannot be started again."""
-        with self._lifecycle:
-            self._closed = True
-            attempt = self._start
-        if attempt is not None:
-            await attempt.done.wait()
-        loop, parts = self._loop, self._parts
-        if loop is None or parts is None:
-            return
-        await loop.close()
-        if self._prefixes is not None:
-            self._prefixes.close()
-        if self._parts is not None:
-            self._parts = None
-            await anyio.to_thread.run_sync(parts.grammars.close)
-            await anyio.to_thread.run_sync(parts.core.close)
+        await self._lifecycle.aclose()
 
     async def __aenter__(self) -> AsyncEngine:
         await self.start()
@@ -189,7 +92,7 @@ class AsyncEngine:
         """The asyncio loop the engine was started on (None before ``start()`` and under trio):
         its requests must be made from that loop (``kvloom.integrations.runtime`` routes calls
         from other threads and loops to it)."""
-        return self._event_loop
+        return self._lifecycle.event_loop
 
     @property
     def tokenizer(self) -> Any | None:
@@ -204,18 +107,22 @@ class AsyncEngine:
             raise EngineClosedError(NOT_RUNNING)
         return self._parts.core
 
-    async def _started(self) -> None:
-        """Wait for a ``start()`` in progress, if any (no checkpoint when there is none)."""
-        attempt = self._start
-        if attempt is not None and self._loop is None:
-            await self.start()
+    # Read-only views of the lifecycle's parts (None until a start has loaded them).
+    @property
+    def _parts(self) -> EngineParts | None:
+        return self._lifecycle.parts
 
-    def _running(self) -> tuple[Submitter, EngineLoop]:
-        if self._loop is not None:
-            self._loop.check_accepting()
-        if self._submitter is None or self._loop is None:
-            raise EngineClosedError(NOT_RUNNING)
-        return self._submitter, self._loop
+    @property
+    def _loop(self) -> EngineLoop | None:
+        return self._lifecycle.loop
+
+    @property
+    def _prefixes(self) -> PrefixRegistry | None:
+        return self._lifecycle.prefixes
+
+    @property
+    def _submitter(self) -> Submitter | None:
+        return self._lifecycle.submitter
 
     # ---- requests ------------------------------------------------------------------------
     def stream(
@@ -239,7 +146,7 @@ class AsyncEngine:
         ``"none"``, ``"required"`` or ``{"type": "function", "function": {"name": ...}}``.
         The completion's ``tool_calls`` hold the calls (``finish_reason="tool_calls"``).
         """
-        submitter, loop = self._running()
+        submitter, loop = self._lifecycle.running()
         sub = submitter.check(params, request_id, priority, prefix, cache_salt, adapter, timeout, tools, tool_choice,
                               parallel_tool_calls, messages is not None)
         if submitter.is_long(prompt, messages):
@@ -267,8 +174,8 @@ class AsyncEngine:
     ) -> Completion:
         """Run a request to the end; ``n > 1`` gives ``n`` choices. Same arguments as ``stream``.
         Called while ``start()`` is loading, it waits for the engine first."""
-        await self._started()
-        submitter, _ = self._running()
+        await self._lifecycle.wait_started()
+        submitter, _ = self._lifecycle.running()
         sub = submitter.check(params, request_id, priority, prefix, cache_salt, adapter, timeout, tools, tool_choice,
                               parallel_tool_calls, messages is not None)
         stream = await submitter.encode_and_enqueue(sub, prompt, messages)
@@ -327,13 +234,7 @@ class AsyncEngine:
         """
         if timeout is not None and not timeout > 0:
             raise InvalidRequestError(f"timeout: must be > 0 seconds or None, got {timeout!r}")
-        await self._started()
-        loop = self._loop
-        if loop is None:
-            raise EngineClosedError(NOT_RUNNING)
-        attempt = self._start
-        if attempt is not None and attempt.loop is not _event_loop_identity():
-            raise RuntimeError(STARTED_ELSEWHERE)
+        loop = await self._lifecycle.started_loop()
         if timeout is None:
             await loop.wait_idle()
             return
@@ -371,8 +272,8 @@ class AsyncEngine:
         Cancelling it (or a timeout) at any point leaves nothing pinned. ``tools`` are rendered
         with ``messages`` as the chat template does (an agent's system prompt plus its tools);
         requests that pass the same tools reuse them."""
-        await self._started()
-        submitter, _ = self._running()
+        await self._lifecycle.wait_started()
+        submitter, _ = self._lifecycle.running()
         assert self._prefixes is not None
         sub = submitter.check(_PIN_PARAMS, None, 0, None, cache_salt, adapter, timeout, tools,
                               "none" if tools is not None else None, True, messages is not None)
@@ -408,7 +309,7 @@ class AsyncEngine:
         adapter keeps a device slot (a request already running on another adapter keeps its
         slot until it ends). Requests already submitted keep the adapter they named.
         """
-        _, loop = self._running()
+        _, loop = self._lifecycle.running()
         assert self._parts is not None
         if not isinstance(name, str) or not name:
             raise InvalidRequestError(f"name: an adapter name must be a non-empty string, got {name!r:.60}")
@@ -424,7 +325,7 @@ class AsyncEngine:
 
     async def unload_adapter(self, name: str) -> None:
         """Forget ``name``: new requests can no longer use it; those in flight finish with it."""
-        _, loop = self._running()
+        _, loop = self._lifecycle.running()
         assert self._parts is not None
         self._parts.adapters.remove(name)
         loop.set_pinned_adapters(self._parts.adapters.pinned())
