@@ -61,7 +61,7 @@ class Request:
     """The adapter it runs with (the object, not its name: unloading or reloading the name
     never changes a request in flight)."""
     lora_skips: int = 0
-    """Steps it waited because ``max_loras`` other adapters were running (see the scheduler)."""
+    """Steps it waited because ``max_loras`` other adapters were running (see ``AdapterAdmission``)."""
     num_inflight_tokens: int = 0
     """Positions scheduled in steps whose results ``update`` has not yet applied."""
     num_pending: int = 0

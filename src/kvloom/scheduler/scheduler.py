@@ -7,16 +7,10 @@ When a running request cannot get a block, the least important running request (
 ``priority`` value, then latest arrival) is preempted: its blocks are freed and it goes back
 to the waiting queue in importance order, to be recomputed from its prompt and outputs so far.
 
-LoRA: newly admitted requests keep the running adapters plus the pinned ones within
-``max_loras`` distinct adapters. A waiting request whose adapter would exceed that is skipped
-so requests behind it for resident adapters (or the base model) can go; once it has been
-skipped ``MAX_LORA_SKIPS`` times it blocks the queue instead, so it cannot starve. Pinning
-never preempts: a request already running on an unpinned adapter keeps its slot until it
-ends (the runner makes the pinned adapters resident as slots allow). A request on an
-unpinned adapter while every slot is pinned to others could never run: ``set_pinned_loras``
-returns those so the engine fails them instead of letting them block the queue. Likewise each
-``SchedulerOutput.unrunnable`` names a waiting request that cannot start beside the blocks
-pinned by prefix handles.
+Admission also keeps within ``max_loras`` adapters a step (``AdapterAdmission``, which also
+names the requests that pins leave unrunnable), and the choices of an ``n > 1`` request wait in
+``Forks`` for their source's prompt KV. Each ``SchedulerOutput.unrunnable`` names a waiting
+request that cannot start beside the blocks pinned by prefix handles.
 
 Scheduling ahead (``schedule(ahead=True)``, see ``EngineCore``): the next step is scheduled while
 the current one is in flight, as if each of its sampling requests had its token already (each has
@@ -39,6 +33,8 @@ from collections import deque
 from kvloom.config import SchedulerConfig
 from kvloom.kv_cache.manager import KVCacheManager
 from kvloom.outputs import FinishReason, TokenLogprob
+from kvloom.scheduler.adapter_admission import AdapterAdmission, AdapterFit
+from kvloom.scheduler.forks import Forks
 from kvloom.scheduler.output import (
     CachedRequestData,
     EngineCoreOutput,
@@ -50,8 +46,6 @@ from kvloom.scheduler.output import (
 from kvloom.scheduler.plan import StepPlan
 from kvloom.scheduler.request import Request, RequestStatus
 
-MAX_LORA_SKIPS = 32
-
 
 def _importance(req: Request) -> tuple[int, float]:
     """Sort key: smaller is more important (vLLM's convention for ``priority``)."""
@@ -59,22 +53,20 @@ def _importance(req: Request) -> tuple[int, float]:
 
 
 class Scheduler:
-    """Owns the waiting and running queues. Engine-thread only."""
+    """Owns the requests, the waiting and running queues, the forks waiting for their source and
+    the adapter pins. Engine-thread only."""
 
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int, max_loras: int = 1) -> None:
         self.config = config
         self.kv = kv
         self.max_model_len = max_model_len
-        self.max_loras = max_loras
-        self.pinned_loras: set[str] = set()
-        """Content hashes of pinned adapters (they keep a slot; see ``set_pinned_loras``)."""
+        self.adapters = AdapterAdmission(max_loras)
+        self.forks = Forks()
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._finished_since_last_step: set[str] = set()
         self._known_to_runner: set[str] = set()
-        self._forks: dict[str, list[Request]] = {}
-        """Source request id -> choices waiting for its prompt's KV (see ``_start_forks``)."""
         self._copies: list[tuple[int, int]] = []
         self.num_preemptions = 0
         self._step_id = 0
@@ -89,7 +81,7 @@ class Scheduler:
             raise ValueError(f"request_id {req.request_id!r} is already in use")
         self.requests[req.request_id] = req
         if req.fork_of is not None and req.fork_of in self.requests:
-            self._forks.setdefault(req.fork_of, []).append(req)
+            self.forks.add(req)
         else:
             self._insert_waiting(req)
 
@@ -110,40 +102,24 @@ class Scheduler:
                 continue
             if req.status is RequestStatus.RUNNING:
                 self.running.remove(req)
-            elif req.fork_of is not None and req in self._forks.get(req.fork_of, []):
-                self._forks[req.fork_of].remove(req)
-            else:
+            elif not self.forks.remove(req):
                 self.waiting.remove(req)
             self._finish(req, reason)
             done.append(req)
         return done
 
     def _release_forks(self, source_id: str) -> None:
-        """The source can no longer be forked: its waiting choices queue as ordinary requests
-        (the prefix cache still shares its whole blocks with them)."""
-        for child in self._forks.pop(source_id, []):
+        """The source can no longer be forked: its waiting choices queue as ordinary requests."""
+        for child in self.forks.release(source_id):
             self._insert_waiting(child)
 
     def _start_forks(self) -> None:
-        """Choices whose source has computed its prompt start from its KV: shared whole blocks,
-        one copied block, and only the last prompt token to recompute for their own logits."""
-        for source_id in list(self._forks):
-            source = self.requests[source_id]
-            if source.status is not RequestStatus.RUNNING or source.num_computed_tokens < source.num_prompt_tokens:
-                continue
-            children = self._forks.pop(source_id)
-            for i, child in enumerate(children):
-                full = len(self.running) >= self.config.max_num_seqs
-                copies = None if full else self.kv.fork(source_id, child.request_id, child.num_prompt_tokens)
-                if copies is None:
-                    self._forks[source_id] = children[i:]
-                    self._release_forks(source_id)
-                    break
-                self._copies.extend((int(a), int(b)) for a, b in copies)
-                child.num_computed_tokens = child.num_prompt_tokens - 1
-                child.num_cached_tokens = source.num_cached_tokens
-                child.status = RequestStatus.RUNNING
-                self.running.append(child)
+        """Choices whose source has computed its prompt start from its KV (see ``Forks.start_ready``)."""
+        start = self.forks.start_ready(self.requests, self.kv, self.config.max_num_seqs - len(self.running))
+        self.running.extend(start.started)
+        self._copies.extend(start.blocks_to_copy)
+        for child in start.released:
+            self._insert_waiting(child)
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
         self._release_forks(req.request_id)
@@ -163,22 +139,16 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         """Sequences without a slot: queued or preempted, and forks waiting for their source."""
-        return len(self.waiting) + sum(len(children) for children in self._forks.values())
+        return len(self.waiting) + len(self.forks)
 
     def can_serve_lora(self, content_hash: str | None) -> bool:
-        """Whether a request on this adapter (None: the base model) can ever get a slot with
-        the current pins."""
-        return (content_hash is None or content_hash in self.pinned_loras
-                or len(self.pinned_loras) < self.max_loras)
+        """See ``AdapterAdmission.can_serve``."""
+        return self.adapters.can_serve(content_hash)
 
     def set_pinned_loras(self, content_hashes: set[str]) -> dict[str, Unrunnable]:
-        """Replace the pinned adapters; returns the waiting requests that can no longer ever run
-        (their adapter is unpinned and every slot is pinned to another). They stay queued until
-        the engine ends them."""
-        self.pinned_loras = set(content_hashes)
-        waiting = [*self.waiting, *(c for children in self._forks.values() for c in children)]
-        return {r.request_id: Unrunnable.ADAPTER_SLOTS_PINNED for r in waiting
-                if not self.can_serve_lora(r.lora.content_hash if r.lora is not None else None)}
+        """Replace the pinned adapters; the waiting requests (forks included) they leave unrunnable
+        (see ``AdapterAdmission.set_pinned``)."""
+        return self.adapters.set_pinned(content_hashes, [*self.waiting, *self.forks])
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -240,22 +210,21 @@ class Scheduler:
 
     def _schedule_waiting(self, plan: StepPlan) -> None:
         """Admit waiting requests in importance order while the budget and ``max_num_seqs`` allow,
-        each from its cached prefix. A request whose adapter would exceed ``max_loras`` is passed
-        over (up to ``MAX_LORA_SKIPS`` times); the first that cannot get its blocks stops admission."""
-        loras = {r.lora.content_hash for r in self.running if r.lora is not None} | self.pinned_loras
+        each from its cached prefix. A request whose adapter does not fit is passed over, or stops
+        admission (see ``AdapterAdmission``); so does the first that cannot get its blocks."""
+        adapters = self.adapters.for_step(self.running)
         skipped: list[Request] = []
         while self.waiting and plan.budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            if req.lora is not None and req.lora.content_hash not in loras and len(loras) >= self.max_loras:
-                req.lora_skips += 1
-                if req.lora_skips > MAX_LORA_SKIPS:
-                    break
+            fit = adapters.check(req)
+            if fit is AdapterFit.BLOCK:
+                break
+            if fit is AdapterFit.SKIP:
                 skipped.append(self.waiting.popleft())
                 continue
             if not self._admit(req, plan):
                 break
-            if req.lora is not None:
-                loras.add(req.lora.content_hash)
+            adapters.add(req)
         self.waiting.extendleft(reversed(skipped))
 
     def _admit(self, req: Request, plan: StepPlan) -> bool:
