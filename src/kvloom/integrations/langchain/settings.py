@@ -8,6 +8,7 @@ models freely, e.g. per request, and its standard suite times ten constructions)
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,26 @@ class EngineRequest:
     """The adapter was named by ``model=`` (an unknown one is then reported as a bad ``model``)."""
 
 
+class _CopyableLock:
+    """A ``threading.Lock`` that a copy of its model replaces with a fresh one (pydantic's
+    ``model_copy(deep=True)`` and ``copy.deepcopy`` cannot copy a lock)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+    def __copy__(self) -> _CopyableLock:
+        return _CopyableLock()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _CopyableLock:
+        return _CopyableLock()
+
+
 class KVLoomSettings(BaseModel):
     """The engine to call and the default sampling of every call.
 
@@ -65,6 +86,8 @@ class KVLoomSettings(BaseModel):
     logits_processors: list[Callable[[], Any]] | None = Field(None, exclude=True)
 
     _runtime: EngineRuntime | None = PrivateAttr(None)
+    _runtime_lock: _CopyableLock = PrivateAttr(default_factory=_CopyableLock)
+    """Makes the runtime once when first calls come from several threads at once (``batch``)."""
 
     @model_validator(mode="after")
     def _one_engine(self) -> Self:
@@ -89,16 +112,18 @@ class KVLoomSettings(BaseModel):
 
     @property
     def runtime(self) -> EngineRuntime:
-        """The runtime every call goes through (made at first use; it loads nothing itself)."""
-        if self._runtime is None:
-            if isinstance(self.engine, EngineRuntime):
-                self._runtime = self.engine
-            elif self.engine is not None:
-                self._runtime = EngineRuntime(engine=self.engine)
-            else:
-                assert self.model_path is not None
-                self._runtime = EngineRuntime(self.model_path, **self.engine_kwargs)
-        return self._runtime
+        """The runtime every call goes through (made once, at first use, whichever thread gets
+        there first; it loads nothing itself)."""
+        with self._runtime_lock:
+            if self._runtime is None:
+                if isinstance(self.engine, EngineRuntime):
+                    self._runtime = self.engine
+                elif self.engine is not None:
+                    self._runtime = EngineRuntime(engine=self.engine)
+                else:
+                    assert self.model_path is not None
+                    self._runtime = EngineRuntime(self.model_path, **self.engine_kwargs)
+            return self._runtime
 
     def close(self) -> None:
         """Stop an engine this model owns (one given as ``engine=`` is left running)."""
