@@ -3,8 +3,9 @@
     python docs/measurements/row_buckets_memory.py bucket 256 2000 5        # kvloom as shipped
     python docs/measurements/row_buckets_memory.py exact 256 2000 5         # exact row counts
     python docs/measurements/row_buckets_memory.py exact 256 2000 5 torch   # MKL, no packing
+    python docs/measurements/row_buckets_memory.py warm 256 2000 5          # bucketed, warmup=True
 
-Arguments: mode (bucket | exact), hidden size, requests a round, rounds, [cpu_gemm]. One
+Arguments: mode (bucket | exact | warm: bucketed with ``warmup=True``), hidden size, requests a round, rounds, [cpu_gemm]. One
 ``AsyncEngine`` on a one-layer random checkpoint; requests arrive over 2 s with 1-40 prompt
 tokens and 1-16 output tokens, 30% cancelled mid-stream. Prints RSS (MB) and the number of
 distinct GEMM row counts seen after each round. Results: docs/benchmarks.md.
@@ -58,7 +59,9 @@ async def one(engine: AsyncEngine, rng: random.Random) -> None:
 
 async def main(model: Path) -> None:
     rng = random.Random(0)
-    async with AsyncEngine.from_pretrained(model, max_waiting=100_000, cpu_gemm=GEMM) as engine:
+    async with AsyncEngine.from_pretrained(model, max_waiting=100_000, cpu_gemm=GEMM,
+                                           warmup=MODE == "warm") as engine:
+        print(f"{MODE} after start: RSS {rss_mb():.0f} MB, sizes seen {len(seen)}", flush=True)
         for r in range(ROUNDS):
             began = time.perf_counter()
             await asyncio.gather(*(one(engine, rng) for _ in range(PER_ROUND)))

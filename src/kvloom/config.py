@@ -72,6 +72,11 @@ class EngineConfig(BaseModel):
         "work then hides behind the device's). None: on for CUDA; off on CPU, where the forward runs on the engine "
         "thread itself and there is nothing to hide behind. A step with grammars, logits processors or penalties "
         "launches its forward ahead and samples once the step before it is read back.")
+    warmup: bool = Field(
+        False, description="CPU, oneDNN-packed linears: run every row-count bucket of every layer shape once at "
+        "start, so no GEMM kernel is compiled on the request path and their memory is all taken before the first "
+        "request (a long-running server's RSS is then flat). Costs start-up time (seconds for a 155M model on 2 "
+        "cores; see docs/benchmarks.md). kvloom serve turns it on; off for scripts and notebooks.")
     max_model_len: int | None = Field(None, ge=1, description="Default: the model's max_position_embeddings.")
     seed: int = Field(0, ge=0, description="Seeds the RNG of unseeded random sampling.")
     grammar_backend: Literal["xgrammar", "outlines"] = Field(

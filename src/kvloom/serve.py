@@ -86,8 +86,10 @@ def build_app(args: argparse.Namespace) -> FastAPI:
     if not args.model.is_dir():
         raise FileNotFoundError(f"--model: {args.model} is not a directory")
     load_model_config(args.model)  # missing config.json, unsupported architecture
-    # A bad engine setting raises here (pydantic names it): create_app configures the engine.
-    return create_app(args.model, model_name=args.model_name, adapters=dict(args.adapter), **dict(args.engine))
+    # A bad engine setting raises here (pydantic names it): create_app configures the engine. A server
+    # warms its GEMM kernels up at start (flat memory, no compile on the request path) unless told not to.
+    engine = {"warmup": True, **dict(args.engine)}
+    return create_app(args.model, model_name=args.model_name, adapters=dict(args.adapter), **engine)
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:

@@ -72,3 +72,27 @@ def test_a_serving_mix_reaches_onednn_at_bucketed_row_counts_only(
     assert all(padded_rows(m) == m for m in seen), sorted(seen)
     assert len(sizes) > 8  # the mix had many step sizes; only their buckets reached oneDNN
     llm.assert_idle()
+
+
+@needs_onednn
+def test_after_warmup_no_step_meets_a_new_gemm_shape(llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``warmup=True`` runs every (weight shape, row bucket) pair at start: a serving mix afterwards
+    never makes oneDNN compile a kernel it has not already built."""
+    seen: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    real = torch.ops.mkldnn._linear_pointwise
+
+    def recording(x: torch.Tensor, weight: torch.Tensor, *args: Any) -> Any:
+        seen.append((tuple(x.shape), tuple(weight.shape)))
+        return real(x, weight, *args)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", recording)
+    llm = LLM(llama_dir, max_model_len=256, cpu_gemm="onednn", warmup=True, max_num_batched_tokens=256,
+              max_num_seqs=32)
+    warmed = set(seen)
+    assert len(warmed) >= len(buckets_up_to(256)), "the warm-up ran too few shapes"
+    rng = random.Random(1)
+    for _ in range(10):
+        prompts = [[rng.randrange(3, 200) for _ in range(rng.randint(1, 40))] for _ in range(rng.randint(1, 20))]
+        llm.generate(prompts, SamplingParams(max_tokens=rng.randint(1, 6), ignore_eos=True))
+    assert set(seen) <= warmed, sorted(set(seen) - warmed)[:5]
+    llm.assert_idle()

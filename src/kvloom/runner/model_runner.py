@@ -13,7 +13,9 @@ import torch
 from kvloom.config import EngineConfig
 from kvloom.layers.attention import CpuAttentionBackend, get_attention_backend
 from kvloom.layers.cpu_fusion import FusesOnCpu
+from kvloom.layers.gemm_warmup import warm_up_packed_linears
 from kvloom.layers.host_copy import tensor_on
+from kvloom.layers.linear import Linear
 from kvloom.layers.sampler import Sampler, SamplerOutput
 from kvloom.models.config import load_model_config
 from kvloom.models.dtype_choice import DTypeChoice, choose_dtype
@@ -114,6 +116,8 @@ class ModelRunner:
             logger.info("kvloom: linear weights %s (%s)", self.model.weight_layout.name, self.model.weight_layout.reason)
         if isinstance(self.attn_backend, CpuAttentionBackend):
             self._fuse_elementwise_on_cpu()
+        if config.warmup:
+            self._warm_up_gemms()
         self.dtype = next(self.model.parameters()).dtype
         available = self._profile_available_bytes(max_model_len) if self.device.type == "cuda" else None
         self.num_blocks = choose_num_blocks(
@@ -151,6 +155,18 @@ class ModelRunner:
                 self.capture_decode_graphs(CudaGraphCapture(self.device))
             else:
                 logger.info("kvloom: no CUDA graphs: the %r attention backend plans on the host", self.attn_backend.name)
+
+    def _warm_up_gemms(self) -> None:
+        """``EngineConfig.warmup``: compile every row-count kernel of the packed linears now, not on
+        the request path (the LM head up to ``max_num_seqs`` rows, the rest up to the step's tokens)."""
+        began = time.perf_counter()
+        sched = self.config.scheduler
+        step_rows = max(sched.max_num_batched_tokens, sched.max_num_seqs)
+        head = getattr(self.model, "lm_head", None)
+        layers = [(m, sched.max_num_seqs if m is head else step_rows)
+                  for m in self.model.modules() if isinstance(m, Linear)]
+        count = warm_up_packed_linears(layers)
+        logger.info("kvloom: warmed up %d packed GEMM shapes in %.2f s", count, time.perf_counter() - began)
 
     def _fuse_elementwise_on_cpu(self) -> None:
         """With the C attention kernel built, the norms, the gated activation and the rotary embedding take
