@@ -15,7 +15,7 @@ import anyio
 import anyio.lowlevel
 
 
-def _running_asyncio_loop() -> asyncio.AbstractEventLoop | None:
+def running_asyncio_loop() -> asyncio.AbstractEventLoop | None:
     """The asyncio loop running the caller, or None when trio runs it (anyio sees trio even as a
     guest on top of an asyncio loop, where ``asyncio.get_running_loop()`` would answer).
 
@@ -31,11 +31,17 @@ def _running_asyncio_loop() -> asyncio.AbstractEventLoop | None:
     raise RuntimeError(f"kvloom runs on asyncio or trio, not under {type(native).__module__}")
 
 
+def event_loop_identity() -> object:
+    """The event loop running the caller, as anyio sees it: the asyncio loop, or trio's token for
+    the current run (also for trio as a guest on an asyncio loop)."""
+    return anyio.lowlevel.current_token().native_token
+
+
 def spawn_background(fn: Callable[[], Awaitable[None]]) -> object:
     """Start ``fn`` outside any task group, so ``start`` and ``aclose`` may run in different
     tasks (Jupyter cells, framework lifespans). ``fn`` must never raise. Returns a handle to
     keep alive (asyncio holds tasks only weakly)."""
-    loop = _running_asyncio_loop()
+    loop = running_asyncio_loop()
     if loop is None:
         import trio
 
@@ -56,7 +62,7 @@ class Waker:
     def __init__(self) -> None:
         self._event = anyio.Event()
         self._loop_thread = threading.get_ident()
-        loop = _running_asyncio_loop()
+        loop = running_asyncio_loop()
         if loop is None:
             import trio
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import anyio
 
 from kvloom.config import EngineConfig
-from kvloom.engine.background import spawn_background
+from kvloom.engine.background import event_loop_identity, running_asyncio_loop, spawn_background
 from kvloom.engine.build import EngineParts, build_engine
 from kvloom.engine.loop import NOT_RUNNING, EngineLoop
 from kvloom.engine.prefix_registry import PrefixRegistry
@@ -40,22 +40,12 @@ class _StartAttempt:
     """One ``start``: the event loop it runs the engine on, and when it is over."""
 
     loop: object
-    """``_event_loop_identity()`` of the loop that called it."""
+    """``event_loop_identity()`` of the loop that called it."""
     done: anyio.Event
     """Set when the load has finished, started or failed (``error``)."""
     error: BaseException | None = None
     task: object = None
     """The loading task (asyncio holds tasks only weakly)."""
-
-
-def _event_loop_identity() -> object:
-    """The running event loop: the asyncio loop, or trio's token for the current run."""
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        import trio
-
-        return trio.lowlevel.current_trio_token()
 
 
 class EngineLifecycle:
@@ -85,7 +75,7 @@ class EngineLifecycle:
     async def start(self) -> None:
         """Start once (``AsyncEngine.start`` documents the semantics): the first call loads, the
         others on the same event loop wait for it; an error of the load raises in each of them."""
-        here = _event_loop_identity()
+        here = event_loop_identity()
         with self._lock:
             if self._closed:
                 raise EngineClosedError("this engine was closed: build a new one to serve again")
@@ -126,10 +116,7 @@ class EngineLifecycle:
         self.submitter = Submitter(parts, loop, prefixes, worker_encoder, self.max_waiting,
                                    self.config.request_timeout)
         self._task = spawn_background(loop.run)
-        try:
-            self.event_loop = asyncio.get_running_loop()
-        except RuntimeError:  # trio
-            self.event_loop = None
+        self.event_loop = running_asyncio_loop()  # None under trio
 
     async def aclose(self) -> None:
         """Refuse later starts, wait for one in progress, then stop the loop and release the
@@ -174,6 +161,6 @@ class EngineLifecycle:
         if loop is None:
             raise EngineClosedError(NOT_RUNNING)
         attempt = self._start
-        if attempt is not None and attempt.loop is not _event_loop_identity():
+        if attempt is not None and attempt.loop is not event_loop_identity():
             raise RuntimeError(STARTED_ELSEWHERE)
         return loop

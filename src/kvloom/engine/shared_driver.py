@@ -71,32 +71,35 @@ class SharedDriver:
     @contextmanager
     def driver_role(self) -> Iterator[None]:
         """Wait for and hold the driver role (no other thread steps meanwhile)."""
-        with self._cond:
-            while self._driving:
-                self._cond.wait()
-            self._driving = True
+        self._take_role(lambda: False)
         try:
             yield
         finally:
-            with self._cond:
-                self._driving = False
-                self._cond.notify_all()
+            self._release_role()
+
+    def _take_role(self, is_over: Callable[[], bool]) -> bool:
+        """Wait until the role is free or ``is_over()``; take the role unless it is over. Returns
+        whether this thread now holds it."""
+        with self._cond:
+            while self._driving and not is_over():
+                self._cond.wait()
+            if is_over():
+                return False
+            self._driving = True
+            return True
+
+    def _release_role(self) -> None:
+        with self._cond:
+            self._driving = False
+            self._cond.notify_all()
 
     def _drive_until(self, is_over: Callable[[], bool]) -> None:
         """Step (or wait while another thread steps) until ``is_over()``."""
-        while True:
-            with self._cond:
-                while self._driving and not is_over():
-                    self._cond.wait()
-                if is_over():
-                    return
-                self._driving = True
+        while self._take_role(is_over):
             try:
                 self._step()
             finally:
-                with self._cond:
-                    self._driving = False
-                    self._cond.notify_all()
+                self._release_role()
 
     def step_once(self, extra: StepInput) -> None:
         """Apply ``extra`` (adapter pins) with one step, waiting for the driver role."""
@@ -168,7 +171,7 @@ class SharedDriver:
         """An exception left ``call`` in this thread (Ctrl-C, a failed step): end its requests.
         If another thread drives now, the aborts wait for its next step."""
         with self._cond:
-            unfinished = [rid for rid in call.order if self._calls.pop(rid, None) is not None]
+            unfinished = {rid for rid in call.order if self._calls.pop(rid, None) is not None}
             self._pending.adds = [r for r in self._pending.adds if r.request_id not in unfinished]
             if self._driving:
                 self._pending.aborts.extend(unfinished)
@@ -178,6 +181,4 @@ class SharedDriver:
             for rid in unfinished:
                 self.driver.abort(rid)
         finally:
-            with self._cond:
-                self._driving = False
-                self._cond.notify_all()
+            self._release_role()
