@@ -1,4 +1,4 @@
-"""The ``kvloom`` command line: ``kvloom demo``, ``kvloom serve`` and ``kvloom bench <name>``.
+"""The ``kvloom`` command line: ``kvloom demo``, ``kvloom eval-demo-model``, ``kvloom serve`` and ``kvloom bench <name>``.
 
 Every subcommand lives in its own module exposing ``add_arguments(parser)`` and
 ``run(args, argv) -> int``; this file only wires them up. Modules are imported when the
@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser = commands.add_parser("demo", help="generate a few chat answers (random weights unless --model)")
     demo.add_arguments(demo_parser)
     demo_parser.set_defaults(module=demo)
+
+    evaluate = _load("kvloom.demo_model.evaluate")
+    eval_help = "the demo model's held-out evaluation (QA, tool calls, JSON, perplexity) through the engine"
+    eval_parser = commands.add_parser("eval-demo-model", help=eval_help, description=eval_help)
+    evaluate.add_arguments(eval_parser)
+    eval_parser.set_defaults(module=evaluate)
 
     serve = _load("kvloom.serve")
     serve_help = "serve the OpenAI-compatible API over HTTP (needs the server extra)"
