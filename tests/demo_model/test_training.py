@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from kvloom.demo_model import train
-from kvloom.demo_model.evaluate import Report, evaluate
+from kvloom.demo_model.evaluate import Report, _copied_share, evaluate
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +61,10 @@ def test_evaluation_reports_every_metric_through_the_engine(smoke_checkpoint: Pa
     assert math.isfinite(report.perplexity) and report.perplexity > 1 and 0 <= report.copied <= 1
     table = report.table()
     assert "| qa (exact span) |" in table and "perplexity per reply token" in table
+
+
+def test_copied_share_counts_reply_tokens_inside_runs_found_in_the_prompt() -> None:
+    prompt = [7, 1, 2, 3, 4, 5, 8]
+    assert _copied_share(prompt, [1, 2, 3, 4, 5, 9]) == (5, 6)
+    assert _copied_share(prompt, [1, 2, 3, 9, 4, 5]) == (0, 6)  # no run of 4 in the prompt
+    assert _copied_share(prompt, []) == (0, 0)

@@ -126,10 +126,10 @@ async def _evaluate(engine: Any, per_task: int, seed: int, report: Report) -> No
         return completion
 
     def track(example: Example, completion: Any, cut: int = -1) -> None:
-        prompt = tokenizer.apply_chat_template(example.messages[:cut], tools=example.tools, tokenize=True,
-                                               add_generation_prompt=True)
-        prompt_ids = prompt["input_ids"] if isinstance(prompt, dict) else prompt
-        got, total = _copied_share(list(prompt_ids), list(completion.token_ids))
+        encoded = tokenizer.apply_chat_template(example.messages[:cut], tools=example.tools, tokenize=True,
+                                                add_generation_prompt=True, return_dict=True)
+        prompt_ids = [int(t) for t in encoded["input_ids"]]
+        got, total = _copied_share(prompt_ids, list(completion.token_ids))
         copied[0] += got
         copied[1] += total
 
