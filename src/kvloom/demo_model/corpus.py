@@ -134,10 +134,6 @@ def phrase(rng: random.Random, split: Split) -> str:
     return rng.choice(forms)()
 
 
-def _sentence_join(parts: list[str]) -> str:
-    return " ".join(parts)
-
-
 # ---- curriculum: copying and lookups -----------------------------------------------------------
 
 def _copy(rng: random.Random, split: Split) -> Example:
@@ -187,7 +183,7 @@ def _story(rng: random.Random, split: Split) -> Example:
     ask = rng.choice((f"Tell me a short story about a {animal}.", f"Write a little story about a {adj} {animal}.",
                       f"Can you tell me a story about a {animal}?"))
     return Example("story", [{"role": "user", "content": ask},
-                             {"role": "assistant", "content": _sentence_join(sentences)}])
+                             {"role": "assistant", "content": " ".join(sentences)}])
 
 
 def _fact(rng: random.Random, split: Split) -> Example:

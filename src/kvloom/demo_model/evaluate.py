@@ -120,13 +120,12 @@ async def _evaluate(engine: Any, per_task: int, seed: int, report: Report) -> No
     copied = [0, 0]
     tokenizer = engine.tokenizer
 
-    async def reply(example: Example, params: SamplingParams = greedy, cut: int = -1, **kw: Any) -> Any:
-        messages = example.messages[:cut]
-        completion = await engine.generate(messages=messages, params=params, tools=example.tools, **kw)
-        return completion
+    async def reply(example: Example, params: SamplingParams = greedy) -> Any:
+        """The engine's reply to ``example`` without its last (assistant) turn."""
+        return await engine.generate(messages=example.messages[:-1], params=params, tools=example.tools)
 
-    def track(example: Example, completion: Any, cut: int = -1) -> None:
-        encoded = tokenizer.apply_chat_template(example.messages[:cut], tools=example.tools, tokenize=True,
+    def track(example: Example, completion: Any) -> None:
+        encoded = tokenizer.apply_chat_template(example.messages[:-1], tools=example.tools, tokenize=True,
                                                 add_generation_prompt=True, return_dict=True)
         prompt_ids = [int(t) for t in encoded["input_ids"]]
         got, total = _copied_share(prompt_ids, list(completion.token_ids))
