@@ -17,8 +17,8 @@ from kvloom.demo_model.evaluate import Report, _copied_share, evaluate
 @pytest.fixture(scope="module")
 def smoke_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo-model")
-    argv = ["--out", str(out), "--induction-steps", "3", "--induction-rows", "4", "--steps", "4",
-            "--induction-rows-later", "2", "--token-budget", "1024", "--hidden", "32", "--layers", "1",
+    argv = ["--out", str(out), "--repeat-steps", "2", "--induction-steps", "3", "--induction-rows", "4",
+            "--steps", "4", "--stop-after", "4", "--beside", "induction", "--induction-rows-later", "2", "--token-budget", "1024", "--hidden", "32", "--layers", "1",
             "--heads", "2", "--kv-heads", "1", "--ffn", "64", "--vocab", "600", "--tokenizer-examples", "1500",
             "--eval-every", "2", "--eval-per-task", "2", "--threads", "1"]
     assert train.main(argv) == 0
@@ -32,6 +32,7 @@ def test_training_writes_a_checkpoint_and_its_log(smoke_checkpoint: Path) -> Non
     config = json.loads((smoke_checkpoint / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"] is True
     log = json.loads((smoke_checkpoint / "training_log.json").read_text())
+    assert [len(log["repeat"]), len(log["induction"])] == [0, 0]  # logged every 50 lesson steps
     assert [e["step"] for e in log["evals"]] == [2, 4]
     assert all(math.isfinite(e["heldout_loss"]) and 0 <= e["span_copy_accuracy"] <= 1 for e in log["evals"])
     assert set(log["evals"][-1]["exact"]) >= {"qa", "tool_call", "json", "code_edit", "summary", "copy"}
@@ -68,3 +69,28 @@ def test_copied_share_counts_reply_tokens_inside_runs_found_in_the_prompt() -> N
     assert _copied_share(prompt, [1, 2, 3, 4, 5, 9]) == (5, 6)
     assert _copied_share(prompt, [1, 2, 3, 9, 4, 5]) == (0, 6)  # no run of 4 in the prompt
     assert _copied_share(prompt, []) == (0, 0)
+
+
+def test_induction_rows_are_predictable_only_by_matching_content() -> None:
+    """Every id the lesson trains on follows an earlier occurrence of its predecessor with the same
+    next id (so an induction head predicts it), and copies sit at many distances from their sources
+    (so a head attending at one fixed offset, what the run-5 lesson taught, does not)."""
+    import random
+
+    from kvloom.demo_model.data import induction_row
+
+    rng = random.Random(0)
+    distances: set[int] = set()
+    trained = 0
+    for _ in range(200):
+        ids, mask = induction_row(rng, rng.randint(48, 128), first_id=261, vocab_size=2048, bos_id=0)
+        assert len(ids) == len(mask) and mask[0] == 0
+        assert all(261 <= i < 2048 for i in ids[1:])
+        for i, m in enumerate(mask):
+            if m:
+                trained += 1
+                sources = [j for j in range(i - 1) if ids[j] == ids[i - 1] and ids[j + 1] == ids[i]]
+                assert sources, (i, ids)
+                distances.add(i - sources[-1] - 1)
+    assert trained > 200 * 10
+    assert len(distances) > 50

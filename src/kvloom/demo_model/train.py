@@ -1,18 +1,26 @@
-"""``python -m kvloom.demo_model.train``: train the demo model from nothing on 2 CPU cores.
+"""``python -m kvloom.demo_model.train``: train the demo model on 2 CPU cores.
 
-Builds the tokenizer from the corpus's training split, then trains a Llama-shaped model (~5M
-parameters) in two phases. First ``--induction-steps`` steps of repeated random token spans, loss on
-the repeat (``data.induction_batch``): the model grows induction heads, the copying every later task needs (the reply quotes
-the passage, the tool call quotes the request); on chats alone it had learned every format and
-still copied nothing after 750 steps. Then generated chats with the loss on the assistant's replies
-only, following a curriculum: copying and key-value lookups first, then the full mix. Every chat
-step also trains on ``--induction-rows-later`` repeated spans: without them the chats unlearned the
-induction heads within 300 steps (copy accuracy on random spans from 0.97 to 0.0) and the model
-went back to writing the most frequent name. Every ``--eval-every`` steps it prints
-the held-out loss and, per task, how many held-out replies the model would write exactly under greedy
-decoding (teacher-forced argmax equal to every reply token: the same thing, at the cost of one
-forward). The result is a Hugging Face checkpoint directory (float16 safetensors, tokenizer, chat
-template, generation config) plus ``training_log.json``.
+Builds the tokenizer from the corpus's training split (or takes the one of ``--init``), then trains a
+Llama-shaped model (~5M parameters) in up to three phases:
+
+1. ``--repeat-steps`` of ``data.repeat_batch`` (a random span, then the span again): copying at a fixed
+   offset, learned from nothing in a few hundred steps;
+2. ``--induction-steps`` of ``data.induction_row`` (chunks copied from random earlier places): copying
+   by content, the induction heads that answering from a passage and quoting a request into a tool
+   call need. From nothing they stayed at chance for 450 steps; from a model that has learned the
+   chats they formed in ~300;
+3. ``--steps`` of generated chats with the loss on the assistant's replies only, following a
+   curriculum (copying and key-value lookups first, then the full mix), with
+   ``--induction-rows-later`` rows of the ``--beside`` lesson in every step: without them the chats
+   unlearn the lesson within 300 steps.
+
+The shipped model is two runs: the first from nothing with the fixed-offset lesson, the second from
+its checkpoint (``--init``) with the induction lesson; ``docs/demo-model.md`` has both commands. Every
+``--eval-every`` steps it prints the held-out loss, the held-out accuracy of the induction lesson, and
+per task how many held-out replies the model would write exactly under greedy decoding
+(teacher-forced argmax equal to every reply token: the same thing, at the cost of one forward). The
+result is a Hugging Face checkpoint directory (float16 safetensors, tokenizer, chat template,
+generation config) plus ``training_log.json``.
 
 Seeded: the same arguments give the same examples in the same order; the weights also depend on the
 machine's floating-point reductions (thread count, CPU kind).
@@ -32,7 +40,7 @@ from typing import Any
 import torch
 
 from kvloom.demo_model.corpus import TASKS, generate
-from kvloom.demo_model.data import batches, collate, encode, induction_batch, stream
+from kvloom.demo_model.data import batches, collate, encode, induction_batch, repeat_batch, stream
 from kvloom.demo_model.tokenizer import train_tokenizer
 
 WARMUP_MIX = {"copy": 4.0, "lookup": 4.0, "qa": 1.0, "json": 0.5, "tool_call": 0.5}
@@ -120,15 +128,22 @@ def save(model: Any, tokenizer: Any, out: Path, dtype: torch.dtype) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kvloom.demo_model.train", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="the checkpoint directory to write")
-    parser.add_argument("--induction-steps", type=int, default=500, help="steps of repeated random spans first")
-    parser.add_argument("--induction-rows", type=int, default=32, help="spans per induction step")
-    parser.add_argument("--steps", type=int, default=2200, help="steps on chats after the induction phase")
+    parser.add_argument("--repeat-steps", type=int, default=500, help="steps of repeated random spans first")
+    parser.add_argument("--induction-steps", type=int, default=0, help="then steps of chunks copied by content")
+    parser.add_argument("--induction-rows", type=int, default=32, help="rows per step of either lesson")
+    parser.add_argument("--steps", type=int, default=2200, help="steps on chats after the lessons")
     parser.add_argument("--max-minutes", type=float, default=90.0, help="stop early (and still save) after this")
     parser.add_argument("--token-budget", type=int, default=3072, help="padded tokens per chat batch")
     parser.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate of the induction phase")
     parser.add_argument("--chat-lr", type=float, default=8e-4, help="peak learning rate on chats (cosine to 10%%)")
     parser.add_argument("--induction-rows-later", type=int, default=8,
                         help="induction spans added to every chat step (0: none)")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="start from this checkpoint (its tokenizer and weights) instead of from nothing")
+    parser.add_argument("--beside", choices=("induction", "repeat"), default="repeat",
+                        help="which lesson's rows are trained beside every chat step")
+    parser.add_argument("--stop-after", type=int, default=None,
+                        help="stop after this many chat steps (the schedule still spans --steps)")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--heads", type=int, default=8)
@@ -148,10 +163,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    tokenizer = train_tokenizer(args.vocab, seed=args.seed, examples=args.tokenizer_examples)
-    print(f"tokenizer: {len(tokenizer)} tokens ({time.perf_counter() - started:.0f} s)", flush=True)
     model_cls: Any = LlamaForCausalLM  # untyped constructor
-    model = model_cls(model_config(len(tokenizer), args))
+    if args.init is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.init)
+        model = model_cls.from_pretrained(args.init, torch_dtype=torch.float32)
+    else:
+        tokenizer = train_tokenizer(args.vocab, seed=args.seed, examples=args.tokenizer_examples)
+        model = model_cls(model_config(len(tokenizer), args))
+    print(f"tokenizer: {len(tokenizer)} tokens ({time.perf_counter() - started:.0f} s)", flush=True)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters", flush=True)
     decay = [p for n, p in model.named_parameters() if p.ndim == 2]
@@ -166,22 +187,27 @@ def main(argv: list[str] | None = None) -> int:
 
     source = stream(args.seed, "train", mix, tokenizer, args.max_len)
     data = batches(source, token_budget=args.token_budget, pool=256, pad_id=2, seed=args.seed)
-    log: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "params": n_params, "steps": [],
-                           "evals": []}
+    log: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "params": n_params, "repeat": [],
+                           "induction": [], "steps": [], "evals": []}
     window: list[float] = []
     tokens_seen = 0
     induction_rng = random.Random(args.seed + 2)
 
     def next_induction(rows: int, rng: random.Random = induction_rng) -> tuple[torch.Tensor, torch.Tensor]:
-        # Spans of merged tokens (after the 5 special and 256 byte tokens), a newline between the two.
-        return induction_batch(rng, rows, first_id=5 + 256, vocab_size=len(tokenizer),
-                               sep_id=tokenizer.encode("\n")[0], end_id=4, bos_id=0, pad_id=2)
+        # Ids of merged tokens only (after the 5 special and 256 byte tokens).
+        return induction_batch(rng, rows, first_id=5 + 256, vocab_size=len(tokenizer), bos_id=0, pad_id=2)
+
+    def next_repeat(rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return repeat_batch(induction_rng, rows, first_id=5 + 256, vocab_size=len(tokenizer),
+                            sep_id=tokenizer.encode("\n")[0], end_id=4, bos_id=0, pad_id=2)
 
     held_spans = next_induction(32, random.Random(args.seed + 3))
-    for i in range(1, args.induction_steps + 1):
+    lessons = [("repeat", i, next_repeat) for i in range(1, args.repeat_steps + 1)]
+    lessons += [("induction", i, next_induction) for i in range(1, args.induction_steps + 1)]
+    for n, (lesson, i, make) in enumerate(lessons, 1):
         for group in opt.param_groups:
-            group["lr"] = args.lr * min(1.0, i / 50)
-        ids, mask = next_induction(args.induction_rows)
+            group["lr"] = args.lr * min(1.0, n / 50)
+        ids, mask = make(args.induction_rows)
         logits = model(input_ids=ids).logits[:, :-1]
         m = mask[:, :-1]
         loss_tok = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
@@ -195,9 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         if i % 50 == 0:
             acc = float(((logits.argmax(-1) == ids[:, 1:]).float() * m).sum() / m.sum())
             elapsed = time.perf_counter() - started
-            log["induction"] = [*log.get("induction", []), {"step": i, "loss": loss.item(), "copy_accuracy": acc,
-                                                            "seconds": elapsed}]
-            print(f"induction {i:4d}  loss {loss.item():.3f}  copy accuracy {acc:.3f}  {elapsed / 60:.1f} min", flush=True)
+            log[lesson].append({"step": i, "loss": loss.item(), "copy_accuracy": acc,
+                                               "seconds": elapsed})
+            print(f"{lesson} {i:4d}  loss {loss.item():.3f}  copy accuracy {acc:.3f}  {elapsed / 60:.1f} min",
+                  flush=True)
     warmup = max(1, args.steps // 50)
     while step < args.steps:
         lr = args.chat_lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
@@ -206,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         ids, mask = next(data)
         loss = _masked_loss(model, ids, mask)
         if args.induction_rows_later:  # keep the copying heads: chats alone unlearn them in a few hundred steps
-            keep_ids, keep_mask = next_induction(args.induction_rows_later)
+            keep_ids, keep_mask = (next_induction if args.beside == "induction" else next_repeat)(
+                args.induction_rows_later)
             loss = loss + _masked_loss(model, keep_ids, keep_mask)
             tokens_seen += int(keep_ids.numel())
         loss.backward()  # type: ignore[no-untyped-call]
@@ -224,16 +252,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"step {step:5d}  loss {avg:.3f}  lr {lr:.2e}  tokens {tokens_seen / 1e6:.2f}M  {elapsed / 60:.1f} min",
                   flush=True)
         out_of_time = elapsed > args.max_minutes * 60
-        if step % args.eval_every == 0 or step == args.steps or out_of_time:
+        stop = out_of_time or step == args.stop_after
+        if step % args.eval_every == 0 or step == args.steps or stop:
             result = evaluate(model, held, 2, held_spans)
             log["evals"].append({"step": step, "seconds": elapsed, **result})
             exact = "  ".join(f"{k} {v:.2f}" for k, v in result["exact"].items())
-            print(f"eval {step:5d}  heldout loss {result['heldout_loss']:.3f}  span copy {result['span_copy_accuracy']:.3f}"
+            print(f"eval {step:5d}  heldout loss {result['heldout_loss']:.3f}  copy lesson {result['span_copy_accuracy']:.3f}"
                   f"  exact: {exact}", flush=True)
             save(model, tokenizer, args.out, torch.float16)
             (args.out / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
-        if out_of_time:
-            print(f"stopping at step {step}: --max-minutes {args.max_minutes} reached", file=sys.stderr)
+        if stop:
+            why = f"--max-minutes {args.max_minutes}" if out_of_time else f"--stop-after {args.stop_after}"
+            print(f"stopping at step {step}: {why} reached", file=sys.stderr)
             break
     print(f"done: {step} steps, {tokens_seen / 1e6:.1f}M tokens, {(time.perf_counter() - started) / 60:.1f} min",
           flush=True)
