@@ -28,7 +28,7 @@ def _install(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """A bare install (no extras), then ``kvloom demo`` (its checkpoint is built once into the cache)."""
+    """Answer on the shipped demo model: a bare install (no extras), then ``kvloom demo``."""
     session.install(TORCH)
     # From a checkout, transformers 5.25+ would import the top-level kernels/ as the hub's `kernels`
     # (see the dev extra's pin in pyproject.toml); an installed kvloom is unaffected.

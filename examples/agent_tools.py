@@ -3,8 +3,9 @@
 Run: python examples/agent_tools.py [MODEL_DIR]
 The system prompt and the tools are prefilled once and pinned (a prefix handle); every turn
 starts from that KV, and each turn finds more of its conversation in the cache than the last.
-Without MODEL_DIR it uses the demo checkpoint: random weights, so the arguments and the answer
-are noise, but every call names a real tool and its arguments validate (the grammar sees to it).
+Without MODEL_DIR it uses the shipped demo model (5M parameters, trained on a synthetic corpus:
+it picks tools and copies their arguments from the request more often than not); whatever the model
+writes, every call names a real tool and its arguments validate (the grammar sees to it).
 """
 
 from __future__ import annotations

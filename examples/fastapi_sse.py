@@ -6,7 +6,8 @@ Then: curl -N localhost:8000/chat -H 'content-type: application/json' \\
 Each event is ``data: {"text", "finish_reason", "usage"}``; the last one is ``data: [DONE]``
 (or an ``event: error`` if the request fails once streaming has begun).
 Or import it: ``uvicorn.run(create_app(model_dir))``. Without --model it uses the demo
-checkpoint (random weights: the text is noise).
+model (5M parameters, trained on a
+synthetic corpus: general questions get simple, often nonsensical answers).
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 send the result back as a ``ToolMessage``, get the final answer.
 
 Run: python examples/langchain_agent.py [MODEL_DIR]
-Without MODEL_DIR it uses the demo checkpoint (random weights: which city it asks about and the
-final words are noise, but the call is always well-formed: the grammar makes every call name a
-bound tool with arguments valid against its schema). Needs ``kvloom[langchain]``.
+Without MODEL_DIR it uses the shipped demo model (5M parameters, trained on a synthetic corpus;
+its final words are simple and sometimes wrong), and the call is always well-formed: the grammar
+makes every call name a bound tool with arguments valid against its schema. Needs
+``kvloom[langchain]``.
 """
 
 from __future__ import annotations

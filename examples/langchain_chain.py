@@ -1,8 +1,9 @@
 """An LCEL chain on kvloom: ``prompt | ChatKVLoom | StrOutputParser``, streamed token by token.
 
 Run: python examples/langchain_chain.py [MODEL_DIR]
-Without MODEL_DIR it uses the demo checkpoint (random weights: the words are noise; the chain,
-the chat template, the streaming and the prefix cache are real). Needs ``kvloom[langchain]``.
+Without MODEL_DIR it uses the shipped demo model (5M parameters, trained on a synthetic corpus: it
+knows nothing about bicycles, so the words are nonsense; the chain, the chat template, the streaming
+and the prefix cache are real). Needs ``kvloom[langchain]``.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """A LlamaIndex query over a few local documents, answered by kvloom in-process.
 
 Run: python examples/llamaindex_query.py [MODEL_DIR]     (needs: pip install "kvloom[llama-index]")
-Without MODEL_DIR it uses the demo checkpoint (random weights: the answers are noise, but the
-structured answer still validates, because the grammar decides what may be written). Nothing
+Without MODEL_DIR it uses the shipped demo model (5M parameters, trained on a synthetic corpus: its
+answers are short and often wrong here), and the structured answer still validates, because the
+grammar decides what may be written. Nothing
 is downloaded: a SummaryIndex needs no embedding model, and the model's own tokenizer sizes the
 chunks and the context (LlamaIndex's default tokenizer, tiktoken, would be fetched).
 """

@@ -3,7 +3,8 @@
 Run: python examples/multi_lora.py [MODEL_DIR [ADAPTER_DIR ...]]
 Without adapter directories it writes two random rank-8 adapters in PEFT's format into a
 temporary folder (your own come from ``peft``'s ``save_pretrained``). Without MODEL_DIR it uses
-the demo checkpoint (random weights: the text is noise).
+the shipped demo model (5M parameters, trained on a
+synthetic corpus: general questions get simple, often nonsensical answers).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Batch generation with the synchronous ``LLM`` facade.
 
 Run: python examples/offline_batch.py [MODEL_DIR]
-Without MODEL_DIR it uses the demo checkpoint (random weights: the text is noise).
+Without MODEL_DIR it uses the shipped demo model (5M parameters, trained on a
+synthetic corpus: general questions get simple, often nonsensical answers).
 """
 
 from __future__ import annotations

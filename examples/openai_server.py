@@ -5,7 +5,8 @@ Then: curl localhost:8000/v1/chat/completions -H 'content-type: application/json
         -d '{"model": "demo", "messages": [{"role": "user", "content": "Hi!"}]}'
 or    openai.OpenAI(base_url="http://localhost:8000/v1", api_key="unused")
 
-Without --model it serves the demo checkpoint (random weights: the text is noise). Two ways to
+Without --model it serves the shipped demo model (5M parameters, trained on a
+synthetic corpus: general questions get simple, often nonsensical answers). Two ways to
 use the app: as is, where its lifespan loads the engine and closes it at shutdown (add your own
 routes to it), or --mounted under your own app, whose lifespan then owns the engine (a mounted
 app's lifespan does not run) and shares it with your routes.

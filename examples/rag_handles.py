@@ -3,7 +3,8 @@
 Run: python examples/rag_handles.py [MODEL_DIR]
 A handle pins its document's KV blocks, so questions about that document skip most of their
 prefill (``usage.cached_tokens``) however many other requests pass through the cache meanwhile.
-Without MODEL_DIR it uses the demo checkpoint (random weights: the answers are noise).
+Without MODEL_DIR it uses the shipped demo model (5M parameters, trained on a
+synthetic corpus to answer from a passage: right about three times in four).
 """
 
 from __future__ import annotations

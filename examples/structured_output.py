@@ -1,8 +1,9 @@
 """Outputs an application can parse: a pydantic model, a regex and a choice, in one batch.
 
 Run: python examples/structured_output.py [MODEL_DIR]
-Without MODEL_DIR it uses the demo checkpoint (random weights: the values are noise, but every
-output still parses, because the grammar, not the model, decides what may be written).
+Without MODEL_DIR it uses the shipped demo model (5M parameters, trained on a synthetic corpus:
+the values are simple and sometimes wrong; every output parses, because the grammar, not the model,
+decides what may be written).
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -28,7 +29,7 @@ def test_demo_builds_once_then_reuses_the_cache(
         env=env, capture_output=True, text=True, timeout=120,
     )
     assert first.returncode == 0, first.stderr
-    assert "RANDOM WEIGHTS" in first.stdout and "--model DIR" in first.stdout
+    assert "RANDOM WEIGHTS" in first.stdout and "run without --tiny" in first.stdout
     assert "built demo checkpoint" in first.stdout
     assert first.stdout.count("assistant (") == 3
     assert "3 prompts in one batch" in first.stdout and "tokens/s" in first.stdout
@@ -44,6 +45,28 @@ def test_demo_builds_once_then_reuses_the_cache(
     assert "built demo checkpoint" not in out and "using cached checkpoint" in err
     assert out.count("assistant (") == 2 and "tokens/s" in out
     assert (model_dir.stat().st_ino, (model_dir / "model.safetensors").stat().st_mtime_ns) == stamp
+
+
+def test_demo_answers_on_the_shipped_model(tmp_path: Path) -> None:
+    """``kvloom demo`` with no arguments: the trained demo model, no cache and no download, answers a
+    passage's questions, calls a tool and answers from its result, and extracts JSON."""
+    env = {**os.environ, "KVLOOM_CACHE_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "kvloom", "demo"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "trained on a synthetic corpus" in out and "RANDOM" not in out
+    answers = re.findall(r"^   A: (.*)$", out, re.M)
+    assert len(answers) == 5, out
+    expected = ("Dorvan", "Kestrel", "120", "1987", "Pip")
+    assert sum(span in answer for span, answer in zip(expected, answers, strict=True)) >= 4, answers
+    assert re.search(r'^   assistant calls: weather_report\(\{"city": "Marlow"\}\)$', out, re.M), out
+    assert re.search(r"^   assistant: .*sunny.*Marlow|Marlow.*sunny", out, re.M), out
+    plain, constrained = re.findall(r"^   assistant(?:, with the schema as a grammar)?: (\{.*)$", out, re.M)
+    record = json.loads(plain)
+    assert json.loads(constrained) == record and list(record) == ["customer", "item", "quantity"], out
+    assert (record["customer"], record["quantity"]) == ("Fenwick", 7), record  # the item: see docs/demo-model.md
+    assert not (tmp_path / "models").exists()  # no checkpoint was built into the cache (only the C kernels)
 
 
 def test_interrupted_build_leaves_no_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

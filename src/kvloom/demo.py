@@ -1,10 +1,10 @@
-"""``python -m kvloom demo``: a few chat prompts answered concurrently in one batch.
+"""``python -m kvloom demo``: the engine answering on the demo model, or on your checkpoint.
 
-Without ``--model`` it runs on a small Llama-shaped checkpoint with random weights and a
-locally trained tokenizer, built once into the user's cache directory (no download). The
-text is then noise; what the demo shows is the engine: every prompt goes through the chat
-template, all of them are batched together in one ``LLM.generate`` call over the paged KV
-cache, and the throughput is printed.
+Without ``--model`` it runs on the demo model that ships in the package (``kvloom.demo_model``: a
+5M-parameter Llama the project trained on its own synthetic corpus, no download): questions about a
+passage in one batch, a tool call run and answered, a JSON extraction with and without a grammar
+(``kvloom.demo_showcase``). With ``--model DIR`` it answers a few general chat prompts in one batch
+on that checkpoint. Either way it prints the throughput.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ __all__ = ["DEMO_MODEL", "PROMPTS", "TINY_DEMO_MODEL", "add_arguments", "demo_mo
 
 
 def demo_model_dir() -> Path:
-    """The demo checkpoint's directory, built into the user's cache on first use (a few seconds,
-    no download). Examples and integration tests run on it."""
-    return cached_checkpoint(DEMO_MODEL, log=False)[0]
+    """The trained demo model's checkpoint directory (shipped in the package). Examples run on it."""
+    from kvloom.demo_model.shipped import shipped_model_dir
+
+    return shipped_model_dir()
 
 
 PROMPTS = (
@@ -40,16 +41,14 @@ PROMPTS = (
 )
 
 RANDOM_WEIGHTS_NOTICE = (
-    "NOTE: the built-in demo model has RANDOM WEIGHTS (it was never trained), so the answers below\n"
-    "are noise. What the demo shows is the engine: chat template, one batch, paged KV cache.\n"
-    "For real answers, point it at a Hugging Face checkpoint directory (Llama, Mistral, Qwen2 or\n"
-    "Qwen3: config.json + safetensors + tokenizer):  python -m kvloom demo --model DIR"
+    "NOTE: --tiny runs a model with RANDOM WEIGHTS (it was never trained), so the answers below\n"
+    "are noise. What it shows is the engine: chat template, one batch, paged KV cache."
 )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``kvloom demo``."""
-    parser.add_argument("--model", type=Path, help="a HF checkpoint directory (default: a random-weight demo model)")
+    parser.add_argument("--model", type=Path, help="a HF checkpoint directory (default: the shipped demo model)")
     parser.add_argument("--max-tokens", type=int, default=48, help="tokens to generate per answer (default 48)")
     parser.add_argument("--num-prompts", type=int, default=8, help="prompts answered in one batch (default 8)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
@@ -74,13 +73,14 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print("demo: --max-tokens and --num-prompts must be >= 1", file=sys.stderr)
         return 2
     started = time.perf_counter()
-    random_weights = args.model is None
+    random_weights = args.tiny and args.model is None
     if random_weights:
-        spec = TINY_DEMO_MODEL if args.tiny else DEMO_MODEL
-        model_dir, built = cached_checkpoint(spec)
+        model_dir, built = cached_checkpoint(TINY_DEMO_MODEL)
         if built:
             print(f"built demo checkpoint in {time.perf_counter() - started:.1f} s: {model_dir}")
         print(RANDOM_WEIGHTS_NOTICE + "\n")
+    elif args.model is None:
+        return _run_demo_model(args, started)
     else:
         model_dir = args.model
 
@@ -112,5 +112,27 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         f"{num_tokens / elapsed:.1f} tokens/s (total time {time.perf_counter() - started:.1f} s)"
     )
     if random_weights:
-        print("(random weights: the text is noise; try --model DIR with a real checkpoint)")
+        print("(random weights: the text is noise; run without --tiny for the trained demo model)")
+    return 0
+
+
+def _run_demo_model(args: argparse.Namespace, started: float) -> int:
+    """The shipped demo model: a passage's questions, a tool call and its answer, a JSON extraction."""
+    import kvloom
+    from kvloom import demo_showcase
+    from kvloom.demo_model.shipped import NOTICE, shipped_model_dir
+
+    model_dir = shipped_model_dir()
+    llm = kvloom.LLM(model_dir, dtype=args.dtype)
+    print(f"The demo model: {NOTICE}\nloaded {model_dir} in {time.perf_counter() - started:.1f} s\n")
+    params = kvloom.SamplingParams(max_tokens=max(args.max_tokens, 64), temperature=args.temperature)
+    gen_start = time.perf_counter()
+    tokens = demo_showcase.show_passage(llm, params)
+    tokens += demo_showcase.show_tool(llm, params)
+    tokens += demo_showcase.show_json(llm, params)
+    elapsed = time.perf_counter() - gen_start
+    print(f"\n{tokens} tokens generated in {elapsed:.2f} s = {tokens / elapsed:.1f} tokens/s "
+          f"(total time {time.perf_counter() - started:.1f} s)\n"
+          "Your own checkpoint (Llama, Mistral, Qwen2 or Qwen3 directory):  python -m kvloom demo --model DIR")
+    llm.close()
     return 0

@@ -71,8 +71,8 @@ def assert_valid_or_prefix(text: str, finish_reason: str | None, response_format
     are independent of kvloom's grammar code: ``json.loads``, jsonschema, pydantic, the ``regex``
     package (a dependency of transformers; ``partial=True`` for prefixes, ASCII ``\d``/``\w`` as
     both backends read them) and the choice list; for JSON and EBNF, also an xgrammar matcher
-    built here from the schema itself (compact JSON, no property the schema does not name: the
-    output format both backends document), which decides prefixes.
+    built here from the schema itself (at most one whitespace character between JSON tokens, no
+    property the schema does not name: the output format both backends document), which decides prefixes.
     """
     fmt = ResponseFormat.coerce(response_format)
     if finish_reason == "stop":
@@ -95,7 +95,7 @@ def assert_valid(text: str, response_format: object) -> None:
                 fmt.model.model_validate_json(text)
         spec = fmt.to_spec()
         matcher = _matcher(spec.kind, spec.text)
-        assert matcher.accept_string(text) and matcher.is_completed(), f"not compact JSON of the schema: {text!r}"
+        assert matcher.accept_string(text) and matcher.is_completed(), f"not JSON of the schema in the documented format: {text!r}"
     elif fmt.type == "regex":
         assert fmt.regex is not None and regex.fullmatch(fmt.regex, text, flags=regex.ASCII), (fmt.regex, text)
     elif fmt.type == "choice":
@@ -138,6 +138,6 @@ def _compiled(kind: str, text: str) -> Any:
     if kind == "grammar":
         return compiler.compile_grammar(text)
     schema = text if kind == "json_schema" else '{"type": "object"}'
-    grammar = xgrammar.Grammar.from_json_schema(schema, any_whitespace=False, separators=(",", ":"),
+    grammar = xgrammar.Grammar.from_json_schema(schema, any_whitespace=True, max_whitespace_cnt=1,
                                                 strict_mode=kind == "json_schema")
     return compiler.compile_grammar(grammar)

@@ -99,7 +99,8 @@ def test_every_json_schema_walk_that_ends_validates(
             value = json.loads(text)  # strict: raw control characters in strings fail here
             jsonschema.validate(value, ALL_SCHEMAS[name])
             if name in ("flat_object", "bounded_numbers", "refs", "nested_arrays"):  # no strings inside
-                assert not set(text) & set(b" \t\r\n"), f"whitespace in compact JSON: {text!r}"
+                # one whitespace character per gap at most; two gaps meet only inside [] or {}
+                assert not re.search(rb"[ \t\r\n]{3}", text) and text[:1] in b"{[", f"padded JSON: {text!r}"
     assert ended >= 0.9 * total, f"only {ended}/{total} walks ended"
 
 
@@ -261,7 +262,8 @@ def test_padded_vocab_bits_past_the_tokenizer_stay_clear(tiny_tokenizer: Any, ba
 
 
 def test_both_backends_allow_the_same_first_tokens(compiler: GrammarCompiler, tiny_vocab: TokenizerVocab) -> None:
-    """Same output format (compact JSON, no whitespace) whichever backend compiled the schema."""
+    """Same output format (at most one whitespace character between JSON tokens) whichever backend
+    compiled the schema."""
     schema = SCHEMAS["flat_object"]
     masks = [
         torch.tensor(allowed_tokens(compiled(compiler, schema, backend).new_processor(), tiny_vocab.vocab_width))

@@ -6,10 +6,8 @@
   the corpus;
 - ``data``/``train``: batches with the loss on replies only, and the training command
   (``python -m kvloom.demo_model.train``);
-- ``evaluate``: the held-out evaluation through the engine (``python -m kvloom eval-demo-model``).
-
-The trained checkpoint does not ship yet: the runs so far do not meet the held-out targets
-(docs/demo-model.md has the curves and what was learned).
+- ``evaluate``: the held-out evaluation through the engine (``python -m kvloom eval-demo-model``);
+- ``shipped``: where the trained checkpoint lives in the installed package.
 
 Importing this package loads nothing heavy; torch and transformers load inside the functions that need them.
 """

@@ -23,18 +23,21 @@ from outlines_core.json_schema import build_regex_from_schema
 
 from kvloom.structured.json_bounds import fill_placeholders, rewrite_bounded_numbers
 
-WHITESPACE_PATTERN = ""
-"""Between JSON tokens: no whitespace at all (compact one-line JSON, same as the xgrammar backend).
-Any optional whitespace would let a weak model pad forever instead of closing the object."""
+WHITESPACE_PATTERN = r"[ \t\n]?"
+"""Between JSON tokens: at most one whitespace character (``json.dumps``'s ``", "`` and ``": "``, or
+compact JSON), the language of the xgrammar backend. Unbounded whitespace would let a weak model pad
+forever instead of closing the object."""
+
+_WS = WHITESPACE_PATTERN
 
 _STRING = r'"([^"\\\x00-\x1F\x7F-\x9F]|\\(["\\/bfnrt]|u[0-9a-fA-F]{4}))*"'
 _NUMBER = r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?"
 _SCALAR = f"({_STRING}|{_NUMBER}|true|false|null)"
-_FLAT_ARRAY = rf"\[({_SCALAR}(,{_SCALAR})*)?\]"
-_FLAT_OBJECT = rf"\{{({_STRING}:{_SCALAR}(,{_STRING}:{_SCALAR})*)?\}}"
+_FLAT_ARRAY = rf"\[{_WS}({_SCALAR}{_WS}(,{_WS}{_SCALAR}{_WS})*)?\]"
+_FLAT_OBJECT = rf"\{{{_WS}({_STRING}{_WS}:{_WS}{_SCALAR}{_WS}(,{_WS}{_STRING}{_WS}:{_WS}{_SCALAR}{_WS})*)?\}}"
 _VALUE = f"({_SCALAR}|{_FLAT_ARRAY}|{_FLAT_OBJECT})"
-JSON_OBJECT_REGEX = rf"\{{({_STRING}:{_VALUE}(,{_STRING}:{_VALUE})*)?\}}"
-"""``json_object``: a compact JSON object whose values are scalars (string, number, boolean,
+JSON_OBJECT_REGEX = rf"\{{{_WS}({_STRING}{_WS}:{_WS}{_VALUE}{_WS}(,{_WS}{_STRING}{_WS}:{_WS}{_VALUE}{_WS})*)?\}}"
+"""``json_object``: a JSON object (whitespace as ``WHITESPACE_PATTERN``) whose values are scalars (string, number, boolean,
 null), arrays of scalars, or objects of scalars: two levels of nesting. A regex cannot express
 unbounded nesting, and outlines-core's own regex for ``{"type": "object"}`` (three levels, every
 combination) takes ~6 s to index even on a 700-token vocabulary; this one takes ~0.1-0.3 s."""

@@ -22,7 +22,8 @@ def run_example(name: str, cache: Path) -> str:
 def test_langchain_chain_example_streams_and_reuses_the_system_prompt(demo_cache: Path) -> None:
     out = run_example("langchain_chain.py", demo_cache)
     assert out.count("question: ") == 2
-    assert [int(n) for n in re.findall(r"^\[(\d+) chunks\]$", out, re.M)] == [32, 32]  # one chunk per token
+    chunks = [int(n) for n in re.findall(r"^\[(\d+) chunks\]$", out, re.M)]
+    assert len(chunks) == 2 and all(1 <= n <= 32 for n in chunks), out  # streamed, at most max_tokens
     prompt, cached = map(int, re.search(r"^usage: (\d+) prompt tokens, (\d+) of them read from the cache$",
                                         out, re.M).groups())  # type: ignore[union-attr]
     assert 64 <= cached < prompt, out

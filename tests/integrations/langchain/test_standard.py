@@ -1,9 +1,12 @@
 """LangChain's standard test suites (langchain-tests), as LangChain's partner packages run them:
-the unit suite on a model that never loads, the integration suite on the demo checkpoint.
+the unit suite on a model that never loads, the integration suite on the trained demo model
+(``kvloom.demo_model``, shipped in the package).
 
-The demo model has random weights. The tests marked xfail below assert what only a trained
-model decides (the arguments it picks, a JSON string it ends, a call it chooses to make); each
-runs again in ``test_scripted.py`` with that judgement scripted and everything else real.
+The demo model's corpus never holds the suite's prompts, tool names or expected values, so what
+passes here passes because the model learned to call tools: ``magic_function(3)`` with its
+argument, the tool ``tool_choice`` forces, an agent loop, a runnable bound as a tool. The
+tests still marked xfail ask for what it never learned (a joke as JSON; a Chinese name copied into a call);
+each also runs in ``test_scripted.py`` with the model's part scripted and everything else real.
 """
 
 from __future__ import annotations
@@ -24,19 +27,15 @@ ASYNC_SUITE = [
     pytest.mark.asyncio,  # the suite is written for asyncio_mode="auto"; kvloom's tests run strict
     pytest.mark.filterwarnings("ignore:The test <Function .* is marked with '@pytest.mark.asyncio' but it is not"),
 ]
-MAX_TOKENS = 56
-"""Room for one tool call in the demo tokenizer (``magic_function`` with an integer is 49-51
-tokens); text answers are noise at any length."""
+MAX_TOKENS = 128
+"""Room for a tool call or a short JSON object in the demo model's tokenizer (``magic_function``
+with an integer is ~50 tokens)."""
 
-ARGS_CHOICE = "the model's choice: random weights do not pick the arguments the test expects ({})"
-NEVER_ENDS = ("the model's choice: random weights never end a JSON string ({}), so the output runs into "
-              "max_tokens unfinished")
-NO_CALL = "the model's choice: in tool_choice='auto' random weights answer in text instead of calling the tool"
-CUT_JOKE = NEVER_ENDS.format("a joke's setup") + (
-    "; a structured reply cut by max_tokens raises saying so (as it should) instead of parsing into a partial "
-    "object or dict")
-EMPTY_OBJECT = ("the model's choice: json_mode allows any JSON object and random weights write {} instead of a "
-                "joke with 'setup' and 'punchline'")
+JOKE = ("the model's limit: the demo model's corpus has no jokes (the suite's Joke schema is kept out of it so "
+        "that a pass would mean the model learned the skill, not the test); under the schema it writes a setup that "
+        "never ends, and a structured reply cut by max_tokens raises saying so (as it should)")
+UNICODE_NAME = ("the model's limit: it copies the Latin-script names it was trained on, but writes a Latin name in "
+                "place of the test's Chinese one (non-Latin names are 4% of the corpus's names)")
 
 
 class TestChatKVLoomUnit(ChatModelUnitTests):
@@ -68,8 +67,8 @@ class TestChatKVLoomIntegration(ChatModelIntegrationTests):
     pytestmark = ASYNC_SUITE
 
     @pytest.fixture(autouse=True)
-    def _shared_engine(self, demo_runtime: EngineRuntime) -> None:
-        self.runtime = demo_runtime
+    def _shared_engine(self, trained_runtime: EngineRuntime) -> None:
+        self.runtime = trained_runtime
 
     @property
     def chat_model_class(self) -> type[ChatKVLoom]:
@@ -127,52 +126,30 @@ class TestChatKVLoomIntegration(ChatModelIntegrationTests):
         assert cached[1] >= cached[0] + 64, cached
         return second
 
-    # ---- the model's judgement (see the module docstring and test_scripted.py) ------------------
-    @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)
-    @pytest.mark.xfail(reason=ARGS_CHOICE.format("{'input': 3}"), strict=True)
-    def test_tool_calling(self, model: BaseChatModel) -> None:
-        super().test_tool_calling(model)
-
-    @pytest.mark.xfail(reason=ARGS_CHOICE.format("{'input': 3}"), strict=True)
-    async def test_tool_calling_async(self, model: BaseChatModel) -> None:
-        await super().test_tool_calling_async(model)
-
-    @pytest.mark.xfail(reason=NEVER_ENDS.format("the call's answer_style"), strict=True)
-    def test_bind_runnables_as_tools(self, model: BaseChatModel) -> None:
-        super().test_bind_runnables_as_tools(model)
-
-    @pytest.mark.xfail(reason=NEVER_ENDS.format("get_weather's location, the call it picks"), strict=True)
-    def test_tool_choice(self, model: BaseChatModel) -> None:
-        super().test_tool_choice(model)
-
-    @pytest.mark.xfail(reason=CUT_JOKE, strict=True, raises=OutputParserException)
+    # ---- where the trained demo model falls short (see the module docstring) ---------------------
+    @pytest.mark.xfail(reason=JOKE, strict=True, raises=OutputParserException)
     @pytest.mark.parametrize("schema_type", ["pydantic", "typeddict", "json_schema"])
     def test_structured_output(self, model: BaseChatModel, schema_type: Any) -> None:
         super().test_structured_output(model, schema_type)
 
-    @pytest.mark.xfail(reason=CUT_JOKE, strict=True, raises=OutputParserException)
+    @pytest.mark.xfail(reason=JOKE, strict=True, raises=OutputParserException)
     @pytest.mark.parametrize("schema_type", ["pydantic", "typeddict", "json_schema"])
     async def test_structured_output_async(self, model: BaseChatModel, schema_type: Any) -> None:
         await super().test_structured_output_async(model, schema_type)
 
-    @pytest.mark.xfail(reason=CUT_JOKE, strict=True, raises=OutputParserException)
+    @pytest.mark.xfail(reason=JOKE, strict=True, raises=OutputParserException)
     def test_structured_output_optional_param(self, model: BaseChatModel) -> None:
         super().test_structured_output_optional_param(model)
 
-    @pytest.mark.xfail(reason=NEVER_ENDS.format("a joke's setup"), strict=True)
+    @pytest.mark.xfail(reason=JOKE, strict=True)
     def test_structured_output_pydantic_2_v1(self, model: BaseChatModel) -> None:
         super().test_structured_output_pydantic_2_v1(model)
 
-    @pytest.mark.xfail(reason=EMPTY_OBJECT, strict=True)
+    @pytest.mark.xfail(reason=JOKE, strict=True, raises=OutputParserException)
     def test_json_mode(self, model: BaseChatModel) -> None:
         super().test_json_mode(model)
 
-    @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)
-    @pytest.mark.xfail(reason=NO_CALL, strict=True)
-    def test_agent_loop(self, model: BaseChatModel) -> None:
-        super().test_agent_loop(model)
-
-    @pytest.mark.xfail(reason=NEVER_ENDS.format("the customer's name"), strict=True)
+    @pytest.mark.xfail(reason=UNICODE_NAME, strict=True)
     def test_unicode_tool_call_integration(self, model: BaseChatModel, *, tool_choice: str | None = None,
                                            force_tool_call: bool = True) -> None:
         super().test_unicode_tool_call_integration(model, tool_choice=tool_choice, force_tool_call=force_tool_call)

@@ -66,8 +66,8 @@ async def test_json_schema_output_validates(client: openai.AsyncOpenAI) -> None:
 
 async def test_json_object_output_is_a_json_object(client: openai.AsyncOpenAI) -> None:
     fmt: Any = {"type": "json_object"}
-    done = await client.chat.completions.create(model=MODEL, messages=user("json"), max_tokens=8, temperature=1.0,
-                                                seed=0, n=4, response_format=fmt)
+    done = await client.chat.completions.create(model=MODEL, messages=user("json"), max_tokens=16, temperature=1.0,
+                                                seed=0, n=8, response_format=fmt)
     for c in done.choices:  # whole objects when they stop, prefixes of one when cut (a random model rarely stops)
         assert_valid_or_prefix(c.message.content or "", c.finish_reason, fmt)
     finished = [c.message.content or "" for c in done.choices if c.finish_reason == "stop"]
