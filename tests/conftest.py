@@ -14,10 +14,10 @@ ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 def fresh_kernel_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
     """An empty C-kernel cache (``KVLOOM_CACHE_DIR``), and no kernel library already loaded in this
     process: the next kernel use builds from scratch. Yields the cache root."""
-    from kvloom.kernels import elementwise_cpu, native, paged_decode_attention_cpu
+    from kvloom.kernels import elementwise_cpu, int8_linear_cpu, native, paged_decode_attention_cpu
 
     monkeypatch.setenv("KVLOOM_CACHE_DIR", str(tmp_path))
-    loaders = (native.load_library, paged_decode_attention_cpu.load, elementwise_cpu.load)
+    loaders = (native.load_library, paged_decode_attention_cpu.load, elementwise_cpu.load, int8_linear_cpu.load)
     for cached in loaders:
         cached.cache_clear()
     yield tmp_path

@@ -62,6 +62,10 @@ class EngineConfig(BaseModel):
     cpu_gemm: Literal["auto", "onednn", "torch"] = Field(
         "auto", description="CPU linear layers: 'onednn' multiplies with weights prepacked for oneDNN, 'torch' "
         "calls F.linear (MKL in float32); 'auto' is oneDNN in float32 and bf16 where it can pack, torch otherwise.")
+    quantization: Literal["int8"] | None = Field(
+        None, description="'int8': every linear layer (the LM head included; not the embedding) holds int8 weights per "
+        "output channel, quantized at load from the float checkpoint; activations stay float (dtype). CPU only, in "
+        "float32 or bfloat16. None: the checkpoint's weights in dtype.")
     enforce_eager: bool = Field(
         False, description="Never capture CUDA graphs (on CUDA, decode-only steps otherwise replay one per batch size).")
     cuda_graph_sizes: tuple[Annotated[int, Field(ge=1, le=1024)], ...] | None = Field(

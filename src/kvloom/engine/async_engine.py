@@ -205,7 +205,9 @@ class AsyncEngine:
             return stats
         choice = self._parts.core.dtype_choice
         attention, attention_reason = self._parts.core.attention_backend
+        weights, weights_reason = self._parts.core.weight_layout
         return dataclasses.replace(stats, dtype=choice.name, dtype_reason=choice.reason,
+                                   weights=weights, weights_reason=weights_reason,
                                    attention_backend=attention, attention_reason=attention_reason,
                                    cuda_graph_sizes=self._parts.core.cuda_graph_sizes,
                                    async_scheduling=self._parts.core.async_scheduling)

@@ -194,6 +194,12 @@ class EngineCore:
         return self._runner.dtype_choice
 
     @property
+    def weight_layout(self) -> tuple[str, str]:
+        """How the linear weights are held (``int8``, ``onednn-packed``, ...) and why (``layers.weight_layout``)."""
+        layout = self._runner.model.weight_layout
+        return (layout.name, layout.reason) if layout is not None else ("row-major", "the checkpoint's layout")
+
+    @property
     def attention_backend(self) -> tuple[str, str]:
         """The attention backend's name and why it runs (``"auto"`` decides by device and compiler)."""
         backend = self._runner.attn_backend

@@ -62,6 +62,11 @@ class LLM:
         """The dtype the model runs in and why (``dtype="auto"``: by device and CPU)."""
         return self.core.dtype_choice
 
+    @property
+    def weight_layout(self) -> tuple[str, str]:
+        """How the linear weights are held (``"int8"`` with ``quantization="int8"``) and why."""
+        return self.core.weight_layout
+
     def load_adapter(self, name: str, path: str | Path, *, pinned: bool = False) -> AdapterInfo:
         """Load a PEFT LoRA directory under ``name``; ``generate(..., adapter=name)`` uses it."""
         info = self.adapters.add(name, self.adapters.read(path), pinned)

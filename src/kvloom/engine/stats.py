@@ -63,6 +63,11 @@ class EngineStats:
     """What the model and its KV cache run in (``dtype="auto"``: decided by device and CPU)."""
     dtype_reason: str | None = None
     """Why that dtype (e.g. which bf16 matrix units the CPU has, or lacks)."""
+    weights: str | None = None
+    """How the linear weights are held: ``int8`` (``quantization="int8"``), ``onednn-packed``, ``input-major``
+    or ``row-major`` (``layers.weight_layout``)."""
+    weights_reason: str | None = None
+    """Why (the setting, or what the CPU and torch can do)."""
     attention_backend: str | None = None
     """The attention backend: ``cpu`` (the C decode kernel), ``torch`` or ``triton``."""
     attention_reason: str | None = None

@@ -14,13 +14,17 @@ plain GEMM, with one attribute check more. This module knows nothing of LoRA bey
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from types import ModuleType
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kvloom.layers.row_buckets import padded_rows
+
+if TYPE_CHECKING:
+    from kvloom.layers.int8_weights import Int8Weights
 
 
 class LinearDelta(Protocol):
@@ -58,10 +62,22 @@ class Linear(nn.Module):
         )
         self.onednn_packed = False
         """Whether ``weight`` is a oneDNN-packed copy (``pack_onednn``) rather than a dense parameter."""
+        self.int8: Int8Weights | None = None
+        """The int8 weights (``quantize_int8``); then ``weight`` is their int8 buffer and ``bias`` is None."""
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The float dtype of this layer's inputs and outputs (``weight.dtype`` unless quantized)."""
+        return self.int8.dtype if self.int8 is not None else self.weight.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[T, in_features]`` -> ``[T, out_features]`` (+ the ``delta``, if any)."""
-        out = self._packed_gemm(x) if self.onednn_packed else F.linear(x, self.weight, self.bias)
+        if self.int8 is not None:
+            out = self.int8.matmul(x)
+        elif self.onednn_packed:
+            out = self._packed_gemm(x)
+        else:
+            out = F.linear(x, self.weight, self.bias)
         delta = self.delta
         if delta is None:
             return out
@@ -99,6 +115,23 @@ class Linear(nn.Module):
         self.register_buffer("weight", packed)
         self.onednn_packed = True
 
+
+    @torch.no_grad()
+    def quantize_int8(self, kernels: ModuleType) -> None:
+        """Replace the dense float weight by int8 weights per output channel (``layers.int8_weights``;
+        ``kernels`` is ``kvloom.kernels.int8_linear_cpu``, loaded). ``weight`` becomes the int8 buffer
+        (same shape, so LoRA slots and logs still read it; ``compute_dtype`` is the float dtype), the
+        bias moves into the int8 weights. Load and lay out nothing after this (idempotent)."""
+        from kvloom.layers.int8_weights import Int8Weights
+
+        if self.int8 is not None:
+            return
+        if self.onednn_packed:
+            raise ValueError("quantize_int8 on a oneDNN-packed weight: quantize the dense weight instead")
+        self.int8 = Int8Weights.quantize(self.weight, self.bias, kernels)
+        del self.weight
+        self.register_buffer("weight", self.int8.q)
+        self.bias = None
 
 class MergedLinear(Linear):
     """Several projections of the same input stacked along the output dim (one GEMM).

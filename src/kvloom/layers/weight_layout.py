@@ -24,6 +24,9 @@ torch can do) and applied by :func:`apply_layout`:
   M=2048 2397 -> 2599; the LM head ``[M,1024]x[1024,32000]`` M=64 1019 -> 1881.
 - ``row-major``: the HF layout, untouched: GPUs, fp16 on CPU, and bf16 where oneDNN cannot pack it,
   unless ``cpu_gemm="onednn"``.
+- ``int8`` (``quantization="int8"``, CPU): every ``Linear`` (the LM head included, untied from the
+  embedding; the embedding itself stays float: a lookup reads one row a token) holds int8 weights per
+  output channel, symmetric (``layers.int8_weights``, which also says which kernel each row count takes).
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ from kvloom.errors import ConfigError
 from kvloom.layers.linear import Linear
 
 CpuGemm = Literal["auto", "onednn", "torch"]
-LayoutName = Literal["onednn-packed", "input-major", "row-major"]
+LayoutName = Literal["onednn-packed", "input-major", "row-major", "int8"]
+Quantization = Literal["int8"]
+QUANTIZATIONS = ("int8",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +75,12 @@ def onednn_packs(dtype: torch.dtype) -> bool:
 
 
 def choose_layout(requested: CpuGemm, device: torch.device, dtype: torch.dtype,
-                  onednn: bool | None = None) -> WeightLayout:
+                  onednn: bool | None = None, quantization: Quantization | None = None) -> WeightLayout:
     """The layout for ``Linear`` weights on ``device`` in ``dtype``.
+
+    ``quantization="int8"`` gives the ``int8`` layout on CPU in float32 or bf16, and a ``ConfigError``
+    naming the field anywhere else (GPUs: int8 weight-only is slower than bf16 on H100-class GPUs, and
+    nothing here has measured otherwise).
 
     ``requested`` is the ``cpu_gemm`` setting: ``auto`` (oneDNN-packed in float32 and bf16 where it
     packs, else input-major in float32, else row-major), ``onednn`` (packed, or a ``ConfigError`` naming
@@ -79,6 +88,8 @@ def choose_layout(requested: CpuGemm, device: torch.device, dtype: torch.dtype,
     is whether oneDNN packs ``dtype`` here (default: :func:`onednn_packs`, asked only on CPU), so
     tests decide both branches on any machine.
     """
+    if quantization is not None:
+        return _int8_layout(quantization, device, dtype)
     if device.type != "cpu":
         if requested == "onednn":
             raise ConfigError(f"cpu_gemm='onednn' is for CPU weights; the model is on {device.type}")
@@ -98,6 +109,22 @@ def choose_layout(requested: CpuGemm, device: torch.device, dtype: torch.dtype,
     return WeightLayout("row-major", f"{name} on CPU: torch's own dispatch on the checkpoint's layout")
 
 
+def _int8_layout(quantization: str, device: torch.device, dtype: torch.dtype) -> WeightLayout:
+    from kvloom.layers.int8_weights import GEMV_ROWS
+
+    if quantization not in QUANTIZATIONS:
+        raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)} or None; got {quantization!r}")
+    if device.type != "cpu":
+        raise ConfigError(f"quantization={quantization!r} runs on CPU; the model is on {device.type}, where it is "
+                          "not supported (use the float dtype there)")
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ConfigError(f"quantization={quantization!r} computes in float32 or bfloat16, not "
+                          f"{str(dtype).removeprefix('torch.')} (set dtype)")
+    return WeightLayout("int8", f"quantization={quantization!r}: int8 weights per output channel, float "
+                                f"{str(dtype).removeprefix('torch.')} activations; a C kernel for steps of up to "
+                                f"{GEMV_ROWS} rows (memory-bound), dequantized blocks through torch's GEMM above")
+
+
 @torch.no_grad()
 def apply_layout(model: nn.Module, layout: WeightLayout) -> int:
     """Give every ``Linear`` of ``model`` the ``layout``, in place; returns how many layers changed.
@@ -107,6 +134,8 @@ def apply_layout(model: nn.Module, layout: WeightLayout) -> int:
     """
     if layout.name == "row-major":
         return 0
+    if layout.name == "int8":
+        return _quantize_int8(model)
     count = 0
     for module in model.modules():
         if isinstance(module, Linear) and module.weight.dim() == 2:
@@ -114,5 +143,22 @@ def apply_layout(model: nn.Module, layout: WeightLayout) -> int:
                 module.pack_onednn()
             else:
                 module.weight.data = module.weight.data.t().contiguous().t()
+            count += 1
+    return count
+
+
+def _quantize_int8(model: nn.Module) -> int:
+    """Quantize every ``Linear`` of ``model`` (builds the C kernel; a ``ConfigError`` where it cannot be)."""
+    from kvloom.kernels import int8_linear_cpu
+    from kvloom.kernels.native import NativeBuildError
+
+    try:
+        int8_linear_cpu.load()
+    except NativeBuildError as exc:
+        raise ConfigError(f"quantization='int8' needs its C kernel, which could not be built here: {exc}") from exc
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.quantize_int8(int8_linear_cpu)
             count += 1
     return count

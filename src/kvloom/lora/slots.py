@@ -62,14 +62,14 @@ class LoRASlots:
                 raise ValueError(f"LoRA-able module '{name}' is not inside a numbered decoder layer")
             if module.delta is not None:
                 raise ValueError(f"module '{name}' already has LoRA slots attached")
-            weight = module.weight
+            weight, dtype = module.weight, module.compute_dtype
             sizes = module.lora_output_sizes
             # Normal tensors even when built under inference_mode (the runner's step): inference
             # tensors could not be written by a later load outside it.
             with torch.inference_mode(False):
                 a = torch.zeros(max_loras, len(sizes), max_lora_rank, module.in_features,
-                                dtype=weight.dtype, device=weight.device)
-                b = torch.zeros(max_loras, sum(sizes), max_lora_rank, dtype=weight.dtype, device=weight.device)
+                                dtype=dtype, device=weight.device)
+                b = torch.zeros(max_loras, sum(sizes), max_lora_rank, dtype=dtype, device=weight.device)
             stack = LoRAStack(a=a, b=b, output_sizes=sizes, hf_names=module.lora_names, context=self.context)
             self.stacks.setdefault(int(match.group(1)), []).append(stack)
             module.delta = stack

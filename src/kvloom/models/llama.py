@@ -208,6 +208,16 @@ class LlamaForCausalLM(CausalLM):
             return logits.float()
         return torch.nn.functional.linear(hidden, self.model.embed_tokens.weight).float()
 
+    def untie_lm_head(self) -> None:
+        """Tied embeddings: ``lm_head`` becomes a ``Linear`` holding the embedding matrix (shared, not
+        copied), so it can take another layout (``quantization``); the checkpoint stays tied."""
+        if self.lm_head is not None:
+            return
+        weight = self.model.embed_tokens.weight
+        head = Linear(self.config.hidden_size, self.config.vocab_size, False, weight.dtype)
+        head.weight = weight
+        self.lm_head = head
+
     def _weight_targets(self) -> dict[str, tuple[torch.Tensor, slice | None]]:
         """HF checkpoint name -> (our parameter, its rows that hold it; ``None`` = all of it).
 

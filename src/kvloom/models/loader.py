@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from kvloom.errors import CheckpointError
-from kvloom.layers.weight_layout import CpuGemm, WeightLayout, apply_layout, choose_layout
+from kvloom.layers.weight_layout import CpuGemm, Quantization, WeightLayout, apply_layout, choose_layout
 from kvloom.models.config import ModelConfig, load_model_config
 from kvloom.models.dtype_choice import choose_dtype
 from kvloom.models.registry import CausalLM, get_model_class
@@ -105,13 +105,15 @@ def load_model(
     dtype: str = "auto",
     device: str | torch.device = "cpu",
     cpu_gemm: CpuGemm = "auto",
+    quantization: Quantization | None = None,
 ) -> tuple[CausalLM, ModelConfig]:
     """Build the model for ``model_dir`` on ``device`` and load its weights.
 
     Returns ``(model, config)`` where ``config.torch_dtype`` is the dtype the model runs in
     (``resolve_dtype``). Parameters are allocated directly on ``device`` in that dtype, with
     no random init. Linear weights then take the layout ``layers.weight_layout.choose_layout``
-    picks (``cpu_gemm``), kept as ``model.weight_layout``. The model is in eval mode and holds
+    picks (``cpu_gemm``, ``quantization``: int8 weights untie the LM head from the embedding first),
+    kept as ``model.weight_layout``. The model is in eval mode and holds
     no autograd state.
     """
     model_dir = Path(model_dir)
@@ -122,7 +124,9 @@ def load_model(
     with torch.device(device):
         model = model_cls(config, attn_backend)
     load_weights_into(model, model_dir)
-    layout: WeightLayout = choose_layout(cpu_gemm, device, config.torch_dtype)
+    layout: WeightLayout = choose_layout(cpu_gemm, device, config.torch_dtype, quantization=quantization)
+    if layout.name == "int8":
+        model.untie_lm_head()
     apply_layout(model, layout)
     model.weight_layout = layout
     model.eval()

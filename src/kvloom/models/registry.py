@@ -51,6 +51,10 @@ class CausalLM(nn.Module, ABC):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden ``[N, hidden]`` -> ``[N, vocab_size]`` float32."""
 
+    def untie_lm_head(self) -> None:
+        """Give a model whose LM head is its embedding matrix a separate head layer (same values), so the
+        head can be quantized while lookups stay float. A no-op for a model with its own head."""
+
     @abstractmethod
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load HF-named tensors; returns the names loaded. Raises ``CheckpointError`` on a bad one."""

@@ -110,7 +110,7 @@ class ModelRunner:
         logger.info("kvloom: running in %s (%s)", self.dtype_choice.name, self.dtype_choice.reason)
         self.model, self.model_config = load_model(
             config.model, attn_backend=self.attn_backend, dtype=self.dtype_choice.name, device=self.device,
-            cpu_gemm=config.cpu_gemm,
+            cpu_gemm=config.cpu_gemm, quantization=config.quantization,
         )
         if self.model.weight_layout is not None:
             logger.info("kvloom: linear weights %s (%s)", self.model.weight_layout.name, self.model.weight_layout.reason)
@@ -118,7 +118,7 @@ class ModelRunner:
             self._fuse_elementwise_on_cpu()
         if config.warmup:
             self._warm_up_gemms()
-        self.dtype = next(self.model.parameters()).dtype
+        self.dtype = self.model_config.torch_dtype
         available = self._profile_available_bytes(max_model_len) if self.device.type == "cuda" else None
         self.num_blocks = choose_num_blocks(
             config.cache, self.model_config, self.dtype, self.device, max_model_len,
