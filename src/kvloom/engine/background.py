@@ -77,13 +77,20 @@ class Waker:
 
     def wake_threadsafe(self) -> None:
         """From any thread, finalizers included. A loop already closed needs no waking."""
+        self.post(self._set)
+
+    def post(self, fn: Callable[[], object]) -> bool:
+        """Run ``fn`` on the loop soon, from any thread (calls run in the order posted); False when the loop
+        has closed, and ``fn`` will never run."""
         try:
-            self._call_soon(self._set)
+            self._call_soon(fn)
         except RuntimeError:  # asyncio: the loop is closed
-            pass
+            return False
         except Exception as exc:  # trio: RunFinishedError
             if type(exc).__name__ != "RunFinishedError":
                 raise
+            return False
+        return True
 
     def _set(self) -> None:
         self._event.set()

@@ -1,14 +1,22 @@
 """The background loop: hand what the app did to the engine thread, route what comes back.
 
 One task per engine. Each turn it gathers the submitted requests, aborts, unpins and adapter
-pins into a ``StepInput``, runs ``EngineDriver.run`` on a worker thread (the engine thread:
-one at a time), and routes the ``StepOutput`` to the request streams, the prefix registry
-and the stats. Whatever fails inside a turn (the step or the routing) fails every stream in
-flight with ``EngineError`` and marks the engine dead: nothing is left waiting.
+pins into a ``StepInput`` and hands it to a worker thread (the engine thread: one at a time),
+which runs ``EngineDriver.run`` step after step for as long as there is work and the loop has
+nothing new for it; each step's ``StepOutput`` is posted to the loop as it is made and routed
+there to the request streams, the prefix registry and the stats. The engine thread never
+waits for the loop between steps: at one stream, a round trip to the loop per token (two thread
+hand-offs, and the loop's work competing with the step's OpenMP threads for the cores) cost more
+than a quarter of each step. New input ends the turn at the next step boundary, so an abort or
+a new request waits at most one step, as before. Whatever fails inside a turn (a step or the
+routing of one) fails every stream in flight with ``EngineError`` and marks the engine dead:
+nothing is left waiting.
 """
 
 from __future__ import annotations
 
+import functools
+import threading
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -34,7 +42,8 @@ class EngineLoop:
     """Owns the request streams and the queues to the engine thread. Create it on the loop.
 
     Thread safety: ``abort`` and ``unpin`` may be called from any thread (they only append to
-    a deque and wake the loop thread-safely); everything else is loop-thread only.
+    a deque and wake the loop thread-safely); ``_run_steps`` runs on the engine thread and reads
+    only ``_news`` and ``_closing`` of the loop's state; everything else is loop-thread only.
     """
 
     def __init__(self, driver: EngineDriver, stats: StatsCollector, pin_fraction: float, num_blocks: int) -> None:
@@ -48,6 +57,11 @@ class EngineLoop:
         self._unpins: deque[list[int]] = deque()
         self._pinned_adapters: list[LoRAAdapter] | None = None
         self._waker = Waker()
+        self._news = threading.Event()
+        """Set when the loop has something for the engine thread (input, or closing): the engine thread
+        ends its turn at the next step boundary. Cleared by the loop as it takes the input."""
+        self._routing_error: Exception | None = None
+        """An error routing a posted step's output (loop thread); the turn then ends and fails everything."""
         self._closing = False
         self.done = anyio.Event()
         self.error: BaseException | None = None
@@ -64,6 +78,7 @@ class EngineLoop:
         stream = RequestStream(req.request_id)
         self.streams[req.request_id] = stream
         self._adds.append(req)
+        self._news.set()
         self._waker.wake()
         return stream
 
@@ -72,15 +87,18 @@ class EngineLoop:
         one in flight under ``request_id``: a finished stream's finalizer never aborts a later
         request that reuses its id."""
         self._aborts.append((request_id, stream))
+        self._news.set()
         self._waker.wake_threadsafe()
 
     def unpin(self, block_ids: list[int]) -> None:
         """Release pinned prefix blocks at the next step (any thread)."""
         self._unpins.append(block_ids)
+        self._news.set()
         self._waker.wake_threadsafe()
 
     def set_pinned_adapters(self, adapters: list[LoRAAdapter]) -> None:
         self._pinned_adapters = adapters
+        self._news.set()
         self._waker.wake()
 
     @property
@@ -138,6 +156,7 @@ class EngineLoop:
     async def close(self) -> None:
         """Stop after the current step; streams still open end with ``EngineClosedError``."""
         self._closing = True
+        self._news.set()
         self._waker.wake()
         await self.done.wait()
         for stream in self.streams.values():
@@ -149,6 +168,7 @@ class EngineLoop:
         return bool(self._adds or self._aborts or self._unpins or self._pinned_adapters is not None)
 
     def _take_input(self) -> StepInput:
+        self._news.clear()  # before reading: anything added from here on sets it again
         adds, self._adds = self._adds, []
         aborts: list[str] = []
         while self._aborts:
@@ -173,9 +193,11 @@ class EngineLoop:
                 step_input = self._take_input()
                 self._in_step = True
                 try:
-                    result = await anyio.to_thread.run_sync(self._driver.run, step_input)
+                    result = await anyio.to_thread.run_sync(self._run_steps, step_input)
                 finally:
                     self._in_step = False
+                if self._routing_error is not None:
+                    raise self._routing_error
                 self.last = result
                 self._dispatch(result)
                 # is_idle can only turn true here: input is taken just before a step, and the
@@ -186,6 +208,29 @@ class EngineLoop:
         finally:
             self.done.set()
             self._wake_idle_waiters()
+
+    def _run_steps(self, step_input: StepInput) -> StepOutput:
+        """Engine thread: steps until the work runs out or the loop has news; posts each output but the
+        last (returned) to the loop, in order."""
+        while True:
+            result = self._driver.run(step_input)
+            if not result.has_unfinished or self._news.is_set() or self._closing:
+                return result
+            if not self._waker.post(functools.partial(self._on_step, result)):
+                return result  # the loop is gone: nothing would route the outputs
+            step_input = StepInput()
+
+    def _on_step(self, result: StepOutput) -> None:
+        """Loop thread: route one posted step's output. A failure ends the turn (the task then fails
+        every stream), never raises into the event loop."""
+        if self._routing_error is not None:
+            return
+        try:
+            self.last = result
+            self._dispatch(result)
+        except Exception as exc:
+            self._routing_error = exc
+            self._news.set()
 
     def _dispatch(self, result: StepOutput) -> None:
         for request_id, block_ids in result.pinned.items():

@@ -120,7 +120,7 @@ def _int8_layout(quantization: str, device: torch.device, dtype: torch.dtype) ->
     if dtype not in (torch.float32, torch.bfloat16):
         raise ConfigError(f"quantization={quantization!r} computes in float32 or bfloat16, not "
                           f"{str(dtype).removeprefix('torch.')} (set dtype)")
-    return WeightLayout("int8", f"quantization={quantization!r}: int8 weights per output channel, float "
+    return WeightLayout("int8", f"quantization={quantization!r}: int8 weights per output channel, "
                                 f"{str(dtype).removeprefix('torch.')} activations; a C kernel for steps of up to "
                                 f"{GEMV_ROWS} rows (memory-bound), dequantized blocks through torch's GEMM above")
 
