@@ -82,13 +82,6 @@ def test_greedy_tokens_equal_transformers_on_a_mixed_batch(case: dict[str, int])
     llm.close()
 
 
-@pytest.fixture(scope="module")
-def small_eval() -> object:
-    from kvloom.demo_model.evaluate import evaluate
-
-    return evaluate(shipped_model_dir(), per_task=24, perplexity=False, dtype="float32")
-
-
 def _rates(report: object) -> dict[str, float]:
     from kvloom.demo_model.evaluate import Report
 

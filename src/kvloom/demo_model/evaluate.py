@@ -223,6 +223,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--quantization", choices=["int8"], default=None,
+                        help="run the engine with this quantization, and compare its model with float32 "
+                             "teacher-forced (top-1 agreement, perplexity)")
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -232,14 +235,32 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return 2
     model_dir = args.model
     started = time.perf_counter()
-    report = evaluate(model_dir, per_task=args.per_task, seed=args.seed, dtype=args.dtype)
-    print(f"held-out evaluation of {model_dir} ({args.per_task} examples per task, seed {args.seed}, "
-          f"{time.perf_counter() - started:.0f} s)\n")
+    report = evaluate(model_dir, per_task=args.per_task, seed=args.seed, dtype=args.dtype,
+                      quantization=args.quantization, perplexity=args.quantization is None)
+    agreement = None
+    if args.quantization is not None:
+        from kvloom.demo_model.agreement import measure
+
+        tasks = ("qa", "tool_call", "tool_loop", "json", "code_edit", "summary", "story")
+        agreement = measure(model_dir, [e for t in tasks for e in heldout(t, args.per_task // 2, args.seed + 1)],
+                            args.quantization)
+        report.perplexity = agreement.quantized_perplexity  # the table's row is the quantized model's own
+    quantized = f", quantization={args.quantization!r}" if args.quantization else ""
+    print(f"held-out evaluation of {model_dir} ({args.per_task} examples per task, seed {args.seed}, dtype "
+          f"{args.dtype}{quantized}, {time.perf_counter() - started:.0f} s)\n")
     print(report.table())
+    if agreement is not None:
+        print(f"\n{agreement.line(str(args.quantization))}")
     for task, items in report.samples.items():
         print(f"\n{task}, first held-out replies:")
         for item in items[:2]:
             print(f"  > {item['prompt'].splitlines()[-1][:100]}\n    {item['reply'][:200]!r}")
     if args.json:
-        args.json.write_text(json.dumps(report.to_json(), indent=1) + "\n")
+        figures = report.to_json()
+        if agreement is not None:
+            figures["quantization"] = {"name": args.quantization, "positions": agreement.positions,
+                                       "top1_agreement": agreement.top1_agreement,
+                                       "float_perplexity": agreement.float_perplexity,
+                                       "quantized_perplexity": agreement.quantized_perplexity}
+        args.json.write_text(json.dumps(figures, indent=1) + "\n")
     return 0
