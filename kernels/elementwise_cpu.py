@@ -64,7 +64,7 @@ def silu_and_mul_cpu(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(rows, width // 2, dtype=x.dtype)
     if rows:
         load()["silu_and_mul"](x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), rows, width // 2,
-                               torch.get_num_threads(), int(x.dtype == torch.bfloat16))
+                               native.threads_for(rows), int(x.dtype == torch.bfloat16))
     return out
 
 
@@ -86,7 +86,7 @@ def add_rms_norm_cpu(x: torch.Tensor, residual: torch.Tensor | None, weight: tor
     if rows:
         load()["add_rms_norm"](x.data_ptr(), None if residual is None else residual.data_ptr(),
                                None if residual is None else total.data_ptr(), out.data_ptr(), weight.data_ptr(),
-                               rows, hidden, eps, torch.get_num_threads(), int(x.dtype == torch.bfloat16))
+                               rows, hidden, eps, native.threads_for(rows), int(x.dtype == torch.bfloat16))
     return out, total
 
 
@@ -114,5 +114,5 @@ def rotary_cpu(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     out = torch.empty(tokens, heads, head_dim, dtype=x.dtype)
     if tokens and heads:
         load()["rotary"](x.data_ptr(), x.stride(0), x.stride(1), out.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                         cos.stride(0), tokens, heads, head_dim, torch.get_num_threads(), int(x.dtype == torch.bfloat16))
+                         cos.stride(0), tokens, heads, head_dim, native.threads_for(tokens), int(x.dtype == torch.bfloat16))
     return out

@@ -123,3 +123,11 @@ def load_library(name: str) -> ctypes.CDLL:
         return ctypes.CDLL(str(path))
     except OSError as exc:
         raise NativeBuildError(f"cannot load {path}: {exc}") from exc
+
+
+def threads_for(work_items: int) -> int:
+    """The OpenMP threads a kernel that splits ``work_items`` rows among threads should ask for: torch's
+    count, but no more than there are rows. A team of two for one row leaves one thread idle at the
+    barrier, and if the machine is busy (an event loop, another process) the row's thread then waits for
+    the idle one to be scheduled: at one decode row that wait, not the work, was the kernel's cost."""
+    return max(1, min(torch.get_num_threads(), work_items))

@@ -63,7 +63,7 @@ def paged_decode_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     ``block_tables``: ``[B, M]`` int32 (rows may be strided); ``seq_lens``: ``[B]`` int32 (0 gives a
     zero row). The kernel checks every block id it will read against the caches before reading any, and
     finds the longest length itself; ``max_seq_len`` is accepted for interface parity. ``q`` and ``out`` may
-    be strided views whose last dimension is contiguous. Runs on ``torch.get_num_threads()`` threads,
+    be strided views whose last dimension is contiguous. Runs on ``torch.get_num_threads()`` threads (at most one a row),
     without the GIL. Returns ``out`` (allocated like ``q`` when not given), in the cache's dtype.
     """
     return paged_attention_rows_cpu(q, k_cache, v_cache, block_tables, None, seq_lens, scale, out=out)
@@ -111,7 +111,7 @@ def paged_attention_rows_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
                 k_cache.data_ptr(), v_cache.data_ptr(), num_blocks, block_tables.data_ptr(), block_tables.stride(0),
                 block_tables.shape[1], block_tables.shape[0], None if row_seq is None else row_seq.data_ptr(),
                 row_lens.data_ptr(), num_rows, num_q_heads, num_kv_heads, head_dim, block_size, scale,
-                torch.get_num_threads(), int(k_cache.dtype == torch.bfloat16))
+                native.threads_for(num_rows), int(k_cache.dtype == torch.bfloat16))
     if status == -2:
         raise ValueError("a row's sequence, length or block ids point outside block_tables or the caches")
     if status != 0:
