@@ -14,7 +14,6 @@ import pydantic
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from kvloom import LLM, SamplingParams
 from kvloom.config import EngineConfig
@@ -23,6 +22,7 @@ from kvloom.kernels import int8_linear_cpu
 from kvloom.layers import int8_weights
 from kvloom.layers.linear import Linear, MergedLinear
 from kvloom.layers.weight_layout import choose_layout
+from tests.int8_helpers import dequantized_checkpoint
 
 CPU = torch.device("cpu")
 EPS32 = 2.0**-24
@@ -88,34 +88,12 @@ def test_the_setting_is_refused_where_it_cannot_run() -> None:
         EngineConfig(model=Path("."), quantization="fp4")  # type: ignore[arg-type]
 
 
-def _dequantized_checkpoint(src: Path, dst: Path) -> Path:
-    """``src`` with every linear weight (and an untied LM head) replaced by its int8 round trip."""
-    dst.mkdir()
-    for f in src.iterdir():
-        if f.name != "model.safetensors":
-            (dst / f.name).write_bytes(f.read_bytes())
-    tensors = load_file(src / "model.safetensors")
-    if "lm_head.weight" not in tensors:  # tied: the head is quantized, the embedding stays float
-        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
-        import json
-
-        config = json.loads((dst / "config.json").read_text())
-        config["tie_word_embeddings"] = False
-        (dst / "config.json").write_text(json.dumps(config))
-    for name, t in list(tensors.items()):
-        if t.dim() == 2 and name != "model.embed_tokens.weight":
-            q, scale = int8_linear_cpu.quantize_per_channel(t)
-            tensors[name] = int8_linear_cpu.dequantize_reference(q, scale).contiguous()
-    save_file(tensors, dst / "model.safetensors")
-    return dst
-
-
 @pytest.mark.parametrize("tied", [False, True])
 def test_greedy_tokens_equal_a_float_engine_on_the_dequantized_weights(
     checkpoint_factory: Callable[..., Path], tmp_path: Path, tied: bool,
 ) -> None:
     model = checkpoint_factory(arch="qwen2", hidden_size=64, tie_word_embeddings=tied)  # qkv biases too
-    reference = _dequantized_checkpoint(model, tmp_path / "dequantized")
+    reference = dequantized_checkpoint(model, tmp_path / "dequantized")
     prompts = [[5, 9, 33, 2, 17, 8, 40, 41, 3] * k for k in (1, 3, 7)]  # prefill of 9 to 63 rows: both kernels
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     got = LLM(model, dtype="float32", quantization="int8").generate(prompts, params)

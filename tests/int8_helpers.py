@@ -1,0 +1,30 @@
+"""A float checkpoint holding the int8 round trip of another's weights: the reference an int8 engine must equal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from kvloom.kernels import int8_linear_cpu
+
+
+def dequantized_checkpoint(src: Path, dst: Path) -> Path:
+    """``src`` with every linear weight (and an untied LM head) replaced by its int8 round trip."""
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name != "model.safetensors":
+            (dst / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(src / "model.safetensors")
+    if "lm_head.weight" not in tensors:  # tied: the head is quantized, the embedding stays float
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+        config = json.loads((dst / "config.json").read_text())
+        config["tie_word_embeddings"] = False
+        (dst / "config.json").write_text(json.dumps(config))
+    for name, t in list(tensors.items()):
+        if t.dim() == 2 and name != "model.embed_tokens.weight":
+            q, scale = int8_linear_cpu.quantize_per_channel(t)
+            tensors[name] = int8_linear_cpu.dequantize_reference(q, scale).contiguous()
+    save_file(tensors, dst / "model.safetensors")
+    return dst
