@@ -16,12 +16,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kvloom.kernels import kv_int8
+
 
 def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
            seq_lens: torch.Tensor) -> None:
     num_seqs, num_q_heads, head_dim = q.shape
     assert k_cache.shape == v_cache.shape and k_cache.dim() == 4, "caches: [num_blocks, block_size, Hkv, D]"
-    assert k_cache.shape[3] == head_dim, f"head_dim {head_dim} != cache head_dim {k_cache.shape[3]}"
+    assert kv_int8.head_dim(k_cache) == head_dim, f"head_dim {head_dim} != cache head_dim {kv_int8.head_dim(k_cache)}"
     assert num_q_heads % k_cache.shape[2] == 0, f"Hq={num_q_heads} is not a multiple of Hkv={k_cache.shape[2]}"
     assert block_tables.dim() == 2 and block_tables.shape[0] == num_seqs, "block_tables: [B, M]"
     assert seq_lens.shape == (num_seqs,), f"seq_lens {tuple(seq_lens.shape)} != [{num_seqs}]"
@@ -101,13 +103,17 @@ def plan_decode(block_tables: torch.Tensor, seq_lens_cpu: list[int], block_size:
 
 def _gather_padded(cache: torch.Tensor, group: DecodeGroup, scratch: torch.Tensor | None) -> torch.Tensor:
     """``group``'s blocks of ``cache`` as ``[Bg, Hkv, Lpad, D]`` (a strided view SDPA reads as is),
-    padding rows zeroed; written into ``scratch`` (1-D, exactly the gathered size) when given."""
-    _, block_size, num_kv_heads, head_dim = cache.shape
-    if scratch is None:
+    padding rows zeroed; written into ``scratch`` (1-D, exactly the gathered size) when given. An int8
+    cache (``kv_int8``) is gathered, then dequantized to float32 (``scratch`` unused)."""
+    _, block_size, num_kv_heads, width = cache.shape
+    if kv_int8.is_int8(cache):
+        blocks = kv_int8.dequantize_rows(cache.index_select(0, group.block_ids))
+    elif scratch is None:
         blocks = cache.index_select(0, group.block_ids)
     else:
-        blocks = scratch.view(-1, block_size, num_kv_heads, head_dim)
+        blocks = scratch.view(-1, block_size, num_kv_heads, width)
         torch.index_select(cache, 0, group.block_ids, out=blocks)
+    head_dim = blocks.shape[-1]
     if group.pad_rows is not None:
         blocks.view(-1, num_kv_heads, head_dim).index_fill_(0, group.pad_rows, 0)
     return blocks.view(group.num_rows, group.num_blocks * block_size, num_kv_heads, head_dim).transpose(1, 2)
@@ -128,7 +134,9 @@ def paged_decode_attention_planned(q: torch.Tensor, k_cache: torch.Tensor, v_cac
     _, block_size, num_kv_heads, _ = k_cache.shape
     for group in groups:
         gathered_numel = group.block_ids.numel() * block_size * num_kv_heads * head_dim
-        scratch = None if workspace is None else workspace.get(2 * gathered_numel, k_cache.dtype, k_cache.device)
+        quantized = kv_int8.is_int8(k_cache)
+        scratch = None if workspace is None or quantized else workspace.get(2 * gathered_numel, k_cache.dtype,
+                                                                           k_cache.device)
         keys = _gather_padded(k_cache, group, None if scratch is None else scratch[:gathered_numel])
         values = _gather_padded(v_cache, group, None if scratch is None else scratch[gathered_numel:])
         rows_q = q if group.rows is None else q.index_select(0, group.rows)

@@ -25,27 +25,32 @@ from typing import Any
 
 import torch
 
-from kvloom.kernels import native
+from kvloom.kernels import kv_int8, native
 
 SOURCE = "paged_decode_attention_cpu"
 DTYPES = (torch.float32, torch.bfloat16)
-"""Cache dtypes the kernel reads (q and out share the cache's dtype)."""
+"""Dtypes of q and out; a float cache is in the same dtype, an int8 cache (``kv_int8``) serves either."""
 
 
 def supports(dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether the kernel handles caches of ``dtype`` with heads of ``head_dim``."""
-    return dtype in DTYPES and head_dim % 8 == 0
+    """Whether the kernel handles caches of ``dtype`` (float32, bf16, or ``kv_int8``'s int8) with heads of
+    ``head_dim``."""
+    return (dtype in DTYPES or dtype == torch.int8) and head_dim % 8 == 0
 
 
 def bind(lib: ctypes.CDLL) -> Any:
-    """The kernel's entry point in a loaded build of ``csrc/paged_decode_attention_cpu.c`` (its last argument:
-    1 for bfloat16 tensors, 0 for float32)."""
+    """The kernel's entry points in a loaded build of ``csrc/paged_decode_attention_cpu.c``, by cache kind
+    (``float``: caches in q's dtype; ``int8``: ``kv_int8`` caches). Their last argument: 1 for bfloat16 q/out,
+    0 for float32."""
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
-    fn = lib.kvloom_paged_rows
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, ptr, i64, i64, i64, ptr, ptr,
-                   i32, i32, i32, i32, i32, ctypes.c_float, i32, i32]
-    return fn
+    fns = {}
+    for cache, name in (("float", "kvloom_paged_rows"), ("int8", "kvloom_paged_rows_int8")):
+        fn = getattr(lib, name)
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, ptr, i64, i64, i64, ptr, ptr,
+                       i32, i32, i32, i32, i32, ctypes.c_float, i32, i32]
+        fns[cache] = fn
+    return fns
 
 
 @functools.cache
@@ -81,17 +86,19 @@ def paged_attention_rows_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     otherwise). Otherwise as :func:`paged_decode_attention_cpu`.
     """
     num_rows, num_q_heads, head_dim = q.shape
-    num_blocks, block_size, num_kv_heads, cache_dim = k_cache.shape
-    if not supports(k_cache.dtype, head_dim):
-        raise ValueError(f"unsupported: dtype {k_cache.dtype}, head_dim {head_dim} (need one of {DTYPES}, "
-                         "head_dim a multiple of 8)")
+    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    cache_dim = kv_int8.head_dim(k_cache)
+    quantized = kv_int8.is_int8(k_cache)
+    if not supports(k_cache.dtype, head_dim) or q.dtype not in DTYPES:
+        raise ValueError(f"unsupported: dtype {k_cache.dtype} (q {q.dtype}), head_dim {head_dim} (need q in "
+                         f"{DTYPES}, the cache in q's dtype or int8, head_dim a multiple of 8)")
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     for name, t in (("q", q), ("out", out), ("k_cache", k_cache), ("v_cache", v_cache),
                     ("block_tables", block_tables), ("row_lens", row_lens), ("row_seq", row_seq)):
         if t is not None and t.device.type != "cpu":
             raise ValueError(f"{name} is on {t.device}: this kernel runs on CPU tensors")
-    if not (q.dtype == out.dtype == v_cache.dtype == k_cache.dtype):
+    if not (q.dtype == out.dtype and v_cache.dtype == k_cache.dtype and (quantized or k_cache.dtype == q.dtype)):
         raise ValueError(f"q {q.dtype}, out {out.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype} differ")
     if cache_dim != head_dim or v_cache.shape != k_cache.shape or num_q_heads % num_kv_heads:
         raise ValueError(f"q {tuple(q.shape)} does not fit caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)}")
@@ -107,11 +114,11 @@ def paged_attention_rows_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
             raise ValueError(f"{name} must be a contiguous int32 [{num_rows}]")
     if num_rows == 0:
         return out
-    status = load()(q.data_ptr(), q.stride(0), q.stride(1), out.data_ptr(), out.stride(0), out.stride(1),
+    status = load()["int8" if quantized else "float"](q.data_ptr(), q.stride(0), q.stride(1), out.data_ptr(), out.stride(0), out.stride(1),
                 k_cache.data_ptr(), v_cache.data_ptr(), num_blocks, block_tables.data_ptr(), block_tables.stride(0),
                 block_tables.shape[1], block_tables.shape[0], None if row_seq is None else row_seq.data_ptr(),
                 row_lens.data_ptr(), num_rows, num_q_heads, num_kv_heads, head_dim, block_size, scale,
-                native.threads_for(num_rows), int(k_cache.dtype == torch.bfloat16))
+                native.threads_for(num_rows), int(q.dtype == torch.bfloat16))
     if status == -2:
         raise ValueError("a row's sequence, length or block ids point outside block_tables or the caches")
     if status != 0:

@@ -21,12 +21,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kvloom.kernels import kv_int8
+
 
 def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
            query_start_loc: torch.Tensor, seq_lens: torch.Tensor) -> None:
     num_seqs = seq_lens.shape[0]
     assert q.dim() == 3 and k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "q: [T, Hq, D]; caches 4-D"
-    assert k_cache.shape[3] == q.shape[2], f"head_dim {q.shape[2]} != cache head_dim {k_cache.shape[3]}"
+    assert kv_int8.head_dim(k_cache) == q.shape[2], f"head_dim {q.shape[2]} != cache head_dim {kv_int8.head_dim(k_cache)}"
     assert q.shape[1] % k_cache.shape[2] == 0, f"Hq={q.shape[1]} is not a multiple of Hkv={k_cache.shape[2]}"
     assert block_tables.dim() == 2 and block_tables.shape[0] == num_seqs, "block_tables: [B, M]"
     assert query_start_loc.shape == (num_seqs + 1,), "query_start_loc: [B + 1]"
@@ -80,9 +82,10 @@ def paged_prefill_attention_planned(q: torch.Tensor, k_cache: torch.Tensor, v_ca
 
     ``new_k``/``new_v`` (``[T, Hkv, D]``, rows aligned with ``q``, in the caches' dtype): the K/V
     this step stored. A fresh prompt's keys are exactly those rows, so it attends them in place
-    instead of gathering its blocks back out of the cache.
+    instead of gathering its blocks back out of the cache. An int8 cache (``kv_int8``) is always read
+    back (dequantized), so a prompt attends the values its later tokens will.
     """
-    _, _, num_kv_heads, head_dim = k_cache.shape
+    num_kv_heads, head_dim = k_cache.shape[2], kv_int8.head_dim(k_cache)
     direct = new_k is not None and new_v is not None and new_k.dtype == k_cache.dtype
     for seq in plan:
         query = q[None, seq.start:seq.end].transpose(1, 2)
@@ -94,8 +97,11 @@ def paged_prefill_attention_planned(q: torch.Tensor, k_cache: torch.Tensor, v_ca
             # [nb, bs, Hkv, D] -> [1, Hkv, L, D]: strided views of one gathered copy. SDPA needs 4-D
             # inputs for its fused CPU kernel: 3-D ones fall back to the math path (~2-5x slower, and
             # it materializes the [Hq, q_len, L] scores).
-            k = k_cache.index_select(0, seq.block_ids).view(-1, num_kv_heads, head_dim)[None, :seq.seq_len]
-            v = v_cache.index_select(0, seq.block_ids).view(-1, num_kv_heads, head_dim)[None, :seq.seq_len]
+            k, v = k_cache.index_select(0, seq.block_ids), v_cache.index_select(0, seq.block_ids)
+            if kv_int8.is_int8(k_cache):  # int8 rows and their scales -> float32
+                k, v = kv_int8.dequantize_rows(k), kv_int8.dequantize_rows(v)
+            k = k.view(-1, num_kv_heads, head_dim)[None, :seq.seq_len]
+            v = v.view(-1, num_kv_heads, head_dim)[None, :seq.seq_len]
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         if seq.mask is None:
             o = F.scaled_dot_product_attention(query, k.to(q.dtype), v.to(q.dtype), is_causal=True,

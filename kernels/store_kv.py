@@ -14,14 +14,17 @@ from typing import Any
 
 import torch
 
+from kvloom.kernels import kv_int8
+
 
 def _check(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
            slot_mapping: torch.Tensor) -> None:
     num_tokens, num_kv_heads, head_dim = key.shape
     assert value.shape == key.shape, f"value {tuple(value.shape)} != key {tuple(key.shape)}"
     assert k_cache.shape == v_cache.shape, "k_cache and v_cache must have the same shape"
-    assert k_cache.dim() == 4 and k_cache.shape[2:] == (num_kv_heads, head_dim), (
-        f"cache {tuple(k_cache.shape)} does not match [*, *, {num_kv_heads}, {head_dim}]")
+    width = kv_int8.row_width(head_dim) if kv_int8.is_int8(k_cache) else head_dim
+    assert k_cache.dim() == 4 and k_cache.shape[2:] == (num_kv_heads, width), (
+        f"cache {tuple(k_cache.shape)} does not match [*, *, {num_kv_heads}, {width}]")
     assert slot_mapping.shape == (num_tokens,), f"slot_mapping {tuple(slot_mapping.shape)} != [{num_tokens}]"
 
 
@@ -31,7 +34,8 @@ def store_kv_ref(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, 
 
     Args:
         key, value: ``[T, num_kv_heads, head_dim]``, any float dtype (cast to the cache's).
-        k_cache, v_cache: ``[num_blocks, block_size, num_kv_heads, head_dim]``, written in place.
+        k_cache, v_cache: ``[num_blocks, block_size, num_kv_heads, head_dim]``, written in place; or int8
+            caches ``[..., head_dim + 4]`` (``kv_int8``), which get each row quantized with its scale.
         slot_mapping: ``[T]`` int64 flat slots; -1 skips the token. Valid slots are distinct.
         has_padding: whether any slot is -1, when the caller knows (the CPU backend checks once
             per step, not once per layer); ``None`` checks here.
@@ -45,6 +49,8 @@ def store_kv_ref(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, 
         valid = slots >= 0
         slots, key, value = slots[valid], key[valid], value[valid]
     block_size = k_cache.shape[1]
+    if kv_int8.is_int8(k_cache):
+        key, value = kv_int8.quantize_rows(key), kv_int8.quantize_rows(value)
     if k_cache.is_contiguous() and v_cache.is_contiguous():
         # index_copy_ on the [num_slots, H, D] view is the fastest in-place scatter on CPU.
         k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, key.to(k_cache.dtype))

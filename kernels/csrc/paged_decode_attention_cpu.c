@@ -6,13 +6,17 @@
  * Shapes, in elements (the innermost dimension D is contiguous everywhere):
  *   q      [B, Hq, D]          strides (q_sb, q_sh, 1)
  *   out    [B, Hq, D]          strides (o_sb, o_sh, 1)
- *   k, v   [num_blocks, block_size, Hkv, D], contiguous
+ *   k, v   [num_blocks, block_size, Hkv, D], contiguous; or int8 [num_blocks, block_size, Hkv, D + 4]: each
+ *          token's row of a head holds D int8 values and then their float32 scale (kvloom.kernels.kv_int8)
  *   tables [S, M] int32        row stride t_sb, M = table_width (one row per sequence)
  *   row_seq [B] int32          the table row of each query row (NULL: query row b reads table row b)
  *   row_lens [B] int32         keys each query row attends (0: a zero row)
  * GQA: q head h reads kv head h / (Hq / Hkv). Query row b attends keys 0 .. row_lens[b]-1 of its
  * sequence, key j at block tables[s, j / block_size], offset j % block_size. D must be a multiple of 8.
  * A prefill row at position p of its sequence attends p + 1 keys: causal attention, row by row.
+ *
+ * q and out are float32 or bf16; the caches float32 or bf16 like q, or int8 (widened a block at a time to
+ * float32 rows: value times its row's scale, as kv_int8.dequantize_rows computes it).
  *
  * Work is split over query rows with OpenMP (dynamic schedule: lengths differ). kvloom.kernels.native
  * loads this library after torch, so its "libgomp.so.1" is the OpenMP runtime torch already loaded:
@@ -128,6 +132,18 @@ static void widen_block(const bf16_t *src, size_t count, float *dst) {
     for (size_t i = 0; i < count; ++i) dst[i] = bf16_to_f32(src[i]);
 }
 
+/* An int8 cache block of n token rows ([Hkv, D + 4] bytes each: D values, then the float32 scale) into
+ * float32 `dst` [n, Hkv, D]. */
+static void widen_int8_block(const int8_t *src, int n, int num_kv_heads, int head_dim, float *dst) {
+    for (int r = 0; r < n * num_kv_heads; ++r) {
+        const int8_t *row = src + (size_t)r * (head_dim + 4);
+        float scale;
+        memcpy(&scale, row + head_dim, sizeof scale);
+        float *out = dst + (size_t)r * head_dim;
+        for (int d = 0; d < head_dim; ++d) out[d] = (float)row[d] * scale;
+    }
+}
+
 /* Per-thread scratch, in floats: scores [max_len, Hq], q [Hq, D], acc [Hq, D], inv [Hq], and one widened
  * block [block_size, Hkv, D] for bf16 caches. */
 static size_t scratch_floats(int num_q_heads, int num_kv_heads, int max_len, int head_dim, int block_size) {
@@ -135,23 +151,34 @@ static size_t scratch_floats(int num_q_heads, int num_kv_heads, int max_len, int
            (size_t)block_size * num_kv_heads * head_dim;
 }
 
+/* Cache kinds: the bytes of one element, or CACHE_INT8 for int8 rows with their scale (kv_int8). */
+#define CACHE_INT8 1
+
+/* Bytes of one token's row (all kv heads) in a cache of `kind`. */
+static inline int64_t row_bytes(int kind, int num_kv_heads, int head_dim) {
+    return kind == CACHE_INT8 ? (int64_t)num_kv_heads * (head_dim + 4) : (int64_t)num_kv_heads * head_dim * kind;
+}
+
 /* The block of cache `c` that holds keys [start, start + block_size) of a sequence, as float32 rows
- * [block_size, Hkv * D]: the cache itself for float32, widened into `widened` for bf16. */
-static const float *block_rows(const void *c, int elem_size, int32_t block, int n, int block_size,
-                               int64_t token_stride, float *widened) {
-    const int64_t base = (int64_t)block * block_size * token_stride;
-    if (elem_size == 4) return (const float *)c + base;
-    widen_block((const bf16_t *)c + base, (size_t)n * token_stride, widened);
+ * [block_size, Hkv * D]: the cache itself for float32, widened into `widened` for bf16 and int8. */
+static const float *block_rows(const void *c, int kind, int32_t block, int n, int block_size, int num_kv_heads,
+                               int head_dim, float *widened) {
+    const int64_t base = (int64_t)block * block_size * row_bytes(kind, num_kv_heads, head_dim);
+    const char *p = (const char *)c + base;
+    if (kind == 4) return (const float *)p;
+    if (kind == CACHE_INT8)
+        widen_int8_block((const int8_t *)p, n, num_kv_heads, head_dim, widened);
+    else
+        widen_block((const bf16_t *)p, (size_t)n * num_kv_heads * head_dim, widened);
     return widened;
 }
 
-/* Asks for token row `t` ([Hkv, D] of elem_size bytes) of block `index` of a sequence of `len` keys in
- * cache `c`, if the sequence has that row. Blocks sit at random places, so the hardware prefetcher
- * cannot see the next one coming; asking a row at a time spreads the requests over the math. */
-static inline void prefetch_row(const void *c, int elem_size, const int32_t *table, int index, int t, int len,
-                                int block_size, int64_t token_stride) {
+/* Asks for token row `t` (`bytes` long) of block `index` of a sequence of `len` keys in cache `c`, if the
+ * sequence has that row. Blocks sit at random places, so the hardware prefetcher cannot see the next one
+ * coming; asking a row at a time spreads the requests over the math. */
+static inline void prefetch_row(const void *c, int64_t bytes, const int32_t *table, int index, int t, int len,
+                                int block_size) {
     if (index * block_size + t >= len) return;
-    const int64_t bytes = token_stride * elem_size;
     const char *p = (const char *)c + ((int64_t)table[index] * block_size + t) * bytes;
     for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
 }
@@ -167,21 +194,21 @@ static inline void prefetch_row(const void *c, int elem_size, const int32_t *tab
  * Softmax per column. V pass, head by head within a block, accumulators in registers; the sums'
  * reciprocals scale acc at the end. Each row read asks for the row PREFETCH_AHEAD blocks ahead: K's,
  * then V's first blocks during K's last. */
-static void attend_sequence(const float *qf, float *acc, const void *k, const void *v, int elem_size,
+static void attend_sequence(const float *qf, float *acc, const void *k, const void *v, int kind,
                             const int32_t *table, int len, int block_size, int num_kv_heads, int group,
                             int head_dim, float scale, float *scores, float *inv, float *widened) {
-    const int64_t token_stride = (int64_t)num_kv_heads * head_dim;
+    const int64_t token_stride = (int64_t)num_kv_heads * head_dim, bytes = row_bytes(kind, num_kv_heads, head_dim);
     const int num_blocks = (len + block_size - 1) / block_size;
     const int num_q_heads = num_kv_heads * group;
     for (int i = 0; i < num_blocks; ++i) {
         const int start = i * block_size, n = len - start < block_size ? len - start : block_size;
         const int ahead = i + PREFETCH_AHEAD;
-        const float *rows = block_rows(k, elem_size, table[i], n, block_size, token_stride, widened);
+        const float *rows = block_rows(k, kind, table[i], n, block_size, num_kv_heads, head_dim, widened);
         for (int t = 0; t < n; ++t) {
             if (ahead < num_blocks)
-                prefetch_row(k, elem_size, table, ahead, t, len, block_size, token_stride);
+                prefetch_row(k, bytes, table, ahead, t, len, block_size);
             else
-                prefetch_row(v, elem_size, table, ahead - num_blocks, t, len, block_size, token_stride);
+                prefetch_row(v, bytes, table, ahead - num_blocks, t, len, block_size);
             key_scores(qf, rows + t * token_stride, num_q_heads, group, head_dim, scale,
                        scores + (size_t)(start + t) * num_q_heads);
         }
@@ -190,10 +217,10 @@ static void attend_sequence(const float *qf, float *acc, const void *k, const vo
     memset(acc, 0, sizeof(float) * (size_t)num_q_heads * head_dim);
     for (int i = 0; i < num_blocks; ++i) {
         const int start = i * block_size, n = len - start < block_size ? len - start : block_size;
-        const float *rows = block_rows(v, elem_size, table[i], n, block_size, token_stride, widened);
+        const float *rows = block_rows(v, kind, table[i], n, block_size, num_kv_heads, head_dim, widened);
         for (int h = 0; h < num_kv_heads; ++h) {
             for (int t = h * block_size / num_kv_heads; t < (h + 1) * block_size / num_kv_heads; ++t)
-                prefetch_row(v, elem_size, table, i + PREFETCH_AHEAD, t, len, block_size, token_stride);
+                prefetch_row(v, bytes, table, i + PREFETCH_AHEAD, t, len, block_size);
             block_values(scores + (size_t)start * num_q_heads + h * group, num_q_heads, group,
                          rows + (size_t)h * head_dim, token_stride, n, head_dim, acc + (size_t)h * group * head_dim);
         }
@@ -202,7 +229,7 @@ static void attend_sequence(const float *qf, float *acc, const void *k, const vo
         for (int d = 0; d < head_dim; ++d) acc[(size_t)j * head_dim + d] *= inv[j];
 }
 
-/* Shared driver: elem_size 4 reads float32 q/out/caches, 2 reads bfloat16 ones. Query row r reads the
+/* Shared driver: q_size 4 reads float32 q/out, 2 bfloat16 ones; `kind` is the caches' (see CACHE_INT8). Query row r reads the
  * table row row_seq[r] (r itself when row_seq is NULL) and attends its first row_lens[r] keys.
  * Returns 0; -1 when a thread's scratch could not be allocated (out is then incomplete); -2, having
  * written nothing, when the shapes are inconsistent or a row would read a block outside the caches (a
@@ -211,7 +238,7 @@ static int paged_rows(const void *q, int64_t q_sb, int64_t q_sh, void *out, int6
                       const void *k_cache, const void *v_cache, int64_t num_blocks, const int32_t *tables,
                       int64_t t_sb, int64_t table_width, int64_t num_tables, const int32_t *row_seq,
                       const int32_t *row_lens, int num_rows, int num_q_heads, int num_kv_heads, int head_dim,
-                      int block_size, float scale, int num_threads, int elem_size) {
+                      int block_size, float scale, int num_threads, int q_size, int kind) {
     if (num_kv_heads <= 0 || num_q_heads % num_kv_heads != 0 || head_dim % 8 != 0 || block_size <= 0 ||
         (row_seq == NULL && num_tables < num_rows))
         return -2;
@@ -256,19 +283,19 @@ static int paged_rows(const void *q, int64_t q_sb, int64_t q_sh, void *out, int6
                 for (int h = 0; h < num_q_heads; ++h)
                     for (int d = 0; d < head_dim; ++d) {
                         const int64_t at = r * q_sb + h * q_sh + d;
-                        qf[h * head_dim + d] = elem_size == 4 ? ((const float *)q)[at]
-                                                              : bf16_to_f32(((const bf16_t *)q)[at]);
+                        qf[h * head_dim + d] = q_size == 4 ? ((const float *)q)[at]
+                                                           : bf16_to_f32(((const bf16_t *)q)[at]);
                     }
                 const int64_t t = row_seq == NULL ? r : row_seq[r];
                 if (row_lens[r] > 0)
-                    attend_sequence(qf, acc, k_cache, v_cache, elem_size, tables + t * t_sb, row_lens[r],
+                    attend_sequence(qf, acc, k_cache, v_cache, kind, tables + t * t_sb, row_lens[r],
                                     block_size, num_kv_heads, group, head_dim, scale, scratch, inv, widened);
                 else /* a padding row: zeros, as the Triton kernel writes */
                     memset(acc, 0, sizeof(float) * (size_t)num_q_heads * head_dim);
                 for (int h = 0; h < num_q_heads; ++h)
                     for (int d = 0; d < head_dim; ++d) {
                         const int64_t at = r * o_sb + h * o_sh + d;
-                        if (elem_size == 4)
+                        if (q_size == 4)
                             ((float *)out)[at] = acc[h * head_dim + d];
                         else
                             ((bf16_t *)out)[at] = f32_to_bf16(acc[h * head_dim + d]);
@@ -288,5 +315,16 @@ int kvloom_paged_rows(const void *q, int64_t q_sb, int64_t q_sh, void *out, int6
                       int block_size, float scale, int num_threads, int bf16) {
     return paged_rows(q, q_sb, q_sh, out, o_sb, o_sh, k_cache, v_cache, num_blocks, tables, t_sb, table_width,
                       num_tables, row_seq, row_lens, num_rows, num_q_heads, num_kv_heads, head_dim, block_size, scale,
-                      num_threads, bf16 ? 2 : 4);
+                      num_threads, bf16 ? 2 : 4, bf16 ? 2 : 4);
+}
+
+/* The same over int8 caches (kv_int8 rows: D values, then the float32 scale); bf16: q/out are bfloat16. */
+int kvloom_paged_rows_int8(const void *q, int64_t q_sb, int64_t q_sh, void *out, int64_t o_sb, int64_t o_sh,
+                           const void *k_cache, const void *v_cache, int64_t num_blocks, const int32_t *tables,
+                           int64_t t_sb, int64_t table_width, int64_t num_tables, const int32_t *row_seq,
+                           const int32_t *row_lens, int num_rows, int num_q_heads, int num_kv_heads, int head_dim,
+                           int block_size, float scale, int num_threads, int bf16) {
+    return paged_rows(q, q_sb, q_sh, out, o_sb, o_sh, k_cache, v_cache, num_blocks, tables, t_sb, table_width,
+                      num_tables, row_seq, row_lens, num_rows, num_q_heads, num_kv_heads, head_dim, block_size, scale,
+                      num_threads, bf16 ? 2 : 4, CACHE_INT8);
 }

@@ -66,6 +66,11 @@ class EngineConfig(BaseModel):
         None, description="'int8': every linear layer (the LM head included; not the embedding) holds int8 weights per "
         "output channel, quantized at load from the float checkpoint; activations stay float (dtype). CPU only, in "
         "float32 or bfloat16. None: the checkpoint's weights in dtype.")
+    kv_cache_dtype: Literal["auto", "int8", "fp8_e4m3"] = Field(
+        "auto", description="'auto': the KV cache in the model's dtype. 'int8': each token's K and V rows per kv head "
+        "quantized to int8 with a float32 scale (68 bytes a row of 64 values instead of 256 in float32): the same pool "
+        "bytes hold ~3.8x the tokens (1.9x against bf16). CPU only (the C and torch attention paths). 'fp8_e4m3' is for "
+        "GPUs with FP8, not built yet: refused with a message.")
     enforce_eager: bool = Field(
         False, description="Never capture CUDA graphs (on CUDA, decode-only steps otherwise replay one per batch size).")
     cuda_graph_sizes: tuple[Annotated[int, Field(ge=1, le=1024)], ...] | None = Field(

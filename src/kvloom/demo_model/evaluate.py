@@ -226,6 +226,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantization", choices=["int8"], default=None,
                         help="run the engine with this quantization, and compare its model with float32 "
                              "teacher-forced (top-1 agreement, perplexity)")
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto",
+                        help="the engine's KV cache; int8 is also compared with float32 teacher-forced, on single "
+                             "chats and on 10 chats back to back (prompts over 1,000 tokens)")
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -235,32 +238,38 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return 2
     model_dir = args.model
     started = time.perf_counter()
+    quantized = args.quantization is not None or args.kv_cache_dtype != "auto"
     report = evaluate(model_dir, per_task=args.per_task, seed=args.seed, dtype=args.dtype,
-                      quantization=args.quantization, perplexity=args.quantization is None)
-    agreement = None
-    if args.quantization is not None:
+                      quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, perplexity=not quantized)
+    agreements: dict[str, Any] = {}
+    if quantized:
         from kvloom.demo_model.agreement import measure
 
         tasks = ("qa", "tool_call", "tool_loop", "json", "code_edit", "summary", "story")
-        agreement = measure(model_dir, [e for t in tasks for e in heldout(t, args.per_task // 2, args.seed + 1)],
-                            args.quantization)
-        report.perplexity = agreement.quantized_perplexity  # the table's row is the quantized model's own
-    quantized = f", quantization={args.quantization!r}" if args.quantization else ""
+        examples = [e for t in tasks for e in heldout(t, args.per_task // 2, args.seed + 1)]
+        random.Random(args.seed).shuffle(examples)
+        what = " + ".join([*([f"{args.quantization} weights"] if args.quantization else []),
+                           *([f"{args.kv_cache_dtype} KV"] if args.kv_cache_dtype != "auto" else [])])
+        agreements[what] = measure(model_dir, examples, args.quantization, args.kv_cache_dtype)
+        report.perplexity = agreements[what].quantized_perplexity  # the table's row is the quantized model's own
+        if args.kv_cache_dtype != "auto":
+            agreements[f"{what}, 10 chats a sequence"] = measure(model_dir, examples, args.quantization,
+                                                                 args.kv_cache_dtype, join=10)
+    settings = "".join([f", quantization={args.quantization!r}" if args.quantization else "",
+                        f", kv_cache_dtype={args.kv_cache_dtype!r}" if args.kv_cache_dtype != "auto" else ""])
     print(f"held-out evaluation of {model_dir} ({args.per_task} examples per task, seed {args.seed}, dtype "
-          f"{args.dtype}{quantized}, {time.perf_counter() - started:.0f} s)\n")
+          f"{args.dtype}{settings}, {time.perf_counter() - started:.0f} s)\n")
     print(report.table())
-    if agreement is not None:
-        print(f"\n{agreement.line(str(args.quantization))}")
+    for what, agreement in agreements.items():
+        print(f"\n{agreement.line(what)}")
     for task, items in report.samples.items():
         print(f"\n{task}, first held-out replies:")
         for item in items[:2]:
             print(f"  > {item['prompt'].splitlines()[-1][:100]}\n    {item['reply'][:200]!r}")
     if args.json:
         figures = report.to_json()
-        if agreement is not None:
-            figures["quantization"] = {"name": args.quantization, "positions": agreement.positions,
-                                       "top1_agreement": agreement.top1_agreement,
-                                       "float_perplexity": agreement.float_perplexity,
-                                       "quantized_perplexity": agreement.quantized_perplexity}
+        figures["against_float32"] = {
+            what: {"positions": a.positions, "top1_agreement": a.top1_agreement, "float_perplexity": a.float_perplexity,
+                   "quantized_perplexity": a.quantized_perplexity} for what, a in agreements.items()}
         args.json.write_text(json.dumps(figures, indent=1) + "\n")
     return 0

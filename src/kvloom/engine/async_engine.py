@@ -208,6 +208,7 @@ class AsyncEngine:
         weights, weights_reason = self._parts.core.weight_layout
         return dataclasses.replace(stats, dtype=choice.name, dtype_reason=choice.reason,
                                    weights=weights, weights_reason=weights_reason,
+                                   kv_cache_dtype=self._parts.core.kv_cache_dtype,
                                    attention_backend=attention, attention_reason=attention_reason,
                                    cuda_graph_sizes=self._parts.core.cuda_graph_sizes,
                                    async_scheduling=self._parts.core.async_scheduling)

@@ -194,6 +194,11 @@ class EngineCore:
         return self._runner.dtype_choice
 
     @property
+    def kv_cache_dtype(self) -> str:
+        """What the KV cache holds: the model's dtype, or ``int8`` (``kv_cache_dtype="int8"``)."""
+        return str(self._runner.kv_dtype).removeprefix("torch.")
+
+    @property
     def weight_layout(self) -> tuple[str, str]:
         """How the linear weights are held (``int8``, ``onednn-packed``, ...) and why (``layers.weight_layout``)."""
         layout = self._runner.model.weight_layout

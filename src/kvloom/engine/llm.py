@@ -67,6 +67,11 @@ class LLM:
         """How the linear weights are held (``"int8"`` with ``quantization="int8"``) and why."""
         return self.core.weight_layout
 
+    @property
+    def kv_cache_dtype(self) -> str:
+        """What the KV cache holds: the model's dtype, or ``int8``."""
+        return self.core.kv_cache_dtype
+
     def load_adapter(self, name: str, path: str | Path, *, pinned: bool = False) -> AdapterInfo:
         """Load a PEFT LoRA directory under ``name``; ``generate(..., adapter=name)`` uses it."""
         info = self.adapters.add(name, self.adapters.read(path), pinned)

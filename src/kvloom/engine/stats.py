@@ -63,6 +63,8 @@ class EngineStats:
     """What the model and its KV cache run in (``dtype="auto"``: decided by device and CPU)."""
     dtype_reason: str | None = None
     """Why that dtype (e.g. which bf16 matrix units the CPU has, or lacks)."""
+    kv_cache_dtype: str | None = None
+    """What the KV cache holds: the model's dtype, or ``int8`` (``kv_cache_dtype="int8"``)."""
     weights: str | None = None
     """How the linear weights are held: ``int8`` (``quantization="int8"``), ``onednn-packed``, ``input-major``
     or ``row-major`` (``layers.weight_layout``)."""

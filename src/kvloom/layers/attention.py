@@ -224,8 +224,10 @@ class CpuAttentionBackend(TorchAttentionBackend):
         return self.MAX_KERNEL_PREFILL_KEYS
 
     def _takes(self, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-        return q.device.type == "cpu" and q.dtype == k_cache.dtype and self._native.supports(k_cache.dtype,
-                                                                                                k_cache.shape[3])
+        quantized = k_cache.dtype == torch.int8  # kernels.kv_int8 rows: head_dim values, then a 4-byte scale
+        head_dim = k_cache.shape[3] - 4 if quantized else k_cache.shape[3]
+        return q.device.type == "cpu" and (quantized or q.dtype == k_cache.dtype) and self._native.supports(
+            k_cache.dtype, head_dim)
 
     def plan_rows(self, meta: AttentionMetadata, block_size: int, num_rows: int,
                   dtype: torch.dtype = torch.float32) -> _CpuStepPlan:

@@ -13,10 +13,34 @@ from kvloom.models.config import ModelConfig
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
 
 
+def choose_kv_dtype(requested: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The KV tensors' dtype for ``kv_cache_dtype=requested``: the model's for ``auto``, int8 on CPU; a
+    ``ConfigError`` naming the field where the choice cannot run."""
+    if requested == "auto":
+        return model_dtype
+    if requested == "int8":
+        if device.type != "cpu":
+            raise ConfigError(f"kv_cache_dtype='int8' runs on CPU (the C and torch attention paths); on {device.type} "
+                              "use 'auto'")
+        return torch.int8
+    if requested == "fp8_e4m3":
+        raise ConfigError(f"kv_cache_dtype='fp8_e4m3' needs a GPU with FP8 attention kernels, which kvloom does not "
+                          f"have yet; on {device.type} use 'auto'" + (" or 'int8'" if device.type == "cpu" else ""))
+    raise ConfigError(f"kv_cache_dtype must be 'auto', 'int8' or 'fp8_e4m3'; got {requested!r}")
+
+
+def row_width(model: ModelConfig, dtype: torch.dtype) -> int:
+    """The last dimension of a KV tensor: ``head_dim``, or ``head_dim + 4`` for an int8 cache (each row's
+    float32 scale follows its values: ``kernels.kv_int8``)."""
+    from kvloom.kernels import kv_int8
+
+    return kv_int8.row_width(model.head_dim) if dtype == torch.int8 else model.head_dim
+
+
 def bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     """K and V of every layer for one block of ``block_size`` tokens."""
     elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * elem
+    return 2 * model.num_layers * block_size * model.num_kv_heads * row_width(model, dtype) * elem
 
 
 def choose_num_blocks(
@@ -57,12 +81,13 @@ def choose_num_blocks(
 def allocate_kv_caches(
     model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
 ) -> KVCaches:
-    """Per layer ``(k_cache, v_cache)``, each ``[num_blocks, block_size, num_kv_heads, head_dim]``.
+    """Per layer ``(k_cache, v_cache)``, each ``[num_blocks, block_size, num_kv_heads, head_dim]`` (an int8
+    ``dtype``: ``head_dim + 4``, see ``row_width``).
 
     Zero-filled: attention masks unused slots, and masked garbage could still be NaN/Inf,
     which poisons a masked matmul (0 * NaN = NaN).
     """
-    shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
+    shape = (num_blocks, block_size, model.num_kv_heads, row_width(model, dtype))
     return [
         (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
         for _ in range(model.num_layers)

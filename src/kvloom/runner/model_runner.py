@@ -28,7 +28,7 @@ from kvloom.runner.decode_graphs import (
     default_capture_sizes,
 )
 from kvloom.runner.inputs import ModelInputs, build_inputs
-from kvloom.runner.kv_tensors import KVCaches, allocate_kv_caches, choose_num_blocks
+from kvloom.runner.kv_tensors import KVCaches, allocate_kv_caches, choose_kv_dtype, choose_num_blocks
 from kvloom.runner.logits_processing import (
     FilledMasks,
     accept_tokens,
@@ -119,13 +119,15 @@ class ModelRunner:
         if config.warmup:
             self._warm_up_gemms()
         self.dtype = self.model_config.torch_dtype
+        self.kv_dtype = choose_kv_dtype(config.kv_cache_dtype, self.dtype, self.device)
+        """The KV tensors' dtype: the model's, or int8 (``kv_cache_dtype``)."""
         available = self._profile_available_bytes(max_model_len) if self.device.type == "cuda" else None
         self.num_blocks = choose_num_blocks(
-            config.cache, self.model_config, self.dtype, self.device, max_model_len,
+            config.cache, self.model_config, self.kv_dtype, self.device, max_model_len,
             config.scheduler.max_num_seqs, available,
         )
         self.kv_caches: KVCaches = allocate_kv_caches(
-            self.model_config, self.num_blocks, self.block_size, self.dtype, self.device
+            self.model_config, self.num_blocks, self.block_size, self.kv_dtype, self.device
         )
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
         self.sampler = Sampler()
@@ -146,7 +148,8 @@ class ModelRunner:
         """The latest sampling launched: a step scheduled ahead reads its placeholders' tokens from it."""
         self._mask_thread: ThreadPoolExecutor | None = None
         """Fills grammar bitmasks alongside the forward; started by the first constrained step."""
-        logger.info("kvloom: %d KV blocks of %d tokens on %s", self.num_blocks, self.block_size, self.device)
+        logger.info("kvloom: %d KV blocks of %d tokens on %s, in %s", self.num_blocks, self.block_size, self.device,
+                    str(self.kv_dtype).removeprefix("torch."))
         self.max_model_len = max_model_len
         self.decode_graphs: DecodeGraphs | None = None
         """Captured decode steps (CUDA, unless ``enforce_eager``); ``None``: every step runs eagerly."""
