@@ -7,6 +7,7 @@
 - ``data``/``train``: batches with the loss on replies only, and the training command
   (``python -m kvloom.demo_model.train``);
 - ``evaluate``: the held-out evaluation through the engine (``python -m kvloom eval-demo-model``);
+- ``agreement``: a quantized model (int8 weights, an int8 KV cache) against float32, teacher-forced;
 - ``shipped``: where the trained checkpoint lives in the installed package.
 
 Importing this package loads nothing heavy; torch and transformers load inside the functions that need them.
