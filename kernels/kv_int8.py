@@ -14,6 +14,8 @@ holds 3.8x / 1.9x the tokens.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 SCALE_BYTES = 4
@@ -49,3 +51,13 @@ def dequantize_rows(rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> t
     d = rows.shape[-1] - SCALE_BYTES
     scale = rows[..., d:].contiguous().view(torch.float32)
     return (rows[..., :d].float() * scale).to(dtype)
+
+
+def triton_scale_args(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[Any, ...]:
+    """The Triton attention kernels' scale arguments: for int8 caches, the caches seen as float32 (a row's
+    scale is float ``D / 4`` of its row there: ``D + 4`` bytes are ``D / 4 + 1`` floats, ``D`` a multiple of
+    4), their first three strides and that column; for float caches, unused stand-ins."""
+    if not is_int8(k_cache):
+        return k_cache, v_cache, 0, 0, 0, 0
+    k32, v32 = k_cache.view(torch.float32), v_cache.view(torch.float32)
+    return k32, v32, k32.stride(0), k32.stride(1), k32.stride(2), head_dim(k_cache) // 4

@@ -184,9 +184,10 @@ def _build_kernel(interpret_env: str) -> Any:
         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr,
         stride_qb, stride_qh, stride_qd, stride_ob, stride_oh, stride_od,
         stride_cb, stride_co, stride_ch, stride_cd, stride_bt,
+        k_scale_ptr, v_scale_ptr, stride_sb, stride_so, stride_sh, scale_col,
         qk_scale, block_size, head_dim, group,
         BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-        PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+        PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, QUANT: tl.constexpr,
     ):
         # Program (seq, kv_head) computes the `group` q heads that share this kv head, so each
         # K/V row is loaded once. Keys come in tiles of BLOCK_N positions; each position finds its
@@ -201,7 +202,8 @@ def _build_kernel(interpret_env: str) -> Any:
         heads = kv_head * group + g
         q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd,
                     mask=g_mask[:, None] & d_mask[None, :], other=0.0)
-        q = q.to(k_cache_ptr.dtype.element_ty)
+        # An int8 cache (kv_int8): its rows are widened to float32 with their scales, and the dots run in float32.
+        q = q.to(tl.float32) if QUANT else q.to(k_cache_ptr.dtype.element_ty)
         if DOT_FP32:
             q = q.to(tl.float32)
         table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
@@ -216,7 +218,10 @@ def _build_kernel(interpret_env: str) -> Any:
             row = block * stride_cb + (pos % block_size) * stride_co + kv_head * stride_ch
             kv_off = row[:, None] + d[None, :] * stride_cd
             kv_mask = n_mask[:, None] & d_mask[None, :]
-            k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+            k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0)
+            if QUANT:
+                scale_row = block * stride_sb + (pos % block_size) * stride_so + kv_head * stride_sh + scale_col
+                k = k.to(tl.float32) * tl.load(k_scale_ptr + scale_row, mask=n_mask, other=0.0)[:, None]
             if DOT_FP32:
                 k = k.to(tl.float32)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # log2 domain
@@ -225,7 +230,10 @@ def _build_kernel(interpret_env: str) -> Any:
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+            v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0)
+            if QUANT:
+                v_row = block * stride_sb + (pos % block_size) * stride_so + kv_head * stride_sh + scale_col
+                v = v.to(tl.float32) * tl.load(v_scale_ptr + v_row, mask=n_mask, other=0.0)[:, None]
             if DOT_FP32:
                 v = v.to(tl.float32)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -266,12 +274,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     dot_fp32 = k_cache.dtype == torch.bfloat16 and interpret_env.lower() in ("1", "true", "on", "yes")
     kernel[(num_seqs, num_kv_heads)](
         q, k_cache, v_cache, block_tables, seq_lens, out,
-        *q.stride(), *out.stride(), *k_cache.stride(), block_tables.stride(0),
+        *q.stride(), *out.stride(), *k_cache.stride(), block_tables.stride(0), *kv_int8.triton_scale_args(k_cache, v_cache),
         scale * 1.4426950408889634, k_cache.shape[1], head_dim, group,
         BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         # fp32 tiles are twice as large: halve them to stay within shared memory on smaller GPUs.
         BLOCK_N=32 if max_seq_len <= 32 or k_cache.element_size() > 2 else 64,
-        PRECISION="ieee" if k_cache.dtype == torch.float32 or dot_fp32 else "tf32", DOT_FP32=dot_fp32,
+        PRECISION="ieee" if k_cache.dtype in (torch.float32, torch.int8) or dot_fp32 else "tf32", DOT_FP32=dot_fp32,
+        QUANT=kv_int8.is_int8(k_cache),
     )
     return out

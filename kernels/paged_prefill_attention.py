@@ -148,9 +148,10 @@ def _build_kernel(interpret_env: str) -> Any:
         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr, out_ptr,
         stride_qt, stride_qh, stride_qd, stride_ot, stride_oh, stride_od,
         stride_cb, stride_co, stride_ch, stride_cd, stride_bt,
+        k_scale_ptr, v_scale_ptr, stride_sb, stride_so, stride_sh, scale_col,
         qk_scale, block_size, head_dim, group, block_q,
         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-        PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+        PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, QUANT: tl.constexpr,
     ):
         # Program (seq, q tile, kv_head) owns `block_q` query tokens times the `group` q heads of
         # one kv head: row r is token r // group, head r % group. Folding the group into the rows
@@ -174,7 +175,8 @@ def _build_kernel(interpret_env: str) -> Any:
         io_mask = row_mask[:, None] & d_mask[None, :]
         q_rows = (q_start + q_idx) * stride_qt + heads * stride_qh
         q = tl.load(q_ptr + q_rows[:, None] + d[None, :] * stride_qd, mask=io_mask, other=0.0)
-        q = q.to(k_cache_ptr.dtype.element_ty)
+        # An int8 cache (kv_int8): its rows are widened to float32 with their scales, and the dots run in float32.
+        q = q.to(tl.float32) if QUANT else q.to(k_cache_ptr.dtype.element_ty)
         if DOT_FP32:
             q = q.to(tl.float32)
         query_pos = context_len + q_idx
@@ -192,7 +194,10 @@ def _build_kernel(interpret_env: str) -> Any:
             row = block * stride_cb + (pos % block_size) * stride_co + kv_head * stride_ch
             kv_off = row[:, None] + d[None, :] * stride_cd
             kv_mask = n_mask[:, None] & d_mask[None, :]
-            k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+            k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0)
+            if QUANT:
+                scale_row = block * stride_sb + (pos % block_size) * stride_so + kv_head * stride_sh + scale_col
+                k = k.to(tl.float32) * tl.load(k_scale_ptr + scale_row, mask=n_mask, other=0.0)[:, None]
             if DOT_FP32:
                 k = k.to(tl.float32)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # log2 domain
@@ -202,7 +207,10 @@ def _build_kernel(interpret_env: str) -> Any:
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+            v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0)
+            if QUANT:
+                v_row = block * stride_sb + (pos % block_size) * stride_so + kv_head * stride_sh + scale_col
+                v = v.to(tl.float32) * tl.load(v_scale_ptr + v_row, mask=n_mask, other=0.0)[:, None]
             if DOT_FP32:
                 v = v.to(tl.float32)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -249,10 +257,11 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     dot_fp32 = k_cache.dtype == torch.bfloat16 and interpret_env.lower() in ("1", "true", "on", "yes")
     kernel[(num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads)](
         q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out,
-        *q.stride(), *out.stride(), *k_cache.stride(), block_tables.stride(0),
+        *q.stride(), *out.stride(), *k_cache.stride(), block_tables.stride(0), *kv_int8.triton_scale_args(k_cache, v_cache),
         scale * 1.4426950408889634, k_cache.shape[1], head_dim, group, block_q,
         BLOCK_M=block_m, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_N=32 if k_cache.element_size() > 2 else 64,  # fp32: keep shared memory in budget
-        PRECISION="ieee" if k_cache.dtype == torch.float32 or dot_fp32 else "tf32", DOT_FP32=dot_fp32,
+        PRECISION="ieee" if k_cache.dtype in (torch.float32, torch.int8) or dot_fp32 else "tf32", DOT_FP32=dot_fp32,
+        QUANT=kv_int8.is_int8(k_cache),
     )
     return out

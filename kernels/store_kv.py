@@ -98,11 +98,14 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_ca
              slot_mapping: torch.Tensor) -> None:
     """Triton ``store_kv``: scatter ``key``/``value`` rows into the caches at ``slot_mapping``.
 
-    Same contract as :func:`store_kv_ref`. ``key``/``value`` may be strided views (e.g. slices of
+    Same contract as :func:`store_kv_ref` (int8 caches included: the rows are quantized by
+    ``kv_int8.quantize_rows`` first). ``key``/``value`` may be strided views (e.g. slices of
     a fused QKV output); ``slot_mapping`` must be on the caches' device.
     """
     _check(key, value, k_cache, v_cache, slot_mapping)
     assert k_cache.stride() == v_cache.stride(), "k_cache and v_cache must share strides"
+    if kv_int8.is_int8(k_cache):  # quantize here; the kernel then copies rows of D + 4 int8
+        key, value = kv_int8.quantize_rows(key), kv_int8.quantize_rows(value)
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:
         return

@@ -21,7 +21,7 @@ def choose_kv_dtype(requested: str, model_dtype: torch.dtype, device: torch.devi
     if requested == "int8":
         if device.type != "cpu":
             raise ConfigError(f"kv_cache_dtype='int8' runs on CPU (the C and torch attention paths); on {device.type} "
-                              "use 'auto'")
+                              "use 'auto' (the Triton kernels read int8 caches but have not been measured on a GPU)")
         return torch.int8
     if requested == "fp8_e4m3":
         raise ConfigError(f"kv_cache_dtype='fp8_e4m3' needs a GPU with FP8 attention kernels, which kvloom does not "
