@@ -106,3 +106,11 @@ def test_an_int8_engine_says_what_its_weights_are_and_why(llama_dir: Path) -> No
     name, reason = llm.weight_layout
     assert name == "int8" and "int8 weights per output channel" in reason
     assert LLM(llama_dir, dtype="float32").weight_layout[0] != "int8"
+
+
+def test_without_a_c_compiler_int8_is_refused_at_construction(
+    llama_dir: Path, fresh_kernel_cache: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    with pytest.raises(ConfigError, match="quantization='int8' needs its C kernel, which could not be built here"):
+        LLM(llama_dir, dtype="float32", quantization="int8", attention_backend="torch")
