@@ -29,7 +29,7 @@ def test_weight_bytes_by_hand() -> None:
 
 
 @pytest.mark.parametrize("bad", [["--streams", "0"], ["--systems", "generate,generate"], ["--systems", "beam"],
-                                 ["--systems", "llamacpp-Q8_0"], ["--gguf", "Q8_0=/nonexistent.gguf"],
+                                 ["--systems", "llamacpp-Q8_0"], ["--llama-server", "Q8_0=localhost:8081"],
                                  ["--output-len", "1"]])
 def test_bad_flags_are_refused(bad: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "single", "--model", "/nonexistent", *bad]) == 2
@@ -40,16 +40,23 @@ def test_bench_single_tiny(tmp_path: Path, checkpoint_factory: Callable[..., Pat
                            capsys: pytest.CaptureFixture[str]) -> None:
     model = checkpoint_factory(arch="llama", hidden_size=64)
     out_json = tmp_path / "single.json"
-    assert main(["bench", "single", "--model", str(model), "--streams", "1,3", "--rounds", "1", "--prompt-len", "12",
-                 "--output-len", "5", "--dtype", "float32", "--json", str(out_json), "--quick"]) == 0
+    systems = "generate,stream,generate-int8,stream-int8,generate-int8-kv,transformers"
+    # A llama-server that is not running: reported in the results, the rest still measured.
+    assert main(["bench", "single", "--model", str(model), "--systems", systems + ",llamacpp-Q8_0",
+                 "--llama-server", "Q8_0=http://127.0.0.1:9", "--streams", "1,3", "--rounds", "1",
+                 "--prompt-len", "12", "--output-len", "5", "--dtype", "float32", "--json", str(out_json),
+                 "--quick"]) == 0
     result = json.loads(out_json.read_text())
     assert result["benchmark"] == "single" and result["workload"]["streams"] == [1, 3]
     assert result["kvloom"]["generate-int8"]["weights"] == "int8"
     assert result["kvloom"]["stream"]["weights"] != "int8"
+    assert "transformers" not in result["kvloom"]  # a peer: its figures are in the results only
     for at in result["results"]:
         by_name = {e["name"]: e for e in at["systems"]}
-        assert list(by_name) == ["generate", "stream", "generate-int8", "stream-int8"]
+        assert list(by_name) == [*systems.split(","), "llamacpp-Q8_0"]
+        assert "URLError" in by_name.pop("llamacpp-Q8_0")["error"]
         for entry in by_name.values():
             assert entry["error"] is None and entry["decode_tokens_per_s"] > 0 and entry["prefill_tokens_per_s"] > 0
         assert by_name["stream"]["tokens_equal_to_first_system"] == 1.0  # stream and generate: the same tokens
+        assert by_name["transformers"]["tokens_equal_to_first_system"] == 1.0  # float32: transformers' tokens too
     assert "decode tok/s" in capsys.readouterr().out

@@ -31,7 +31,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "tools": ("kvloom.bench.tools", "agent workload: tool calls constrained vs the same conversations unconstrained"),
     "lora": ("kvloom.bench.lora", "throughput with 0/1/4/16 LoRA adapters in the batch, relative to the base model"),
     "single": ("kvloom.bench.single",
-               "a few streams at a time: generate vs stream, float vs int8, and llama.cpp where installed"),
+               "a few streams at a time: generate vs stream, float vs int8, transformers and llama.cpp's server"),
     "decode": ("kvloom.bench.decode",
                "decode throughput at several concurrencies vs transformers, against the memory-bandwidth roofline"),
 }

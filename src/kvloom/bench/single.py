@@ -1,6 +1,6 @@
 """``python -m kvloom bench single``: a few users at a time on one machine: kvloom's ``generate`` and
-``stream``, in float and in int8, and llama.cpp where it is installed, on one checkpoint and one set of
-prompts, taking turns.
+``stream``, in float and in int8, transformers, and llama.cpp's server where one runs, on one checkpoint and
+one set of prompts, taking turns.
 
 Systems (``--systems``, comma separated; each runs at every ``--streams`` count):
 
@@ -8,11 +8,18 @@ Systems (``--systems``, comma separated; each runs at every ``--streams`` count)
   ``LLM.generate`` with every prompt in one call, and ``AsyncEngine.stream`` with one consumer task per
   prompt on one event loop (the loop runs on this thread; the engine steps on its own thread).
 - ``generate-int8``, ``stream-int8``: the same with ``quantization="int8"``.
-- ``llamacpp-<NAME>``: llama.cpp through ``llama-cpp-python`` (a ``bench`` peer only, never a runtime
-  dependency) on the GGUF file ``--gguf NAME=PATH`` names (convert the same checkpoint with llama.cpp's
-  ``convert_hf_to_gguf.py --outtype f32|f16|q8_0``); token ids go in directly, so tokenizers do not
-  matter. One stream only (its Python API decodes one sequence); where it is not installed, or at more
-  streams, the result says so instead of a number.
+- ``generate-int8-kv``: int8 weights and ``kv_cache_dtype="int8"``.
+- ``transformers``, ``transformers-int8``: transformers ``generate`` (one static batch of every prompt, left
+  padding; the same dtype as kvloom's float systems), the second with torchao's int8 weight-only quantization
+  (``TorchAoConfig(Int8WeightOnlyConfig())``; ``torchao`` is a bench peer only: where it is missing the
+  result says so).
+- ``llamacpp-<NAME>``: a running ``llama-server`` (llama.cpp's own server: a bench peer, never a runtime
+  dependency, reached over HTTP) at the URL ``--llama-server NAME=URL`` names, serving a GGUF of the same
+  checkpoint (convert it with llama.cpp's ``convert_hf_to_gguf.py --outtype f32|f16|q8_0``; start it with
+  ``--parallel 16 --cont-batching -t 2``). Each stream is one ``/completion`` request of the prompt's token
+  ids (tokenizers do not matter), ``n_predict`` tokens, greedy, EOS ignored, the streams sent at once from
+  threads; a stream's first token is its send time plus the server's own ``prompt_ms`` (llama-server holds
+  back streamed tokens that end mid-character, so streamed chunks would time it late).
 
 Per pass at ``C`` streams (``C`` prompts of ``--prompt-len`` random token ids, ``--output-len`` greedy
 tokens each, EOS ignored), from the pass's start: ``first`` (when every stream has its first token) and
@@ -43,7 +50,8 @@ from kvloom.bench.runner import System, add_quick, refuse, rounded_median, start
 from kvloom.bench.workload import Workload, read_vocab_size
 
 SCHEMA_VERSION = 1
-KVLOOM_SYSTEMS = ("generate", "stream", "generate-int8", "stream-int8")
+KVLOOM_SYSTEMS = ("generate", "stream", "generate-int8", "stream-int8", "generate-int8-kv")
+PEERS = ("transformers", "transformers-int8")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,8 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, help="HF checkpoint dir (default: the standard ~155M random checkpoint)")
     parser.add_argument("--systems", default="generate,stream,generate-int8,stream-int8",
                         help="comma separated: generate, stream, generate-int8, stream-int8, llamacpp-<NAME>")
-    parser.add_argument("--gguf", action="append", default=[], metavar="NAME=PATH",
-                        help="a GGUF file of the same checkpoint for llamacpp-<NAME> (repeatable)")
+    parser.add_argument("--llama-server", action="append", default=[], metavar="NAME=URL",
+                        help="a running llama-server for llamacpp-<NAME>, e.g. Q8_0=http://127.0.0.1:8081 (repeatable)")
     parser.add_argument("--streams", default="1,4,16", help="concurrent streams, comma separated")
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--output-len", type=int, default=128)
@@ -82,26 +90,27 @@ def parse_streams(text: str) -> list[int]:
     return values
 
 
-def parse_systems(text: str, gguf: dict[str, Path]) -> list[str]:
+def parse_systems(text: str, servers: dict[str, str]) -> list[str]:
     names = [part.strip() for part in text.split(",") if part.strip()]
     if not names or len(set(names)) != len(names):
         raise ValueError(f"--systems: expected distinct names, comma separated; got {text!r}")
     for name in names:
         if name.startswith("llamacpp-"):
-            if name.removeprefix("llamacpp-") not in gguf:
-                raise ValueError(f"--systems: {name} needs --gguf {name.removeprefix('llamacpp-')}=PATH")
-        elif name not in KVLOOM_SYSTEMS:
-            raise ValueError(f"--systems: {name!r} is not one of {', '.join(KVLOOM_SYSTEMS)} or llamacpp-<NAME>")
+            if name.removeprefix("llamacpp-") not in servers:
+                raise ValueError(f"--systems: {name} needs --llama-server {name.removeprefix('llamacpp-')}=URL")
+        elif name not in KVLOOM_SYSTEMS + PEERS:
+            raise ValueError(f"--systems: {name!r} is not one of {', '.join(KVLOOM_SYSTEMS + PEERS)} or "
+                             "llamacpp-<NAME>")
     return names
 
 
-def parse_gguf(items: Sequence[str]) -> dict[str, Path]:
-    out: dict[str, Path] = {}
+def parse_servers(items: Sequence[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
     for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not Path(path).is_file():
-            raise ValueError(f"--gguf: expected NAME=PATH of an existing file, got {item!r}")
-        out[name] = Path(path)
+        name, sep, url = item.partition("=")
+        if not sep or not name or not url.startswith(("http://", "https://")):
+            raise ValueError(f"--llama-server: expected NAME=http://HOST:PORT, got {item!r}")
+        out[name] = url.rstrip("/")
     return out
 
 
@@ -168,29 +177,66 @@ class KvloomStream:
         self.loop.close()
 
 
-class LlamaCpp:
-    """llama.cpp through llama-cpp-python, one stream: token ids in, greedy tokens out."""
+class Transformers:
+    """transformers ``generate``: one static batch of every prompt (left padding), greedy; ``int8``: torchao's
+    int8 weight-only quantization of every linear layer."""
 
-    def __init__(self, gguf: Path, context: int, output_len: int) -> None:
-        import llama_cpp
+    def __init__(self, model_dir: Path, dtype: str, int8: bool, output_len: int) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
 
-        self.llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=context, n_threads=2, n_batch=512, verbose=False)
+        extra: dict[str, Any] = {}
+        if int8:
+            from torchao.quantization import Int8WeightOnlyConfig
+            from transformers import TorchAoConfig
+
+            extra["quantization_config"] = TorchAoConfig(Int8WeightOnlyConfig())
+        auto: Any = AutoModelForCausalLM
+        self.model = auto.from_pretrained(str(model_dir), dtype=getattr(torch, dtype), **extra).eval()
         self.output_len = output_len
 
     def run(self, prompts: list[list[int]]) -> Pass:
-        if len(prompts) != 1:
-            raise RuntimeError("llama-cpp-python decodes one stream; run llama-server for more")
-        self.llm.reset()
+        from kvloom.bench.peers import PeerSpec, run_peer
+
+        done = run_peer(PeerSpec(f"static{len(prompts)}", "static", batch_size=len(prompts)), self.model, prompts,
+                        self.output_len)
+        first = max(done.ttft_s) if done.ttft_s else done.wall_s
+        return Pass(first, done.wall_s, done.token_ids)
+
+
+class LlamaServer:
+    """A running llama-server: each stream one ``/completion`` request of token ids, all sent at once."""
+
+    def __init__(self, url: str, output_len: int) -> None:
+        self.url = url
+        self.output_len = output_len
+        self._post("/health", None)  # fails here, clearly, when nothing listens
+
+    def _post(self, path: str, body: dict[str, Any] | None) -> dict[str, Any]:
+        import urllib.request
+
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=600) as response:
+            reply: dict[str, Any] = json.loads(response.read() or b"{}")
+        return reply
+
+    def run(self, prompts: list[list[int]]) -> Pass:
+        from concurrent.futures import ThreadPoolExecutor
+
         start = time.perf_counter()
-        first = 0.0
-        tokens: list[int] = []
-        for token in self.llm.generate(prompts[0], top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
-            if not tokens:
-                first = time.perf_counter() - start
-            tokens.append(int(token))
-            if len(tokens) == self.output_len:
-                break
-        return Pass(first, time.perf_counter() - start, [tokens])
+
+        def one(prompt: list[int]) -> tuple[float, float, list[int]]:
+            sent = time.perf_counter() - start
+            reply = self._post("/completion", {
+                "prompt": prompt, "n_predict": self.output_len, "temperature": 0.0, "top_k": 1, "ignore_eos": True,
+                "cache_prompt": False, "return_tokens": True, "samplers": ["top_k"]})
+            end = time.perf_counter() - start
+            return sent + float(reply["timings"]["prompt_ms"]) / 1e3, end, [int(t) for t in reply.get("tokens", [])]
+
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            done = list(pool.map(one, prompts))
+        return Pass(max(d[0] for d in done), max(d[1] for d in done), [d[2] for d in done])
 
 
 def _rates(passes: list[Pass], c: int, prompt_len: int, output_len: int) -> dict[str, float | None]:
@@ -216,8 +262,8 @@ def weight_bytes(shape: DecodeShape, config: dict[str, Any], dtype: str, int8: b
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run the benchmark: 0 when it ran (a peer's failure is reported in the results), 2 on bad flags."""
     try:
-        gguf = parse_gguf(args.gguf)
-        names = parse_systems(args.systems, gguf)
+        servers = parse_servers(args.llama_server)
+        names = parse_systems(args.systems, servers)
         streams = parse_streams(args.streams)
         if args.prompt_len < 1 or args.output_len < 2 or args.rounds < 1:
             raise ValueError("--prompt-len must be >= 1, --output-len >= 2, --rounds >= 1")
@@ -240,53 +286,61 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     for name in names:
         try:
             if name.startswith("llamacpp-"):
-                systems[name] = LlamaCpp(gguf[name.removeprefix("llamacpp-")], args.prompt_len + args.output_len + 8,
-                                         args.output_len)
+                systems[name] = LlamaServer(servers[name.removeprefix("llamacpp-")], args.output_len)
+            elif name in PEERS:
+                dtype = next((s.describe()["dtype"] for s in systems.values() if hasattr(s, "describe")), "float32")
+                systems[name] = Transformers(model_dir, dtype, name.endswith("int8"), args.output_len)
             else:
                 cls = KvloomStream if name.startswith("stream") else KvloomGenerate
-                systems[name] = cls(model_dir, kv_config | ({"quantization": "int8"} if name.endswith("int8") else {}),
-                                    args.output_len)
+                extra = {"quantization": "int8"} if "int8" in name else {}
+                if name.endswith("-kv"):
+                    extra["kv_cache_dtype"] = "int8"
+                systems[name] = cls(model_dir, kv_config | extra, args.output_len)
             errors[name] = None
         except Exception as exc:
-            if not name.startswith("llamacpp-"):
+            if not _is_peer(name):
                 raise
             errors[name] = f"{type(exc).__name__}: {exc}"
     results = []
     for c in streams:
-        runnable = [n for n in names if errors[n] is None and (c == 1 or not n.startswith("llamacpp-"))]
+        runnable = [n for n in names if errors[n] is None]
         for n in runnable:  # an untimed pass each
             systems[n].run(prompts[c])
-        contenders = [System(n, _bound(systems[n].run, prompts[c]), fallible=n.startswith("llamacpp-")) for n in runnable]
+        contenders = [System(n, _bound(systems[n].run, prompts[c]), fallible=_is_peer(n)) for n in runnable]
         turns = take_turns(contenders, args.rounds, progress=f"  {c} streams, round {{rep}}: {{name}} ...")
         reference = turns.runs[runnable[0]][0].token_ids if runnable and turns.runs[runnable[0]] else None
         entries = []
         for n in names:
             passes = turns.runs.get(n, [])
-            error = errors[n] or turns.errors.get(n) or (None if n in runnable else "one stream only (llama-cpp-python)")
+            error = errors[n] or turns.errors.get(n)
             entry: dict[str, Any] = {"name": n, "error": error, **(_rates(passes, c, args.prompt_len, args.output_len)
                                                                   if passes else {})}
             if passes and reference is not None:
                 got = passes[0].token_ids
                 same = sum(a == b for ra, rb in zip(reference, got, strict=True) for a, b in zip(ra, rb, strict=False))
                 entry["tokens_equal_to_first_system"] = round(same / sum(len(r) for r in reference), 4)
-            if passes and not n.startswith("llamacpp-") and entry.get("decode_tokens_per_s"):
+            if passes and not _is_peer(n) and entry.get("decode_tokens_per_s"):
                 desc = systems[n].describe()
-                bytes_step = weight_bytes(shape, config, desc["dtype"], n.endswith("int8"))
+                bytes_step = weight_bytes(shape, config, desc["dtype"], "int8" in n)
                 entry["weight_gbps"] = round(bytes_step * entry["decode_tokens_per_s"] / c / 1e9, 2)
             entries.append(entry)
         results.append({"streams": c, "systems": entries})
-    described = {n: systems[n].describe() for n in names if n in systems and not n.startswith("llamacpp-")}
+    described = {n: systems[n].describe() for n in names if n in systems and not _is_peer(n)}
     for system in systems.values():
         if isinstance(system, KvloomStream):
             system.close()
     result = bench.envelope("single", SCHEMA_VERSION)
     result |= {"workload": {"streams": streams, "prompt_len": args.prompt_len, "output_len": args.output_len,
                             "rounds": args.rounds, "seed": args.seed, "systems": names,
-                            "gguf": {k: str(v) for k, v in gguf.items()}},
+                            "llama_server": servers},
                "kvloom": described, "results": results}
     print(format_report(result, bench.ceilings.get("copy_gbps")))
     write_result(args.json, result)
     return 0
+
+
+def _is_peer(name: str) -> bool:
+    return name.startswith("llamacpp-") or name in PEERS
 
 
 def _bound(fn: Callable[[list[list[int]]], Pass], prompts: list[list[int]]) -> Callable[[], Pass]:
