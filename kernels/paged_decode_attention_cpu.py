@@ -39,18 +39,14 @@ def supports(dtype: torch.dtype, head_dim: int) -> bool:
 
 
 def bind(lib: ctypes.CDLL) -> Any:
-    """The kernel's entry points in a loaded build of ``csrc/paged_decode_attention_cpu.c``, by cache kind
-    (``float``: caches in q's dtype; ``int8``: ``kv_int8`` caches). Their last argument: 1 for bfloat16 q/out,
-    0 for float32."""
+    """The kernel's entry point in a loaded build of ``csrc/paged_decode_attention_cpu.c``. Its last two
+    arguments: 1 for bfloat16 q/out (0: float32), 1 for an int8 cache (``kv_int8``; 0: the cache in q's dtype)."""
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
-    fns = {}
-    for cache, name in (("float", "kvloom_paged_rows"), ("int8", "kvloom_paged_rows_int8")):
-        fn = getattr(lib, name)
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, ptr, i64, i64, i64, ptr, ptr,
-                       i32, i32, i32, i32, i32, ctypes.c_float, i32, i32]
-        fns[cache] = fn
-    return fns
+    fn = lib.kvloom_paged_rows
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, ptr, i64, i64, i64, ptr, ptr,
+                   i32, i32, i32, i32, i32, ctypes.c_float, i32, i32, i32]
+    return fn
 
 
 @functools.cache
@@ -114,11 +110,11 @@ def paged_attention_rows_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
             raise ValueError(f"{name} must be a contiguous int32 [{num_rows}]")
     if num_rows == 0:
         return out
-    status = load()["int8" if quantized else "float"](q.data_ptr(), q.stride(0), q.stride(1), out.data_ptr(), out.stride(0), out.stride(1),
+    status = load()(q.data_ptr(), q.stride(0), q.stride(1), out.data_ptr(), out.stride(0), out.stride(1),
                 k_cache.data_ptr(), v_cache.data_ptr(), num_blocks, block_tables.data_ptr(), block_tables.stride(0),
                 block_tables.shape[1], block_tables.shape[0], None if row_seq is None else row_seq.data_ptr(),
                 row_lens.data_ptr(), num_rows, num_q_heads, num_kv_heads, head_dim, block_size, scale,
-                native.threads_for(num_rows), int(q.dtype == torch.bfloat16))
+                native.threads_for(num_rows), int(q.dtype == torch.bfloat16), int(quantized))
     if status == -2:
         raise ValueError("a row's sequence, length or block ids point outside block_tables or the caches")
     if status != 0:

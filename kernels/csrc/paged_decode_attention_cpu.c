@@ -307,24 +307,15 @@ static int paged_rows(const void *q, int64_t q_sb, int64_t q_sh, void *out, int6
     return failed ? -1 : 0;
 }
 
-/* The entry point: bf16 0 reads float32 q/out/caches, 1 reads bfloat16 ones (see paged_rows). */
+/* The entry point: bf16 0 reads float32 q/out, 1 bfloat16 ones; int8_cache 0 reads caches in q's dtype, 1 int8
+ * caches (kv_int8 rows: D values, then the float32 scale). See paged_rows. */
 int kvloom_paged_rows(const void *q, int64_t q_sb, int64_t q_sh, void *out, int64_t o_sb, int64_t o_sh,
                       const void *k_cache, const void *v_cache, int64_t num_blocks, const int32_t *tables,
                       int64_t t_sb, int64_t table_width, int64_t num_tables, const int32_t *row_seq,
                       const int32_t *row_lens, int num_rows, int num_q_heads, int num_kv_heads, int head_dim,
-                      int block_size, float scale, int num_threads, int bf16) {
+                      int block_size, float scale, int num_threads, int bf16, int int8_cache) {
+    const int q_size = bf16 ? 2 : 4;
     return paged_rows(q, q_sb, q_sh, out, o_sb, o_sh, k_cache, v_cache, num_blocks, tables, t_sb, table_width,
                       num_tables, row_seq, row_lens, num_rows, num_q_heads, num_kv_heads, head_dim, block_size, scale,
-                      num_threads, bf16 ? 2 : 4, bf16 ? 2 : 4);
-}
-
-/* The same over int8 caches (kv_int8 rows: D values, then the float32 scale); bf16: q/out are bfloat16. */
-int kvloom_paged_rows_int8(const void *q, int64_t q_sb, int64_t q_sh, void *out, int64_t o_sb, int64_t o_sh,
-                           const void *k_cache, const void *v_cache, int64_t num_blocks, const int32_t *tables,
-                           int64_t t_sb, int64_t table_width, int64_t num_tables, const int32_t *row_seq,
-                           const int32_t *row_lens, int num_rows, int num_q_heads, int num_kv_heads, int head_dim,
-                           int block_size, float scale, int num_threads, int bf16) {
-    return paged_rows(q, q_sb, q_sh, out, o_sb, o_sh, k_cache, v_cache, num_blocks, tables, t_sb, table_width,
-                      num_tables, row_seq, row_lens, num_rows, num_q_heads, num_kv_heads, head_dim, block_size, scale,
-                      num_threads, bf16 ? 2 : 4, CACHE_INT8);
+                      num_threads, q_size, int8_cache ? CACHE_INT8 : q_size);
 }

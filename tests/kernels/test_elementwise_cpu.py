@@ -5,7 +5,6 @@ underflow) handled as torch handles them, inputs never written; and the layers t
 ``fuse_on_cpu``, for the shapes they cover."""
 
 import ctypes
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from kvloom.kernels.elementwise_cpu import (
 from kvloom.layers.activation import SiluAndMul
 from kvloom.layers.norm import RMSNorm
 from kvloom.layers.rotary import ApplyRotary, RotaryEmbedding, apply_rotary
+from tests.kernels.threads import with_threads
 
 
 def _bf16_steps(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -35,15 +35,6 @@ def _norm(hidden: int, dtype: torch.dtype, seed: int = 0) -> RMSNorm:
     norm = RMSNorm(hidden, 1e-6, dtype)
     norm.weight.data = torch.randn(hidden, generator=torch.Generator().manual_seed(seed)).to(dtype)
     return norm
-
-
-def _with_threads(n: int, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 64, 300])
@@ -101,7 +92,7 @@ def test_one_thread_and_two_give_the_same_bits() -> None:
     x, residual = torch.randn(50, 512, generator=gen), torch.randn(50, 512, generator=gen)
     norm = _norm(512, torch.float32)
     for fn in (lambda: silu_and_mul_cpu(x), lambda: add_rms_norm_cpu(x, residual, norm.weight, norm.eps)[0]):
-        assert torch.equal(_with_threads(1, fn), _with_threads(2, fn))
+        assert torch.equal(with_threads(1, fn), with_threads(2, fn))
 
 
 def test_what_the_kernels_take_and_refuse() -> None:
@@ -167,7 +158,7 @@ def test_rotary_is_bit_equal_to_torch(dtype: torch.dtype, tokens: int, heads: in
 
 def test_rotary_one_thread_and_two_give_the_same_bits_and_edge_cases() -> None:
     x, cos, sin = _rotary_case(64, 4, 32, torch.float32, seed=3)
-    assert torch.equal(_with_threads(1, lambda: rotary_cpu(x, cos, sin)), _with_threads(2, lambda: rotary_cpu(x, cos, sin)))
+    assert torch.equal(with_threads(1, lambda: rotary_cpu(x, cos, sin)), with_threads(2, lambda: rotary_cpu(x, cos, sin)))
     assert rotary_cpu(x[:0], cos[:0], sin[:0]).shape == (0, 4, 32)
     special = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0, -0.0, 3e38, -3e38, 1e-45])
     x = special.repeat(3, 2, 2).view(3, 2, 16)  # each head's halves hold every special value

@@ -4,7 +4,6 @@ float32 summation order (a bound computed per output, not a loose tolerance); bf
 reference rounded once; odd row and channel counts, a bias or none, strided rows; the same bits on one
 thread or two; and inputs it cannot take are refused with a message."""
 
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -17,21 +16,13 @@ from kvloom.kernels.int8_linear_cpu import (
     quantize_per_channel,
     supports,
 )
+from tests.kernels.threads import with_threads
 
 EPS32 = 2.0**-24
 
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-def _with_threads(n: int, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(before)
 
 
 def _summation_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -93,8 +84,8 @@ def test_results_do_not_depend_on_the_thread_count() -> None:
     g = _gen(5)
     q, scale = quantize_per_channel(torch.randn(130, 512, generator=g))
     x = torch.randn(5, 512, generator=g)
-    one = _with_threads(1, lambda: int8_linear_cpu(x, q, scale))
-    two = _with_threads(2, lambda: int8_linear_cpu(x, q, scale))
+    one = with_threads(1, lambda: int8_linear_cpu(x, q, scale))
+    two = with_threads(2, lambda: int8_linear_cpu(x, q, scale))
     assert torch.equal(one, two)
 
 
