@@ -58,9 +58,9 @@ def main() -> None:
             x = torch.randn(m, k)
             reps = max(20, min(400, int(2000 / m)))
             with torch.no_grad():
-                fp = median_ms([lambda layer=layer: layer(x) for layer in floats], reps)
-                kernel = median_ms([lambda q=q: k8.int8_linear_cpu(x, q.q, q.scale) for q in int8s], reps)
-                deq = median_ms([lambda q=q: q._dequantized_gemm(x) for q in int8s], max(10, reps // 4))
+                fp = median_ms([lambda layer=layer, x=x: layer(x) for layer in floats], reps)
+                kernel = median_ms([lambda q=q, x=x: k8.int8_linear_cpu(x, q.q, q.scale) for q in int8s], reps)
+                deq = median_ms([lambda q=q, x=x: q._dequantized_gemm(x) for q in int8s], max(10, reps // 4))
             print(f"{name:<22}{m:>5}{fp:>16.3f}{kernel:>13.3f}{deq:>19.3f}", flush=True)
     print(f"(int8_weights.GEMV_ROWS = {int8_weights.GEMV_ROWS}; block of {int8_weights.CHUNK_BYTES >> 20} MiB)")
     assert torch.allclose(F.linear(x, int8s[0].dequantize()), k8.int8_linear_cpu(x, int8s[0].q, int8s[0].scale),
