@@ -40,7 +40,7 @@ def test_bench_single_tiny(tmp_path: Path, checkpoint_factory: Callable[..., Pat
                            capsys: pytest.CaptureFixture[str]) -> None:
     model = checkpoint_factory(arch="llama", hidden_size=64)
     out_json = tmp_path / "single.json"
-    systems = "generate,stream,generate-int8,stream-int8,generate-int8-kv,transformers"
+    systems = "generate,stream,generate-int8,stream-int8,generate-int8-kv,transformers,transformers-int8"
     # A llama-server that is not running: reported in the results, the rest still measured.
     assert main(["bench", "single", "--model", str(model), "--systems", systems + ",llamacpp-Q8_0",
                  "--llama-server", "Q8_0=http://127.0.0.1:9", "--streams", "1,3", "--rounds", "1",

@@ -10,9 +10,10 @@ Systems (``--systems``, comma separated; each runs at every ``--streams`` count)
 - ``generate-int8``, ``stream-int8``: the same with ``quantization="int8"``.
 - ``generate-int8-kv``: int8 weights and ``kv_cache_dtype="int8"``.
 - ``transformers``, ``transformers-int8``: transformers ``generate`` (one static batch of every prompt, left
-  padding; the same dtype as kvloom's float systems), the second with torchao's int8 weight-only quantization
-  (``TorchAoConfig(Int8WeightOnlyConfig())``; ``torchao`` is a bench peer only: where it is missing the
-  result says so).
+  padding; the same dtype as kvloom's float systems), the second with every ``nn.Linear`` holding int8
+  weights per output channel and multiplying through ``torch.ops.aten._weight_int8pack_mm``: the kernel
+  torchao's ``Int8WeightOnlyConfig`` calls on CPU, without torchao (which, once installed, transformers
+  imports into every process that loads a model).
 - ``llamacpp-<NAME>``: a running ``llama-server`` (llama.cpp's own server: a bench peer, never a runtime
   dependency, reached over HTTP) at the URL ``--llama-server NAME=URL`` names, serving a GGUF of the same
   checkpoint (convert it with llama.cpp's ``convert_hf_to_gguf.py --outtype f32|f16|q8_0``; start it with
@@ -177,22 +178,43 @@ class KvloomStream:
         self.loop.close()
 
 
+def _int8_weight_only(model: Any) -> None:
+    """Give every ``nn.Linear`` of a transformers ``model`` int8 weights per output channel (symmetric), multiplied
+    by ``aten._weight_int8pack_mm`` (float activations), as torchao's int8 weight-only does on CPU."""
+    import torch
+
+    class Int8Linear(torch.nn.Module):
+        def __init__(self, linear: torch.nn.Linear) -> None:
+            super().__init__()
+            w = linear.weight.detach().float()
+            scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+            self.q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+            self.scale = scale.to(linear.weight.dtype)
+            self.bias = linear.bias
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.q, self.scale)
+            out = out.reshape(*x.shape[:-1], -1)
+            return out if self.bias is None else out + self.bias
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                setattr(parent, name, Int8Linear(child))
+
+
 class Transformers:
-    """transformers ``generate``: one static batch of every prompt (left padding), greedy; ``int8``: torchao's
-    int8 weight-only quantization of every linear layer."""
+    """transformers ``generate``: one static batch of every prompt (left padding), greedy; ``int8``: every linear
+    layer int8 weight-only (``_int8_weight_only``)."""
 
     def __init__(self, model_dir: Path, dtype: str, int8: bool, output_len: int) -> None:
         import torch
         from transformers import AutoModelForCausalLM
 
-        extra: dict[str, Any] = {}
-        if int8:
-            from torchao.quantization import Int8WeightOnlyConfig
-            from transformers import TorchAoConfig
-
-            extra["quantization_config"] = TorchAoConfig(Int8WeightOnlyConfig())
         auto: Any = AutoModelForCausalLM
-        self.model = auto.from_pretrained(str(model_dir), dtype=getattr(torch, dtype), **extra).eval()
+        self.model = auto.from_pretrained(str(model_dir), dtype=getattr(torch, dtype)).eval()
+        if int8:
+            _int8_weight_only(self.model)
         self.output_len = output_len
 
     def run(self, prompts: list[list[int]]) -> Pass:
