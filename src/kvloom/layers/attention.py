@@ -211,10 +211,11 @@ class CpuAttentionBackend(TorchAttentionBackend):
         """``amx``: whether the CPU has AMX tiles (default: ``CpuMatmulSupport.probe()``), so tests decide both
         ways."""
         super().__init__()
-        from kvloom.kernels import paged_decode_attention_cpu
+        from kvloom.kernels import kv_int8, paged_decode_attention_cpu
 
         paged_decode_attention_cpu.load()
         self._native = paged_decode_attention_cpu
+        self._kv_int8 = kv_int8
         self.amx = CpuMatmulSupport.probe().amx if amx is None else amx
 
     def max_kernel_prefill_keys(self, dtype: torch.dtype) -> int:
@@ -224,10 +225,9 @@ class CpuAttentionBackend(TorchAttentionBackend):
         return self.MAX_KERNEL_PREFILL_KEYS
 
     def _takes(self, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-        quantized = k_cache.dtype == torch.int8  # kernels.kv_int8 rows: head_dim values, then a 4-byte scale
-        head_dim = k_cache.shape[3] - 4 if quantized else k_cache.shape[3]
+        quantized = self._kv_int8.is_int8(k_cache)
         return q.device.type == "cpu" and (quantized or q.dtype == k_cache.dtype) and self._native.supports(
-            k_cache.dtype, head_dim)
+            k_cache.dtype, self._kv_int8.head_dim(k_cache))
 
     def plan_rows(self, meta: AttentionMetadata, block_size: int, num_rows: int,
                   dtype: torch.dtype = torch.float32) -> _CpuStepPlan:

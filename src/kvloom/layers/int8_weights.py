@@ -59,8 +59,7 @@ class Int8Weights:
 
     def _dequantized_gemm(self, x: torch.Tensor) -> torch.Tensor:
         n, k = self.q.shape
-        itemsize = torch.empty(0, dtype=self.dtype).element_size()
-        chunk = max(16, CHUNK_BYTES // max(1, k * itemsize))
+        chunk = max(16, CHUNK_BYTES // max(1, k * self.dtype.itemsize))
         if chunk >= n:
             w = self.kernels.int8_dequant_cpu(self.q, self.scale, self.dtype)
             return F.linear(x, w, None if self.bias is None else self.bias.to(self.dtype))

@@ -115,7 +115,6 @@ class Linear(nn.Module):
         self.register_buffer("weight", packed)
         self.onednn_packed = True
 
-
     @torch.no_grad()
     def quantize_int8(self, kernels: ModuleType) -> None:
         """Replace the dense float weight by int8 weights per output channel (``layers.int8_weights``;
@@ -132,6 +131,7 @@ class Linear(nn.Module):
         del self.weight
         self.register_buffer("weight", self.int8.q)
         self.bias = None
+
 
 class MergedLinear(Linear):
     """Several projections of the same input stacked along the output dim (one GEMM).

@@ -32,7 +32,7 @@ torch can do) and applied by :func:`apply_layout`:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +44,7 @@ from kvloom.layers.linear import Linear
 CpuGemm = Literal["auto", "onednn", "torch"]
 LayoutName = Literal["onednn-packed", "input-major", "row-major", "int8"]
 Quantization = Literal["int8"]
-QUANTIZATIONS = ("int8",)
+QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
 
 
 @dataclass(frozen=True, slots=True)
