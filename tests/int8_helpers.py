@@ -1,10 +1,12 @@
-"""A float checkpoint holding the int8 round trip of another's weights: the reference an int8 engine must equal."""
+"""References for int8 engines: a float checkpoint holding the int8 round trip of another's weights, and the
+int8 kernel's torch reference in the kernel's signature."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from kvloom.kernels import int8_linear_cpu
@@ -28,3 +30,11 @@ def dequantized_checkpoint(src: Path, dst: Path) -> Path:
             tensors[name] = int8_linear_cpu.dequantize_reference(q, scale).contiguous()
     save_file(tensors, dst / "model.safetensors")
     return dst
+
+
+def reference_kernel(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``int8_linear_cpu.int8_linear_cpu``'s torch reference on the unpacked weights (patch it in to run an
+    engine on the reference)."""
+    q = int8_linear_cpu.unpack(packed, scale.shape[0], x.shape[1])
+    return int8_linear_cpu.int8_linear_reference(x, q, scale, bias)

@@ -365,22 +365,25 @@ def test_n_choices_all_run_on_the_requests_adapter(base_dir: Callable[[str], Pat
 
 
 def test_adapters_run_in_float_on_top_of_int8_weights(
-    base_dir: Callable[[str], Path], adapter_dir: Callable[..., Path], tmp_path: Path,
+    base_dir: Callable[[str], Path], adapter_dir: Callable[..., Path], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """``quantization="int8"`` with adapters: the same tokens as a float engine on the base's int8 round trip
-    with the same adapters (the deltas are float, on top of the int8 GEMM)."""
-    from tests.int8_helpers import dequantized_checkpoint
+    """``quantization="int8"`` with adapters: the same tokens as the int8 engine running the kernel's torch
+    reference with the same adapters (the deltas are float, on top of the int8 products)."""
+    from kvloom.kernels import int8_linear_cpu
+    from tests.int8_helpers import reference_kernel
 
     base = base_dir("qwen2")
-    reference_base = dequantized_checkpoint(base, tmp_path / "dequantized")
     dirs = {name: adapter_dir("qwen2", **spec) for name, spec in SPECS.items()}
     routing: list[str | None] = [None, "A", "B", "C", "A"]
     batch = prompts(len(routing), seed=11)
     results = []
-    for model, extra in ((base, {"quantization": "int8"}), (reference_base, {})):
-        llm = LLM(model, max_loras=3, max_lora_rank=16, **extra)
-        for name, path in dirs.items():
-            llm.load_adapter(name, path)
-        results.append([r.token_ids for r in llm.generate(batch, GREEDY, adapter=routing)])
-        llm.close()
+    for patched in (False, True):
+        with monkeypatch.context() as patch:
+            if patched:
+                patch.setattr(int8_linear_cpu, "int8_linear_cpu", reference_kernel)
+            llm = LLM(base, max_loras=3, max_lora_rank=16, quantization="int8")
+            for name, path in dirs.items():
+                llm.load_adapter(name, path)
+            results.append([r.token_ids for r in llm.generate(batch, GREEDY, adapter=routing)])
+            llm.close()
     assert results[0] == results[1]

@@ -118,9 +118,10 @@ class Linear(nn.Module):
     @torch.no_grad()
     def quantize_int8(self, kernels: ModuleType) -> None:
         """Replace the dense float weight by int8 weights per output channel (``layers.int8_weights``;
-        ``kernels`` is ``kvloom.kernels.int8_linear_cpu``, loaded). ``weight`` becomes the int8 buffer
-        (same shape, so LoRA slots and logs still read it; ``compute_dtype`` is the float dtype), the
-        bias moves into the int8 weights. Load and lay out nothing after this (idempotent)."""
+        ``kernels`` is ``kvloom.kernels.int8_linear_cpu``, loaded). ``weight`` becomes the packed int8
+        buffer (the kernel's 4-D layout, so code that would use it as a dense matrix fails instead of
+        computing garbage; ``compute_dtype`` is the float dtype), the bias moves into the int8
+        weights. Load and lay out nothing after this (idempotent)."""
         from kvloom.layers.int8_weights import Int8Weights
 
         if self.int8 is not None:
@@ -129,7 +130,7 @@ class Linear(nn.Module):
             raise ValueError("quantize_int8 on a oneDNN-packed weight: quantize the dense weight instead")
         self.int8 = Int8Weights.quantize(self.weight, self.bias, kernels)
         del self.weight
-        self.register_buffer("weight", self.int8.q)
+        self.register_buffer("weight", self.int8.packed)
         self.bias = None
 
 

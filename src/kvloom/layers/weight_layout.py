@@ -110,7 +110,7 @@ def choose_layout(requested: CpuGemm, device: torch.device, dtype: torch.dtype,
 
 
 def _int8_layout(quantization: str, device: torch.device, dtype: torch.dtype) -> WeightLayout:
-    from kvloom.layers.int8_weights import GEMV_ROWS
+    from kvloom.layers.int8_weights import kernel_choice
 
     if quantization not in QUANTIZATIONS:
         raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)} or None; got {quantization!r}")
@@ -121,8 +121,7 @@ def _int8_layout(quantization: str, device: torch.device, dtype: torch.dtype) ->
         raise ConfigError(f"quantization={quantization!r} computes in float32 or bfloat16, not "
                           f"{str(dtype).removeprefix('torch.')} (set dtype)")
     return WeightLayout("int8", f"quantization={quantization!r}: int8 weights per output channel, "
-                                f"{str(dtype).removeprefix('torch.')} activations; a C kernel for steps of up to "
-                                f"{GEMV_ROWS} rows (memory-bound), dequantized blocks through torch's GEMM above")
+                                f"{str(dtype).removeprefix('torch.')} activations and outputs; {kernel_choice(dtype)}")
 
 
 @torch.no_grad()
