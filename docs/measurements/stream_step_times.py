@@ -3,6 +3,7 @@
 
     python docs/measurements/stream_step_times.py
     OMP_WAIT_POLICY=PASSIVE python docs/measurements/stream_step_times.py   # OpenMP threads sleep, not spin
+    python docs/measurements/stream_step_times.py int8                      # quantization="int8"
 
 The standard ~155M checkpoint, float32, one 256-token prompt of random ids, 129 greedy tokens; the
 second request of each is measured. Each ``EngineDriver.run`` call (one step) is timed on the engine
@@ -13,6 +14,7 @@ step for the cores; if the steps are as fast but the wall time is longer, the ha
 import asyncio
 import random
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +22,7 @@ from typing import Any
 from kvloom import LLM, AsyncEngine, SamplingParams
 from kvloom.models.checkpoints import STANDARD_MODEL, cached_checkpoint
 
-CONFIG = {"dtype": "float32", "enable_prefix_caching": False}
+CONFIG: dict[str, Any] = {"dtype": "float32", "enable_prefix_caching": False}
 
 
 def timed(driver: Any, times: list[float]) -> None:
@@ -55,6 +57,8 @@ async def streamed(model: Any, prompt: list[int], params: SamplingParams) -> Non
 
 
 def main() -> None:
+    if len(sys.argv) > 1:
+        CONFIG["quantization"] = sys.argv[1]
     model = cached_checkpoint(STANDARD_MODEL)[0]
     rng = random.Random(0)
     prompt = [rng.randrange(100, 32000) for _ in range(256)]

@@ -22,7 +22,9 @@ import anyio
 from kvloom.config import EngineConfig
 from kvloom.engine.background import event_loop_identity, running_asyncio_loop, spawn_background
 from kvloom.engine.build import EngineParts, build_engine
+from kvloom.engine.engine_thread import EngineThread
 from kvloom.engine.loop import NOT_RUNNING, EngineLoop
+from kvloom.engine.openmp_pool import release_calling_thread_pool
 from kvloom.engine.prefix_registry import PrefixRegistry
 from kvloom.engine.prompts import PromptEncoder
 from kvloom.engine.stats import StatsCollector
@@ -71,6 +73,8 @@ class EngineLifecycle:
         """The start that runs or ran the engine (None before it, or after one that failed)."""
         self._closed = False
         self._task: object = None
+        self.engine_thread = EngineThread()
+        """Where the load, every step and the core's close run (``engine.engine_thread``)."""
 
     async def start(self) -> None:
         """Start once (``AsyncEngine.start`` documents the semantics): the first call loads, the
@@ -95,7 +99,8 @@ class EngineLifecycle:
         """The start's own task (never raises): load off the loop, then wire and run the parts;
         a failure is kept in ``attempt.error`` for every caller, and a later ``start`` retries."""
         try:
-            parts, worker_encoder = await anyio.to_thread.run_sync(self._load)
+            parts, worker_encoder = await self.engine_thread.run(self._load)
+            release_calling_thread_pool()  # the loop thread's OpenMP pool, if it has one (engine.openmp_pool)
             self._run(parts, worker_encoder)
         except BaseException as exc:
             attempt.error = exc
@@ -110,7 +115,8 @@ class EngineLifecycle:
 
     def _run(self, parts: EngineParts, worker_encoder: PromptEncoder) -> None:
         """Wire the loaded parts and start the background task (on the event loop, no await)."""
-        loop = EngineLoop(parts.driver, self._stats, self.config.cache.prefix_pin_fraction, parts.core.num_blocks)
+        loop = EngineLoop(parts.driver, self._stats, self.config.cache.prefix_pin_fraction, parts.core.num_blocks,
+                          self.engine_thread)
         prefixes = loop.prefixes
         self.parts, self.loop, self.prefixes = parts, loop, prefixes
         self.submitter = Submitter(parts, loop, prefixes, worker_encoder, self.max_waiting,
@@ -135,7 +141,8 @@ class EngineLifecycle:
         if self.parts is not None:
             self.parts = None
             await anyio.to_thread.run_sync(parts.grammars.close)
-            await anyio.to_thread.run_sync(parts.core.close)
+            await self.engine_thread.run(parts.core.close)
+        self.engine_thread.close()
 
     async def wait_started(self) -> None:
         """Wait for a ``start()`` in progress, if any (no checkpoint when there is none)."""

@@ -1,7 +1,8 @@
 """The background loop: hand what the app did to the engine thread, route what comes back.
 
 One task per engine. Each turn it gathers the submitted requests, aborts, unpins and adapter
-pins into a ``StepInput`` and hands it to a worker thread (the engine thread: one at a time),
+pins into a ``StepInput`` and hands it to the engine thread (``engine.engine_thread``: the same
+thread every turn, so the process keeps one OpenMP pool beside the loop's, which it frees),
 which runs ``EngineDriver.run`` step after step for as long as there is work and the loop has
 nothing new for it; each step's ``StepOutput`` is posted to the loop as it is made and routed
 there to the request streams, the prefix registry and the stats. The engine thread never
@@ -24,6 +25,7 @@ import anyio
 
 from kvloom.engine.background import Waker
 from kvloom.engine.messages import NewRequest, StepInput, StepOutput
+from kvloom.engine.openmp_pool import release_calling_thread_pool
 from kvloom.engine.prefix_registry import PrefixRegistry
 from kvloom.engine.streams import RequestStream
 from kvloom.errors import EngineClosedError, EngineDeadError, EngineError, RequestTimeoutError
@@ -31,6 +33,7 @@ from kvloom.outputs import StreamChunk
 
 if TYPE_CHECKING:
     from kvloom.engine.driver import EngineDriver
+    from kvloom.engine.engine_thread import EngineThread
     from kvloom.engine.stats import StatsCollector
     from kvloom.lora.adapter import LoRAAdapter
 
@@ -46,8 +49,10 @@ class EngineLoop:
     only ``_news`` and ``_closing`` of the loop's state; everything else is loop-thread only.
     """
 
-    def __init__(self, driver: EngineDriver, stats: StatsCollector, pin_fraction: float, num_blocks: int) -> None:
+    def __init__(self, driver: EngineDriver, stats: StatsCollector, pin_fraction: float, num_blocks: int,
+                 engine_thread: EngineThread) -> None:
         self._driver = driver
+        self._engine_thread = engine_thread
         self.prefixes = PrefixRegistry(int(pin_fraction * num_blocks), pin_fraction, num_blocks, self.unpin)
         """Prefix handles; the pins the engine reports go to it, its unpins come back here."""
         self._stats = stats
@@ -191,9 +196,10 @@ class EngineLoop:
                     if self._closing:
                         break
                 step_input = self._take_input()
+                release_calling_thread_pool()  # one OpenMP pool beside the engine thread's (engine.openmp_pool)
                 self._in_step = True
                 try:
-                    result = await anyio.to_thread.run_sync(self._run_steps, step_input)
+                    result = await self._engine_thread.run(functools.partial(self._run_steps, step_input))
                 finally:
                     self._in_step = False
                 if self._routing_error is not None:
@@ -214,7 +220,10 @@ class EngineLoop:
         last (returned) to the loop, in order."""
         while True:
             result = self._driver.run(step_input)
-            if not result.has_unfinished or self._news.is_set() or self._closing:
+            if not result.has_unfinished:
+                release_calling_thread_pool()  # idle: no pool left to crowd another thread's (engine.openmp_pool)
+                return result
+            if self._news.is_set() or self._closing:
                 return result
             if not self._waker.post(functools.partial(self._on_step, result)):
                 return result  # the loop is gone: nothing would route the outputs
