@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -192,3 +193,26 @@ def int8_dequant_cpu(packed: torch.Tensor, scale: torch.Tensor, k: int, dtype: t
         load()["dequant"](packed.data_ptr(), scale.data_ptr(), out.data_ptr(), start, rows, k, torch.get_num_threads(),
                           int(dtype == torch.bfloat16))
     return out
+
+
+def bound_linear(packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 k: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """:func:`int8_linear_cpu` with its weights checked once: ``x -> int8_linear_cpu(x, packed, scale, bias)``
+    for ``x [M, k]`` (``supports(x)``; anything else raises ``ValueError``). A decode step makes one call per
+    linear layer, so the per-call checks are what is left: a few microseconds a call against ~13."""
+    _check_weights(packed, scale, bias, k)
+    fn = load()["linear"]
+    n = scale.shape[0]
+    weights = (packed.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr())
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[1] != k or not supports(x):
+            return int8_linear_cpu(x, packed, scale, bias)  # raises with the reason
+        rows = x.shape[0]
+        out = torch.empty(rows, n, dtype=x.dtype)
+        if rows and n and fn(x.data_ptr(), x.stride(0), *weights, out.data_ptr(), n, rows, n, k,
+                             torch.get_num_threads(), int(x.dtype == torch.bfloat16)):
+            raise MemoryError(f"int8_linear_cpu: no memory for {rows} x {k} quantized activations")
+        return out
+
+    return call

@@ -4,6 +4,7 @@ int8 kernel's torch reference in the kernel's signature."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,9 +33,9 @@ def dequantized_checkpoint(src: Path, dst: Path) -> Path:
     return dst
 
 
-def reference_kernel(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
-                     bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``int8_linear_cpu.int8_linear_cpu``'s torch reference on the unpacked weights (patch it in to run an
-    engine on the reference)."""
-    q = int8_linear_cpu.unpack(packed, scale.shape[0], x.shape[1])
-    return int8_linear_cpu.int8_linear_reference(x, q, scale, bias)
+def reference_bound_linear(packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                           k: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``int8_linear_cpu.bound_linear`` on the kernel's torch reference (patch it in to run an engine on the
+    reference): the unpacked weights, ``int8_linear_reference``."""
+    q = int8_linear_cpu.unpack(packed, scale.shape[0], k)
+    return lambda x: int8_linear_cpu.int8_linear_reference(x, q, scale, bias)

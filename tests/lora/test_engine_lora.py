@@ -370,7 +370,7 @@ def test_adapters_run_in_float_on_top_of_int8_weights(
     """``quantization="int8"`` with adapters: the same tokens as the int8 engine running the kernel's torch
     reference with the same adapters (the deltas are float, on top of the int8 products)."""
     from kvloom.kernels import int8_linear_cpu
-    from tests.int8_helpers import reference_kernel
+    from tests.int8_helpers import reference_bound_linear
 
     base = base_dir("qwen2")
     dirs = {name: adapter_dir("qwen2", **spec) for name, spec in SPECS.items()}
@@ -380,7 +380,7 @@ def test_adapters_run_in_float_on_top_of_int8_weights(
     for patched in (False, True):
         with monkeypatch.context() as patch:
             if patched:
-                patch.setattr(int8_linear_cpu, "int8_linear_cpu", reference_kernel)
+                patch.setattr(int8_linear_cpu, "bound_linear", reference_bound_linear)
             llm = LLM(base, max_loras=3, max_lora_rank=16, quantization="int8")
             for name, path in dirs.items():
                 llm.load_adapter(name, path)

@@ -22,7 +22,7 @@ from kvloom.kernels import int8_linear_cpu
 from kvloom.layers import int8_weights
 from kvloom.layers.linear import Linear, MergedLinear
 from kvloom.layers.weight_layout import choose_layout
-from tests.int8_helpers import dequantized_checkpoint, reference_kernel
+from tests.int8_helpers import dequantized_checkpoint, reference_bound_linear
 
 CPU = torch.device("cpu")
 EPS32 = 2.0**-24
@@ -119,9 +119,17 @@ def test_greedy_tokens_equal_the_engine_on_the_kernels_torch_reference(
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     got = LLM(model, dtype="float32", quantization="int8").generate(prompts, params)
 
+    bound: list[int] = []
+
+    def on_the_reference(packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                         k: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        bound.append(k)
+        return reference_bound_linear(packed, scale, bias, k)
+
     with monkeypatch.context() as patch:
-        patch.setattr(int8_linear_cpu, "int8_linear_cpu", reference_kernel)
+        patch.setattr(int8_linear_cpu, "bound_linear", on_the_reference)
         expected = LLM(model, dtype="float32", quantization="int8").generate(prompts, params)
+    assert len(bound) >= 7  # every linear of the two layers and the LM head ran on the reference
     assert [c.token_ids for c in got] == [c.token_ids for c in expected]
 
     reference_dir = dequantized_checkpoint(model, tmp_path / "dequantized")

@@ -23,7 +23,8 @@ the CPU's bf16 GEMM.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from types import ModuleType
 
 import torch
@@ -63,6 +64,7 @@ class Int8Weights:
     """``kvloom.kernels.int8_linear_cpu`` (loaded: its library is built)."""
     gemv_rows: int | None = None
     """The most rows the int8 kernel takes (None: all); more go through dequantized blocks."""
+    _kernel: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None, kernels: ModuleType) -> Int8Weights:
@@ -79,8 +81,9 @@ class Int8Weights:
         """x ``[M, in]`` in ``dtype`` -> ``[M, out]`` in ``dtype``: ``x @ (q * scale).T + bias``, with ``x``
         quantized per block of 32 when ``M <= gemv_rows``."""
         if (self.gemv_rows is None or x.shape[0] <= self.gemv_rows) and self.kernels.supports(x):
-            out: torch.Tensor = self.kernels.int8_linear_cpu(x, self.packed, self.scale, self.bias)
-            return out
+            if self._kernel is None:
+                self._kernel = self.kernels.bound_linear(self.packed, self.scale, self.bias, self.in_features)
+            return self._kernel(x)
         return self._dequantized_gemm(x)
 
     def _dequantized_gemm(self, x: torch.Tensor) -> torch.Tensor:
