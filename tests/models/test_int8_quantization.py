@@ -19,7 +19,8 @@ from kvloom import LLM, SamplingParams
 from kvloom.config import EngineConfig
 from kvloom.errors import ConfigError
 from kvloom.kernels import int8_linear_cpu
-from kvloom.layers import int8_weights
+from kvloom.layers import int8_onednn, int8_weights
+from kvloom.layers.int8_weights import Int8Plan
 from kvloom.layers.linear import Linear, MergedLinear
 from kvloom.layers.weight_layout import choose_layout
 from tests.int8_helpers import dequantized_checkpoint, reference_bound_linear
@@ -40,44 +41,62 @@ def _layer(out: int, k: int, bias: bool, seed: int) -> tuple[Linear, torch.Tenso
     return layer, w, b
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])
+PLANS = {
+    "float32, oneDNN above 16 rows": (torch.float32, Int8Plan(16, "onednn")),
+    "float32, the kernel at every row count": (torch.float32, Int8Plan(None, "dequantize")),
+    "bf16, dequantized above 8 rows": (torch.bfloat16, Int8Plan(8, "dequantize")),
+}
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 16, 17, 40])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("plan_name", list(PLANS))
 def test_a_quantized_layer_is_within_the_rounding_bound_of_the_float_layer(
-    rows: int, bias: bool, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch,
+    rows: int, bias: bool, plan_name: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """float32: the int8 kernel at every row count; bf16: the kernel up to 8 rows, dequantized blocks through
-    the bf16 GEMM above (16-channel blocks here, 7 of them)."""
+    """Each kernel a plan gives these rows (the C kernel; oneDNN's int8 GEMM; dequantized blocks through the
+    GEMM, 16-channel blocks here, 7 of them) is within its roundings' bound of the float product and equals
+    its own reference up to float32 summation order."""
+    dtype, plan = PLANS[plan_name]
     monkeypatch.setattr(int8_weights, "CHUNK_BYTES", 16 * 96 * dtype.itemsize)
     layer, w, b = _layer(100, 96, bias, seed=rows)
     x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(100 + rows))
     layer.to(dtype)
-    layer.quantize_int8(int8_linear_cpu)
+    layer.quantize_int8(int8_linear_cpu, plan)
     assert layer.weight.dtype == torch.int8 and layer.weight.shape == (25, 3, 4, 32) and layer.bias is None
-    assert layer.compute_dtype == dtype and layer.int8 is not None
+    assert layer.compute_dtype == dtype and layer.int8 is not None and layer.int8.plan == plan
     out = layer(x.to(dtype)).double()
     assert layer(x.to(dtype)).dtype == dtype
-    q = int8_linear_cpu.unpack(layer.int8.packed, 100, 96)
-    kernel = layer.int8.gemv_rows is None or rows <= layer.int8.gemv_rows
-    assert kernel == (dtype == torch.float32 or rows <= int8_weights.GEMV_ROWS_BF16)
+    q, scale = int8_linear_cpu.unpack(layer.int8.packed, 100, 96), layer.int8.scale
+    path = "kernel" if plan.gemv_rows is None or rows <= plan.gemv_rows else plan.many_rows
     # The layer quantized its weights as they were in ``dtype``, and reads its input in ``dtype``.
     xd, wd = x.to(dtype).float(), w.to(dtype).float()
     b32 = None if b is None else b.to(dtype).float()
-    # Each weight is off by at most scale[n] / 2, and on the kernel each activation by half its block's step;
-    # bf16 outputs are rounded to bf16 (once on the kernel; on the GEMM the product and the bias sum each).
-    weight_only = xd.abs().sum(1, keepdim=True).double() * layer.int8.scale.double()[None, :] / 2
-    rounding = int8_linear_cpu.rounding_bound(xd, q, layer.int8.scale) if kernel else weight_only
+    # Each weight is off by at most scale[n] / 2, and each activation quantized (the kernel, oneDNN) by half
+    # its step; bf16 outputs are rounded to bf16 (once on the kernel; on the GEMM the product and the bias sum).
+    rounding = {
+        "kernel": lambda: int8_linear_cpu.rounding_bound(xd, q, scale),
+        "onednn": lambda: int8_onednn.rounding_bound(xd, q, scale),
+        "dequantize": lambda: xd.abs().sum(1, keepdim=True).double() * scale.double()[None, :] / 2,
+    }[path]()
     summation = 4 * 96 * EPS32 * (xd.abs() @ wd.abs().T + 1).double()
     bias_abs = 0 if b32 is None else b32.abs().double()
     out_rounding = 0 if dtype == torch.float32 else (out.abs() + bias_abs) * 2**-7
     assert bool(((out - F.linear(xd, wd, b32).double()).abs() <= rounding + summation + out_rounding).all())
-    # ... and equals its reference: the int8 arithmetic on the kernel, the float product with the
-    # dequantized weights on the GEMM, up to float32 summation order (and the output's bf16 rounding).
-    if kernel:
-        expected = int8_linear_cpu.int8_linear_reference(xd, q, layer.int8.scale, b32).double()
-    else:
-        expected = F.linear(xd, layer.int8.dequantize().float(), b32).double()
+    expected = {
+        "kernel": lambda: int8_linear_cpu.int8_linear_reference(xd, q, scale, b32),
+        "onednn": lambda: int8_onednn.reference(xd, q, scale, b32),
+        "dequantize": lambda: F.linear(xd, layer.int8.dequantize().float(), b32),
+    }[path]().double()
     assert bool(((out - expected).abs() <= summation + out_rounding).all())
+
+
+def test_the_plan_follows_the_dtype_and_what_torch_can_run() -> None:
+    assert int8_weights.plan_for(torch.float32, onednn_int8=True) == Int8Plan(16, "onednn")
+    assert int8_weights.plan_for(torch.float32, onednn_int8=False) == Int8Plan(None, "dequantize")
+    assert int8_weights.plan_for(torch.bfloat16, onednn_int8=True) == Int8Plan(8, "dequantize")
+    assert "oneDNN's int8 GEMM" in Int8Plan(16, "onednn").describe()
+    assert "at every row count" in Int8Plan(None, "dequantize").describe()
 
 
 def test_lora_deltas_add_in_float_on_top_of_int8_weights() -> None:
@@ -111,9 +130,10 @@ def test_greedy_tokens_equal_the_engine_on_the_kernels_torch_reference(
     checkpoint_factory: Callable[..., Path], tmp_path: Path, tied: bool, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The engine's int8 steps (prefill of 9 to 63 rows and decode, every linear, the LM head included)
-    give the tokens of the same engine with each kernel call replaced by its torch reference on the
-    unpacked weights; and the first token, from the prefill, is that of a float32 engine on a checkpoint
-    holding the dequantized weights when the prefill takes the weight-only GEMM (the bf16 path's rule)."""
+    give the tokens of the same engine with each kernel call (the C kernel, oneDNN's int8 GEMM) replaced
+    by its torch reference on the unpacked weights; and the first token, from the prefill, is that of a
+    float32 engine on a checkpoint holding the dequantized weights when the prefill takes the weight-only
+    GEMM (the bf16 plan's rule)."""
     model = checkpoint_factory(arch="qwen2", hidden_size=64, tie_word_embeddings=tied)  # qkv biases too
     prompts = [[5, 9, 33, 2, 17, 8, 40, 41, 3] * k for k in (1, 3, 7)]
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
@@ -126,14 +146,31 @@ def test_greedy_tokens_equal_the_engine_on_the_kernels_torch_reference(
         bound.append(k)
         return reference_bound_linear(packed, scale, bias, k)
 
+    many: list[int] = []
+    dense: dict[int, torch.Tensor] = {}
+    prepack = int8_onednn.prepack
+
+    def recording_prepack(q: torch.Tensor) -> torch.Tensor:
+        packed = prepack(q)
+        dense[id(packed)] = q
+        return packed
+
+    def many_rows_on_the_reference(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero_points: object,
+                                   bias: torch.Tensor | None) -> torch.Tensor:
+        many.append(x.shape[0])
+        return int8_onednn.reference(x, dense[id(packed)], scale, bias)
+
     with monkeypatch.context() as patch:
         patch.setattr(int8_linear_cpu, "bound_linear", on_the_reference)
+        patch.setattr(int8_onednn, "prepack", recording_prepack)
+        patch.setattr(int8_onednn, "linear", many_rows_on_the_reference)
         expected = LLM(model, dtype="float32", quantization="int8").generate(prompts, params)
+    assert max(many) > 16  # prefills of more rows ran on oneDNN's reference
     assert len(bound) >= 7  # every linear of the two layers and the LM head ran on the reference
     assert [c.token_ids for c in got] == [c.token_ids for c in expected]
 
     reference_dir = dequantized_checkpoint(model, tmp_path / "dequantized")
-    monkeypatch.setattr(int8_weights, "gemv_rows_for", lambda dtype: 8)
+    monkeypatch.setattr(int8_weights, "plan_for", lambda dtype: Int8Plan(8, "dequantize"))
     weight_only = LLM(model, dtype="float32", quantization="int8").generate(prompts, params)
     dequantized = LLM(reference_dir, dtype="float32").generate(prompts, params)
     assert [c.token_ids[0] for c in weight_only] == [c.token_ids[0] for c in dequantized]

@@ -24,7 +24,7 @@ from torch import nn
 from kvloom.layers.row_buckets import padded_rows
 
 if TYPE_CHECKING:
-    from kvloom.layers.int8_weights import Int8Weights
+    from kvloom.layers.int8_weights import Int8Plan, Int8Weights
 
 
 class LinearDelta(Protocol):
@@ -116,19 +116,20 @@ class Linear(nn.Module):
         self.onednn_packed = True
 
     @torch.no_grad()
-    def quantize_int8(self, kernels: ModuleType) -> None:
+    def quantize_int8(self, kernels: ModuleType, plan: Int8Plan | None = None) -> None:
         """Replace the dense float weight by int8 weights per output channel (``layers.int8_weights``;
         ``kernels`` is ``kvloom.kernels.int8_linear_cpu``, loaded). ``weight`` becomes the packed int8
         buffer (the kernel's 4-D layout, so code that would use it as a dense matrix fails instead of
         computing garbage; ``compute_dtype`` is the float dtype), the bias moves into the int8
-        weights. Load and lay out nothing after this (idempotent)."""
+        weights; ``plan`` (default: ``int8_weights.plan_for`` the dtype) says which kernel takes which
+        row counts. Load and lay out nothing after this (idempotent)."""
         from kvloom.layers.int8_weights import Int8Weights
 
         if self.int8 is not None:
             return
         if self.onednn_packed:
             raise ValueError("quantize_int8 on a oneDNN-packed weight: quantize the dense weight instead")
-        self.int8 = Int8Weights.quantize(self.weight, self.bias, kernels)
+        self.int8 = Int8Weights.quantize(self.weight, self.bias, kernels, plan)
         del self.weight
         self.register_buffer("weight", self.int8.packed)
         self.bias = None

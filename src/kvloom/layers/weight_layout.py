@@ -110,7 +110,7 @@ def choose_layout(requested: CpuGemm, device: torch.device, dtype: torch.dtype,
 
 
 def _int8_layout(quantization: str, device: torch.device, dtype: torch.dtype) -> WeightLayout:
-    from kvloom.layers.int8_weights import kernel_choice
+    from kvloom.layers.int8_weights import plan_for
 
     if quantization not in QUANTIZATIONS:
         raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)} or None; got {quantization!r}")
@@ -121,7 +121,7 @@ def _int8_layout(quantization: str, device: torch.device, dtype: torch.dtype) ->
         raise ConfigError(f"quantization={quantization!r} computes in float32 or bfloat16, not "
                           f"{str(dtype).removeprefix('torch.')} (set dtype)")
     return WeightLayout("int8", f"quantization={quantization!r}: int8 weights per output channel, "
-                                f"{str(dtype).removeprefix('torch.')} activations and outputs; {kernel_choice(dtype)}")
+                                f"{str(dtype).removeprefix('torch.')} activations and outputs; {plan_for(dtype).describe()}")
 
 
 @torch.no_grad()
@@ -150,14 +150,14 @@ def _quantize_int8(model: nn.Module) -> int:
     """Quantize every ``Linear`` of ``model`` (builds the C kernel; a ``ConfigError`` where it cannot be)."""
     from kvloom.kernels import int8_linear_cpu
     from kvloom.kernels.native import NativeBuildError
+    from kvloom.layers.int8_weights import plan_for
 
     try:
         int8_linear_cpu.load()
     except NativeBuildError as exc:
         raise ConfigError(f"quantization='int8' needs its C kernel, which could not be built here: {exc}") from exc
-    count = 0
-    for module in model.modules():
-        if isinstance(module, Linear):
-            module.quantize_int8(int8_linear_cpu)
-            count += 1
-    return count
+    linears = [module for module in model.modules() if isinstance(module, Linear)]
+    plan = plan_for(linears[0].compute_dtype) if linears else None
+    for module in linears:
+        module.quantize_int8(int8_linear_cpu, plan)
+    return len(linears)
