@@ -107,13 +107,14 @@ def test_bench_throughput_tiny(
     model_dir = checkpoint_factory(arch="llama", with_tokenizer=False)
     out_json = tmp_path / "bench.json"
     argv = ["bench", "throughput", "--model", str(model_dir), "--num-requests", "4", "--output-len", "4",
-            "--peers", "static8,cb512", "--json", str(out_json), "--quick",
+            "--peers", "static8,cb512", "--json", str(out_json), "--quick", "--int8",
             "--kvloom-config", "block_size=8", "async_scheduling=true"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "command: python -m kvloom bench throughput" in printed and "machine:" in printed
     assert "kvloom (fp32) / best transformers (" in printed and "; kvloom at " in printed
     assert "scheduling ahead: on)" in printed and "ceilings, best of before and after the runs: matmul_2048" in printed
+    assert "kvloom@int8 / kvloom (fp32): " in printed
 
     result = json.loads(out_json.read_text())
     assert {"command", "machine", "workload", "kvloom", "peers", "floor", "summary"} <= result.keys()
@@ -125,6 +126,10 @@ def test_bench_throughput_tiny(
     assert kv["tokens_per_s"] > 0 and kv["output_lens_ok"]
     assert kv["kv_cache"]["peak_waste"] >= 1.0
     assert result["kvloom_fp32"] is None  # kvloom already runs in float32: no second system
+    int8 = result["kvloom_int8"]  # --int8: its own system, taking turns, compared with nothing
+    assert int8["name"] == "kvloom@int8" and int8["config"]["quantization"] == "int8" and int8["tokens_per_s"] > 0
+    assert result["summary"]["int8_ratio_to_kvloom"] == pytest.approx(int8["tokens_per_s"] / kv["tokens_per_s"],
+                                                                       rel=0.01)
     peers = {p["name"]: p for p in result["peers"]}
     assert peers.keys() == {"static8", "cb512"}
     for peer in peers.values():

@@ -60,6 +60,7 @@ from kvloom.bench.throughput_report import format_report
 from kvloom.bench.workload import Workload
 
 SCHEMA_VERSION = 2
+INT8_SYSTEM = "kvloom@int8"
 FLOAT32_PEERS = "static8,static16,static32,cb512,cb1024,cb2048"
 """The default peers in float32; ``default_peers`` adds their ``@bf16`` twins on fast-bf16 CPUs."""
 
@@ -78,6 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"comma separated; '' for none (default {FLOAT32_PEERS}, and each again @bf16 where "
                         "the CPU multiplies bf16 in hardware)")
     parser.add_argument("--repeats", type=int, default=1, help="passes per system, interleaved; medians are reported")
+    parser.add_argument("--int8", action="store_true",
+                        help="also run kvloom with quantization='int8' (system kvloom@int8, taking turns with the "
+                             "others; its ratio to kvloom's default is printed)")
     add_kvloom_config(parser, "LLM(...) settings, e.g. max_num_batched_tokens=1024 block_size=16")
     add_quick(parser)
 
@@ -149,12 +153,16 @@ class _KvloomSystem:
 
 
 def kvloom_systems(model_dir: Path, config: dict[str, Any], specs: list[PeerSpec],
-                   output_len: int) -> list[_KvloomSystem]:
+                   output_len: int, int8: bool = False) -> list[_KvloomSystem]:
     """kvloom in ``config`` (its default dtype), then ``kvloom@fp32`` when that dtype is not
-    float32 and a float32 peer runs: each peer's tokens are checked against kvloom in its dtype."""
+    float32 and a float32 peer runs: each peer's tokens are checked against kvloom in its dtype;
+    then ``kvloom@int8`` (``quantization="int8"``) when asked, compared with nothing (its tokens
+    are its own)."""
     systems = [_KvloomSystem("kvloom", model_dir, config, output_len)]
     if systems[0].dtype != "float32" and any(s.dtype == "float32" for s in specs):
         systems.append(_KvloomSystem("kvloom@fp32", model_dir, config | {"dtype": "float32"}, output_len))
+    if int8:
+        systems.append(_KvloomSystem(INT8_SYSTEM, model_dir, config | {"quantization": "int8"}, output_len))
     return systems
 
 
@@ -233,7 +241,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     prompt_tokens = sum(len(p) for p in prompts)
 
     systems = kvloom_systems(model_dir, kvloom_config(user_config, prompts, workload.output_len), specs,
-                             workload.output_len)
+                             workload.output_len, int8=args.int8)
     models = load_hf_models(model_dir, specs)
     turns = _measure(systems, specs, models, prompts, workload.output_len, args.repeats)
     runs, errors = turns.runs, turns.errors
@@ -241,8 +249,10 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     ceilings = machine.best_ceilings(bench.ceilings, machine.measure_ceilings(quick=args.quick))
     print("ceilings, best of before and after the runs: " + ", ".join(f"{k} {v:g}" for k, v in ceilings.items()))
 
-    kvloom = [s.entry(runs[s.name], num_tokens, workload.output_len) for s in systems]
-    references = {s.dtype: (s.name, runs[s.name][0].token_ids) for s in systems}
+    entries = {s.name: s.entry(runs[s.name], num_tokens, workload.output_len) for s in systems}
+    int8_entry = entries.pop(INT8_SYSTEM, None)
+    kvloom = list(entries.values())
+    references = {s.dtype: (s.name, runs[s.name][0].token_ids) for s in systems if s.name != INT8_SYSTEM}
     peers_result = [_peer_entry(s, runs[s.name], errors[s.name], references.get(s.dtype), num_tokens) for s in specs]
     ok_peers = [p for p in peers_result if p["error"] is None]
     best = max(ok_peers, key=lambda p: p["tokens_per_s"], default=None)
@@ -268,11 +278,13 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "floor_s": floor["floor_s"],
         "floor_tokens_per_s": floor.get("floor_tokens_per_s"),
         "kvloom_pct_of_floor": floor.get("kvloom_pct_of_floor"),
+        "int8_tokens_per_s": int8_entry["tokens_per_s"] if int8_entry else None,
+        "int8_ratio_to_kvloom": round(int8_entry["tokens_per_s"] / default["tokens_per_s"], 3) if int8_entry else None,
     }
     result = {
         **bench.envelope("throughput", SCHEMA_VERSION, ceilings=ceilings),
         "workload": {**asdict(workload), "prompt_tokens": prompt_tokens, "output_tokens": num_tokens},
-        "kvloom": default, "kvloom_fp32": kvloom[1] if len(kvloom) > 1 else None,
+        "kvloom": default, "kvloom_fp32": kvloom[1] if len(kvloom) > 1 else None, "kvloom_int8": int8_entry,
         "peers": peers_result, "floor": floor, "summary": summary,
     }
     print(format_report(result))

@@ -21,7 +21,7 @@ def format_report(result: dict[str, Any]) -> str:
 
     kv = result["kvloom"]
     lines = [f"{'system':<14} {'dtype':<5} {'tok/s':>8} {'wall s':>8} {'TTFT s':>8}  same tokens as kvloom (same dtype)"]
-    for k in filter(None, (kv, result.get("kvloom_fp32"))):
+    for k in filter(None, (kv, result.get("kvloom_fp32"), result.get("kvloom_int8"))):
         lines.append(f"{k['name']:<14} {tag(k['dtype']):<5} {k['tokens_per_s']:>8.1f} {k['wall_s']:>8.2f} "
                      f"{fmt(k['mean_ttft_s'], '.2f'):>8}  -  ({k['dtype_reason']}; attention: "
                      f"{k.get('attention_backend', '?')}; scheduling ahead: {'on' if k.get('async_scheduling') else 'off'})")
@@ -36,6 +36,8 @@ def format_report(result: dict[str, Any]) -> str:
     if s["best_peer"]:
         lines.append(f"kvloom ({tag(s['kvloom_dtype'])}) / best transformers ({s['best_peer']}): "
                      f"{s['ratio_to_best_peer']:.2f}x")
+    if s.get("int8_ratio_to_kvloom") is not None:
+        lines.append(f"kvloom@int8 / kvloom ({tag(s['kvloom_dtype'])}): {s['int8_ratio_to_kvloom']:.2f}x")
     floor = result["floor"]
     if floor["floor_s"] is not None:
         lines.append(f"floor {floor['floor_s']:.3g} s ({floor['floor_tokens_per_s']:.1f} tok/s) in {floor['dtype']}: "
