@@ -110,7 +110,10 @@ class EngineLifecycle:
             attempt.done.set()
 
     def _load(self) -> tuple[EngineParts, PromptEncoder]:
+        """Engine thread: build the parts; then free the thread's OpenMP pool, so a loaded engine that
+        waits for its first request crowds no other thread's (``engine.openmp_pool``)."""
         parts = build_engine(self.config)
+        release_calling_thread_pool()
         return parts, parts.encoder.clone()
 
     def _run(self, parts: EngineParts, worker_encoder: PromptEncoder) -> None:
