@@ -252,7 +252,10 @@ async def test_event_loop_stays_responsive_while_64_streams_decode(
         # Whatever the machine's speed: the model step never runs on the event loop's thread.
         assert RecordThread.threads and threading.get_ident() not in RecordThread.threads
         lags.sort()
-        p99 = lags[int(0.99 * len(lags))]
+        # The 99th percentile, and never the single largest tick (with ~100 ticks int(0.99 n) is the last):
+        # one isolated stall is not asserted (below). The largest here is the last tick, while the loop
+        # routes the 64 streams that end on the same step.
+        p99 = lags[min(int(0.99 * len(lags)), len(lags) - 2)]
         print(f"ticker lag over {len(lags)} ticks: p50 {lags[len(lags) // 2] * 1e3:.2f} ms, p99 {p99 * 1e3:.2f} ms")
         # Margin: on a 2-core machine p99 was 3-12 ms (other test runs sharing it) and at most
         # 17 ms with four busy processes competing for both cores; 50 ms holds there. A loop

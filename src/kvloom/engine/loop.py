@@ -2,7 +2,7 @@
 
 One task per engine. Each turn it gathers the submitted requests, aborts, unpins and adapter
 pins into a ``StepInput`` and hands it to the engine thread (``engine.engine_thread``: the same
-thread every turn, so the process keeps one OpenMP pool beside the loop's, which it frees),
+thread every turn, so the process keeps one busy OpenMP pool; ``engine.openmp_pool``),
 which runs ``EngineDriver.run`` step after step for as long as there is work and the loop has
 nothing new for it; each step's ``StepOutput`` is posted to the loop as it is made and routed
 there to the request streams, the prefix registry and the stats. The engine thread never
@@ -196,7 +196,6 @@ class EngineLoop:
                     if self._closing:
                         break
                 step_input = self._take_input()
-                release_calling_thread_pool()  # one OpenMP pool beside the engine thread's (engine.openmp_pool)
                 self._in_step = True
                 try:
                     result = await self._engine_thread.run(functools.partial(self._run_steps, step_input))
