@@ -110,10 +110,9 @@ class EngineLifecycle:
             attempt.done.set()
 
     def _load(self) -> tuple[EngineParts, PromptEncoder]:
-        """Engine thread: build the parts; then free the thread's OpenMP pool, so a loaded engine that
-        waits for its first request crowds no other thread's (``engine.openmp_pool``)."""
+        """Engine thread: build the parts (which frees the thread's OpenMP pool at the end, so a loaded
+        engine waiting for its first request crowds no other thread's pool)."""
         parts = build_engine(self.config)
-        release_calling_thread_pool()
         return parts, parts.encoder.clone()
 
     def _run(self, parts: EngineParts, worker_encoder: PromptEncoder) -> None:

@@ -196,6 +196,9 @@ class EngineLoop:
                     if self._closing:
                         break
                 step_input = self._take_input()
+                # The engine thread is idle here: free the pool torch ops on this thread may have made,
+                # so the step's pool is the only busy one (engine.openmp_pool).
+                release_calling_thread_pool()
                 self._in_step = True
                 try:
                     result = await self._engine_thread.run(functools.partial(self._run_steps, step_input))

@@ -11,10 +11,9 @@ thread that owned the only pool and 154-184 us on a second thread; after the fir
 its pool, 74-81 us (``docs/benchmarks.md``, the ``bench single`` section).
 
 So the async engine runs all its compute on one thread (``engine.engine_thread``), which frees its
-pool after the load and whenever the engine goes idle, and the event loop's thread frees its own
-(:func:`release_calling_thread_pool`) once, when the engine starts. Not at every turn: freeing a
-pool waits for its workers to exit, and with the cores busy stepping that wait lagged the event
-loop (p99 63 ms against < 50 ms with 64 streams decoding; ``tests/engine/test_async_engine.py``).
+pool after the load (``engine.build``) and whenever the engine goes idle, and the event loop's thread
+frees its own (:func:`release_calling_thread_pool`) at the start of each turn, while the engine thread
+is idle: a pool that torch ops on the loop thread made in between is gone before the next step.
 """
 
 from __future__ import annotations
