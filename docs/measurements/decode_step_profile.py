@@ -20,7 +20,8 @@ from kvloom import LLM, SamplingParams
 from kvloom.models.checkpoints import STANDARD_MODEL, cached_checkpoint
 
 CATEGORIES = {
-    "linear kernels": ("mkldnn._linear_pointwise", "int8_linear_cpu", "int8_dequant_cpu"),
+    "linear kernels": ("mkldnn._linear_pointwise", "int8_linear_cpu", "int8_dequant_cpu", "qlinear_pointwise",
+                       "int8_onednn.py"),
     "attention (C)": ("paged_attention_rows_cpu",),
     "norm, activation, rotary (C)": ("add_rms_norm_cpu", "silu_and_mul_cpu", "rotary_cpu"),
 }
