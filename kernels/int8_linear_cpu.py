@@ -156,21 +156,13 @@ def int8_linear_cpu(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
     float32 or None -> :func:`int8_linear_reference`'s result (float32 sums), a new contiguous ``[M, N]`` in
     ``x``'s dtype. Results do not depend on the thread count."""
     if not supports(x):
-        raise ValueError(f"int8_linear_cpu: need a CPU float32/bf16 x [M, K] with contiguous rows; got x {x.dtype} "
-                         f"{tuple(x.shape)} strides {x.stride()}")
-    rows, k = x.shape
-    _check_weights(packed, scale, bias, k)
-    n = scale.shape[0]
-    out = torch.empty(rows, n, dtype=x.dtype)
-    if rows and n and k:
-        failed = load()["linear"](x.data_ptr(), x.stride(0), packed.data_ptr(), scale.data_ptr(),
-                                  None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0), rows, n,
-                                  k, torch.get_num_threads(), int(x.dtype == torch.bfloat16))
-        if failed:
-            raise MemoryError(f"int8_linear_cpu: no memory for {rows} x {k} quantized activations")
-    elif rows and n:
-        out.copy_(bias.to(x.dtype).expand(rows, n) if bias is not None else torch.zeros(rows, n, dtype=x.dtype))
-    return out
+        raise ValueError(_bad_input(x, None))
+    return bound_linear(packed, scale, bias, x.shape[1])(x)
+
+
+def _bad_input(x: torch.Tensor, k: int | None) -> str:
+    return (f"int8_linear_cpu: need a CPU float32/bf16 x [M, {'K' if k is None else k}] with contiguous rows; "
+            f"got x {x.dtype} {tuple(x.shape)} strides {x.stride()}")
 
 
 def int8_dequant_cpu(packed: torch.Tensor, scale: torch.Tensor, k: int, dtype: torch.dtype = torch.float32,
@@ -206,13 +198,16 @@ def bound_linear(packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor |
     weights = (packed.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr())
 
     def call(x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 2 or x.shape[1] != k or not supports(x):
-            return int8_linear_cpu(x, packed, scale, bias)  # raises with the reason
+        if not supports(x) or x.shape[1] != k:
+            raise ValueError(_bad_input(x, k))
         rows = x.shape[0]
         out = torch.empty(rows, n, dtype=x.dtype)
-        if rows and n and fn(x.data_ptr(), x.stride(0), *weights, out.data_ptr(), n, rows, n, k,
-                             torch.get_num_threads(), int(x.dtype == torch.bfloat16)):
-            raise MemoryError(f"int8_linear_cpu: no memory for {rows} x {k} quantized activations")
+        if rows and n and k:
+            if fn(x.data_ptr(), x.stride(0), *weights, out.data_ptr(), n, rows, n, k, torch.get_num_threads(),
+                  int(x.dtype == torch.bfloat16)):
+                raise MemoryError(f"int8_linear_cpu: no memory for {rows} x {k} quantized activations")
+        elif rows and n:  # K = 0: the sum is empty
+            out.copy_(bias.to(x.dtype).expand(rows, n) if bias is not None else torch.zeros(rows, n, dtype=x.dtype))
         return out
 
     return call

@@ -150,15 +150,15 @@ def test_greedy_tokens_equal_the_engine_on_the_kernels_torch_reference(
     dense: dict[int, torch.Tensor] = {}
     prepack = int8_onednn.prepack
 
-    def recording_prepack(q: torch.Tensor) -> torch.Tensor:
-        packed = prepack(q)
-        dense[id(packed)] = q
-        return packed
+    def recording_prepack(q: torch.Tensor) -> int8_onednn.OnednnWeights:
+        weights = prepack(q)
+        dense[id(weights)] = q
+        return weights
 
-    def many_rows_on_the_reference(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero_points: object,
+    def many_rows_on_the_reference(x: torch.Tensor, weights: int8_onednn.OnednnWeights, scale: torch.Tensor,
                                    bias: torch.Tensor | None) -> torch.Tensor:
         many.append(x.shape[0])
-        return int8_onednn.reference(x, dense[id(packed)], scale, bias)
+        return int8_onednn.reference(x, dense[id(weights)], scale, bias)
 
     with monkeypatch.context() as patch:
         patch.setattr(int8_linear_cpu, "bound_linear", on_the_reference)

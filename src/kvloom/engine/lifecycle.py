@@ -24,7 +24,6 @@ from kvloom.engine.background import event_loop_identity, running_asyncio_loop, 
 from kvloom.engine.build import EngineParts, build_engine
 from kvloom.engine.engine_thread import EngineThread
 from kvloom.engine.loop import NOT_RUNNING, EngineLoop
-from kvloom.engine.openmp_pool import release_calling_thread_pool
 from kvloom.engine.prefix_registry import PrefixRegistry
 from kvloom.engine.prompts import PromptEncoder
 from kvloom.engine.stats import StatsCollector
@@ -100,7 +99,6 @@ class EngineLifecycle:
         a failure is kept in ``attempt.error`` for every caller, and a later ``start`` retries."""
         try:
             parts, worker_encoder = await self.engine_thread.run(self._load)
-            release_calling_thread_pool()  # the loop thread's OpenMP pool, if it has one (engine.openmp_pool)
             self._run(parts, worker_encoder)
         except BaseException as exc:
             attempt.error = exc

@@ -20,6 +20,9 @@ kernel's (two bytes a weight in all, half of float32's).
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import torch
 
 ZERO_POINT = 64
@@ -35,13 +38,22 @@ def _ops() -> object | None:
     return ops
 
 
-def prepack(q: torch.Tensor) -> torch.Tensor:
-    """``q [N, K]`` int8 (dense) -> oneDNN's packed copy (an opaque tensor)."""
+@dataclass(frozen=True, slots=True)
+class OnednnWeights:
+    """oneDNN's packed copy of ``q [N, K]`` (an opaque tensor) and the weights' zero points (``[N]`` int64
+    zeros: symmetric)."""
+
+    packed: torch.Tensor
+    zero_points: torch.Tensor
+
+
+def prepack(q: torch.Tensor) -> OnednnWeights:
+    """``q [N, K]`` int8 (dense) -> its copy packed for oneDNN."""
     ops = _ops()
     if ops is None:
         raise RuntimeError("this torch build has no oneDNN int8 linear (torch.ops.onednn.qlinear_pointwise)")
     packed: torch.Tensor = ops.qlinear_prepack(q, None)  # type: ignore[attr-defined]
-    return packed
+    return OnednnWeights(packed, torch.zeros(q.shape[0], dtype=torch.int64))
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,14 +66,14 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, s
 
 
-def linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero_points: torch.Tensor,
-           bias: torch.Tensor | None) -> torch.Tensor:
+def linear(x: torch.Tensor, weights: OnednnWeights, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x [M, K]`` float32 or bf16 -> ``[M, N]`` in ``x``'s dtype: the float32 result of :func:`reference`
-    (to oneDNN's summation order). ``packed`` = ``prepack(q)``, ``scale [N]`` float32, ``zero_points [N]``
-    int64 zeros, ``bias [N]`` float32 or None."""
+    (to oneDNN's summation order). ``weights`` = ``prepack(q)``, ``scale [N]`` float32, ``bias [N]`` float32
+    or None."""
     codes, s = quantize_rows(x)
     out: torch.Tensor = torch.ops.onednn.qlinear_pointwise(
-        codes, 1.0, ZERO_POINT, packed, scale, zero_points, None, 1.0, 0, torch.float32, "none", [], "")
+        codes, 1.0, ZERO_POINT, weights.packed, scale, weights.zero_points, None, 1.0, 0, torch.float32, "none",
+        [], "")
     out.mul_(s)
     if bias is not None:
         out.add_(bias)
@@ -86,6 +98,7 @@ def rounding_bound(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> tor
     return weights + (s.double() / 2) * (q.double().abs().sum(dim=1) * scale.double())[None, :]
 
 
+@functools.cache
 def works() -> bool:
     """Whether this torch build and CPU run the oneDNN int8 linear and get :func:`reference`'s answer on a
     small product (a build or CPU that cannot says False)."""
@@ -97,7 +110,7 @@ def works() -> bool:
     x = torch.randn(5, 64, generator=g)
     try:
         with torch.no_grad():
-            got = linear(x, prepack(q), scale, torch.zeros(8, dtype=torch.int64), None)
+            got = linear(x, prepack(q), scale, None)
     except RuntimeError:
         return False
     return bool(torch.allclose(got, reference(x, q, scale, None), rtol=1e-4, atol=1e-4))

@@ -85,8 +85,7 @@ class Int8Weights:
     kernels: ModuleType
     """``kvloom.kernels.int8_linear_cpu`` (loaded: its library is built)."""
     plan: Int8Plan
-    onednn: torch.Tensor | None = None
-    _zero_points: torch.Tensor | None = None
+    onednn: int8_onednn.OnednnWeights | None = None
     _kernel: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
 
     @classmethod
@@ -97,10 +96,8 @@ class Int8Weights:
         plan = plan_for(weight.dtype) if plan is None else plan
         q, scale = kernels.quantize_per_channel(weight)
         b = None if bias is None else bias.detach().float().contiguous()
-        onednn = zero_points = None
-        if plan.gemv_rows is not None and plan.many_rows == "onednn":
-            onednn, zero_points = int8_onednn.prepack(q), torch.zeros(q.shape[0], dtype=torch.int64)
-        return cls(kernels.pack(q), scale, b, weight.shape[1], weight.dtype, kernels, plan, onednn, zero_points)
+        onednn = int8_onednn.prepack(q) if plan.gemv_rows is not None and plan.many_rows == "onednn" else None
+        return cls(kernels.pack(q), scale, b, weight.shape[1], weight.dtype, kernels, plan, onednn)
 
     @property
     def out_features(self) -> int:
@@ -114,9 +111,10 @@ class Int8Weights:
             if self._kernel is None:
                 self._kernel = self.kernels.bound_linear(self.packed, self.scale, self.bias, self.in_features)
             return self._kernel(x)
-        if self.onednn is not None and self._zero_points is not None:
-            return int8_onednn.linear(x, self.onednn, self.scale, self._zero_points, self.bias)
+        if self.onednn is not None:
+            return int8_onednn.linear(x, self.onednn, self.scale, self.bias)
         return self._dequantized_gemm(x)
+
     def _dequantized_gemm(self, x: torch.Tensor) -> torch.Tensor:
         n, k = self.out_features, self.in_features
         chunk = max(16, CHUNK_BYTES // max(1, k * self.dtype.itemsize)) // 4 * 4
